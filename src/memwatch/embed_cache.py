@@ -1,0 +1,142 @@
+"""On-disk cache of reference embeddings, keyed by (embedder spec hash, image sha256).
+
+Reference images are embedded once per embedder and reused across probes, runs and processes. The
+cache is one SQLite file (``<cache_dir>/embeddings.sqlite``, WAL mode, so concurrent jobs share it
+safely). Vectors are stored as raw float32 bytes: nothing is unpickled when reading.
+
+The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memwatch.embedders.base import Embedder
+from memwatch.errors import MemwatchError
+from memwatch.images import load_image
+from memwatch.refset import ReferenceSet
+
+
+def default_cache_dir() -> Path:
+    """``$MEMWATCH_CACHE_DIR`` if set, else ``~/.cache/memwatch``."""
+    return Path(os.environ.get("MEMWATCH_CACHE_DIR") or Path.home() / ".cache" / "memwatch")
+
+
+class EmbeddingCache:
+    """Persistent map (embedder key, sha256) -> float32 vector.
+
+    Args:
+        cache_dir: folder holding ``embeddings.sqlite`` (created if missing).
+
+    Example:
+        >>> cache = EmbeddingCache("/tmp/mw-cache")  # doctest: +SKIP
+        >>> cache.put("k", {"ab12": torch.ones(4)}); cache.get("k", ["ab12"])["ab12"].shape  # doctest: +SKIP
+        torch.Size([4])
+    """
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "embeddings.sqlite"
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
+            " PRIMARY KEY (key, sha256))"
+        )
+        self._db.commit()
+
+    def get(self, key: str, hashes: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Cached vectors for the given image hashes (missing ones are simply absent)."""
+        hashes = list(dict.fromkeys(hashes))
+        found: dict[str, torch.Tensor] = {}
+        for start in range(0, len(hashes), 500):  # stay under SQLite's bound-parameter limit
+            part = hashes[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT sha256, data FROM embeddings WHERE key = ? AND sha256 IN ({marks})", [key, *part]
+            )
+            for sha, data in rows:
+                found[sha] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+        return found
+
+    def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
+        """Store vectors (one transaction)."""
+        rows = [(key, sha, v.numel(), v.detach().float().cpu().numpy().tobytes()) for sha, v in vectors.items()]
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class EmbeddedSet:
+    """Reference embeddings aligned with ``refs.items``, and how many were computed versus cached."""
+
+    embeddings: torch.Tensor
+    computed: int
+    cached: int
+
+
+def embed_reference(
+    refs: ReferenceSet,
+    embedder: Embedder,
+    cache: EmbeddingCache | None,
+    *,
+    batch_size: int = 64,
+) -> EmbeddedSet:
+    """Embed every item of ``refs``, reusing and filling the cache.
+
+    Items whose pixels fail to decode are moved to ``refs.skipped`` (counted and reported), so the
+    returned rows always align with ``refs.items``.
+
+    Args:
+        refs: the reference or holdout set.
+        embedder: the embedder (its ``key`` keys the cache).
+        cache: the cache, or None to embed everything.
+        batch_size: images embedded per forward pass.
+
+    Returns:
+        An :class:`EmbeddedSet`.
+
+    Example:
+        >>> out = embed_reference(refs, PixelEmbedder(32), EmbeddingCache())  # doctest: +SKIP
+        >>> out.embeddings.shape, out.computed, out.cached  # doctest: +SKIP
+        (torch.Size([16, 3072]), 0, 16)
+    """
+    key = embedder.key
+    have = cache.get(key, [it.sha256 for it in refs.items]) if cache is not None else {}
+    todo = [it for it in refs.items if it.sha256 not in have]
+    failed: set[str] = set()
+    new: dict[str, torch.Tensor] = {}
+    for start in range(0, len(todo), batch_size):
+        batch, shas = [], []
+        for it in todo[start : start + batch_size]:
+            if it.sha256 in new or it.sha256 in shas:
+                continue  # duplicate file content: embed once
+            try:
+                batch.append(load_image(it.path, embedder.resolution))
+                shas.append(it.sha256)
+            except Exception as e:  # decoding errors of any kind: the item is recorded as skipped
+                failed.add(it.id)
+                refs.skip(it.path, f"cannot decode image ({type(e).__name__}: {e})")
+        if batch:
+            vecs = embedder.embed(torch.stack(batch))
+            new.update(zip(shas, vecs, strict=True))
+    if failed:
+        refs.items = [it for it in refs.items if it.id not in failed]
+        if not refs.items:
+            raise MemwatchError(f"{refs.root}: no image could be decoded; see the skipped files logged above")
+    if cache is not None and new:
+        cache.put(key, new)
+    have.update(new)
+    emb = torch.stack([have[it.sha256] for it in refs.items])
+    return EmbeddedSet(embeddings=emb, computed=len(new), cached=sum(it.sha256 not in new for it in refs.items))

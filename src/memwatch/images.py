@@ -1,0 +1,84 @@
+"""Decoding image files and normalising them to a probe's resolution.
+
+The one normalisation rule, used for training images, holdout images and generated images alike:
+
+1. decode with Pillow and apply the EXIF orientation;
+2. convert to RGB (palette and grey images are expanded; an alpha channel is composited onto
+   white, so transparent areas do not turn black);
+3. resize so the *shorter* side equals the resolution (bicubic, antialiased), then centre-crop
+   to a square ``resolution x resolution``;
+4. scale to float32 values in [0, 1], shape ``(3, H, W)``.
+
+This matches how the diffusers training scripts prepare images (``Resize`` + ``CenterCrop``),
+so a memorized sample is compared with the training image as the model saw it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True if ``path`` has one of the supported image suffixes (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow image to RGB, compositing transparency onto white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` (bicubic) and centre-crop a square."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+    """Decode ``path`` and normalise it by the module's rule.
+
+    Args:
+        path: an image file.
+        resolution: output side length in pixels.
+
+    Returns:
+        float32 tensor ``(3, resolution, resolution)`` with values in [0, 1].
+
+    Raises:
+        OSError / PIL.UnidentifiedImageError / ValueError when the file cannot be decoded.
+
+    Example:
+        >>> load_image("assets/demo/train/000.png", 32).shape  # doctest: +SKIP
+        torch.Size([3, 32, 32])
+    """
+    with Image.open(path) as img:
+        img.load()
+        rgb = resize_center_crop(to_rgb(img), resolution)
+    return pil_to_tensor(rgb)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB Pillow image -> float32 ``(3, H, W)`` tensor in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` tensor in [0, 1] -> RGB Pillow image (values are clamped and rounded)."""
+    arr = x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")

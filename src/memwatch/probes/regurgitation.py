@@ -1,0 +1,196 @@
+"""Regurgitation probe: do generated samples copy training images?
+
+For every sample it finds the nearest training images in the embedder's space and reports
+
+* ``nn1``, ``d1``, ``d2``: nearest training image and the distances to the nearest and the
+  second-nearest *distinct* training image (byte-identical duplicates count once, so a sample that
+  copies a duplicated image is not hidden by its twin);
+* ``ratio = d1 / d2``: memorized when below ``mem_ratio`` (1/3; Gu et al. 2023, Bonnaire et al. 2025);
+* ``extraction = d1 / (alpha * mean of the n nearest distances)``: extracted when <= 1
+  (Carlini et al. 2023, alpha = 0.5, n = 50; fewer when the set is smaller);
+* ``similarity``: the embedder's similarity to ``nn1``; copied when >= the copy threshold
+  (Somepalli et al. 2023 report the 95th percentile and a threshold share).
+
+and the metrics ``mem_fraction``, ``extracted_fraction``, ``copy_fraction``, ``sim_p50``,
+``sim_p95``, ``sim_max``, ``distinct_memorized`` and ``num_samples``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memwatch.embed_cache import EmbeddingCache, embed_reference
+from memwatch.embedders.base import Embedder
+from memwatch.neighbours import knn
+from memwatch.probes.base import ProbeResult
+from memwatch.refset import ReferenceSet
+
+PROBE = "regurgitation"
+
+
+@dataclass
+class RegurgitationConfig:
+    """Settings of the regurgitation probe (the monitor also reads ``every`` and the sampling ones).
+
+    Attributes:
+        every: probe every this many training steps (monitor); sampling is the costly part.
+        num_samples: generated samples per probe; their seeds are ``seed_offset + i``.
+        seed_offset: first probe seed.
+        inference_steps: DDIM steps per sample.
+        batch_size: samples generated per forward pass.
+        mem_ratio: d1/d2 below this is memorized (1/3: Gu et al. 2023, ``mem_ratio.py``).
+        extraction_alpha: Carlini et al. 2023's alpha (0.5).
+        extraction_n: Carlini et al. 2023's n nearest training images (50).
+        copy_threshold: similarity at or above which a sample is a copy; None uses the embedder's default.
+        chunk_size: reference rows per search chunk (bounds memory).
+    """
+
+    every: int = 200
+    num_samples: int = 32
+    seed_offset: int = 0
+    inference_steps: int = 25
+    batch_size: int = 16
+    mem_ratio: float = 1 / 3
+    extraction_alpha: float = 0.5
+    extraction_n: int = 50
+    copy_threshold: float | None = None
+    chunk_size: int = 4096
+
+
+class ReferenceIndex:
+    """Reference embeddings ready for search: embedded once (through the cache), de-duplicated.
+
+    Args:
+        refs: the training set.
+        embedder: the embedder all comparisons use.
+        cache: embedding cache, or None.
+
+    Example:
+        >>> index = ReferenceIndex(load_reference_set("data/train"), PixelEmbedder(32), None)  # doctest: +SKIP
+        >>> result = regurgitation_probe(samples, index, RegurgitationConfig())  # doctest: +SKIP
+    """
+
+    def __init__(self, refs: ReferenceSet, embedder: Embedder, cache: EmbeddingCache | None):
+        t0 = time.perf_counter()
+        embedded = embed_reference(refs, embedder, cache)
+        self.refs = refs
+        self.embedder = embedder
+        self.computed, self.cached = embedded.computed, embedded.cached
+        # One row per distinct file content; nn1 names the first id (sorted) that has it.
+        first: dict[str, int] = {}
+        for i, it in enumerate(refs.items):
+            first.setdefault(it.sha256, i)
+        keep = sorted(first.values())
+        self.embeddings = embedded.embeddings[keep]
+        self.ids = [refs.items[i].id for i in keep]
+        self.seconds = time.perf_counter() - t0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def regurgitation_probe(
+    samples: torch.Tensor,
+    index: ReferenceIndex,
+    config: RegurgitationConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> ProbeResult:
+    """Compare generated samples with the training set.
+
+    Args:
+        samples: ``(N, 3, H, W)`` images in [0, 1].
+        index: the reference index (training set and embedder).
+        config: thresholds.
+        names: sample names for match rows (default: their seeds, or their positions).
+        seeds: the seed each sample was generated from, if any.
+
+    Returns:
+        A :class:`ProbeResult` with the metrics above and one match row per sample.
+
+    Example:
+        >>> r = regurgitation_probe(torch.rand(4, 3, 32, 32), index, RegurgitationConfig())  # doctest: +SKIP
+        >>> sorted(r.metrics)[:3]  # doctest: +SKIP
+        ['copy_fraction', 'distinct_memorized', 'extracted_fraction']
+    """
+    t0 = time.perf_counter()
+    query = index.embedder.embed(samples)
+    t1 = time.perf_counter()
+    result = regurgitation_from_embeddings(query, index, config, names=names, seeds=seeds)
+    result.timings = {"embedding": t1 - t0, "search": time.perf_counter() - t1}
+    return result
+
+
+def regurgitation_from_embeddings(
+    query: torch.Tensor,
+    index: ReferenceIndex,
+    config: RegurgitationConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> ProbeResult:
+    """The probe's arithmetic on already embedded samples (see :func:`regurgitation_probe`)."""
+    n = query.shape[0]
+    if names is None:
+        names = [str(s) for s in seeds] if seeds is not None else [str(i) for i in range(n)]
+    embedder = index.embedder
+    k = max(2, config.extraction_n)
+    dist, idx = knn(query, index.embeddings, k, embedder.pairwise_distance, chunk_size=config.chunk_size)
+    d1 = dist[:, 0]
+    # With a single distinct training image there is no second neighbour: the ratio is undefined (NaN).
+    d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(d1, float("nan"))
+    # d2 == 0 only if two distinct files decode to the same pixels; then d1 == 0 too and the sample is a copy.
+    ratio = torch.where(d2 > 0, d1 / d2.clamp_min(1e-12), torch.zeros_like(d1))
+    ratio = torch.where(torch.isnan(d2), d2, ratio)
+    n_near = min(config.extraction_n, dist.shape[1])
+    extraction = d1 / (config.extraction_alpha * dist[:, :n_near].mean(dim=1)).clamp_min(1e-12)
+    similarity = embedder.similarity(d1)
+    threshold = embedder.default_copy_threshold if config.copy_threshold is None else config.copy_threshold
+
+    memorized = ratio < config.mem_ratio  # NaN compares False
+    extracted = extraction <= 1.0
+    copied = similarity >= threshold
+    matches = []
+    for i in range(n):
+        matches.append(
+            {
+                "sample": names[i],
+                "seed": None if seeds is None else int(seeds[i]),
+                "nn1": index.ids[int(idx[i, 0])],
+                "d1": float(d1[i]),
+                "d2": float(d2[i]),
+                "ratio": float(ratio[i]),
+                "similarity": float(similarity[i]),
+                "extraction": float(extraction[i]),
+                "memorized": bool(memorized[i]),
+                "copied": bool(copied[i]),
+                "extracted": bool(extracted[i]),
+            }
+        )
+    sims = similarity.double()
+    metrics = {
+        "mem_fraction": memorized.double().mean().item(),
+        "extracted_fraction": extracted.double().mean().item(),
+        "copy_fraction": copied.double().mean().item(),
+        "sim_p50": torch.quantile(sims, 0.50).item(),
+        "sim_p95": torch.quantile(sims, 0.95).item(),
+        "sim_max": sims.max().item(),
+        "distinct_memorized": float(len({m["nn1"] for m in matches if m["memorized"]})),
+        "num_samples": float(n),
+    }
+    return ProbeResult(probe=PROBE, metrics=metrics, matches=matches)
+
+
+def memorized_evidence(result: ProbeResult) -> dict:
+    """Seeds, sample names and training ids of the memorized samples (for warning events)."""
+    hits = [m for m in result.matches if m["memorized"]]
+    return {
+        "seeds": [m["seed"] for m in hits if m["seed"] is not None],
+        "samples": [m["sample"] for m in hits],
+        "training_ids": sorted({m["nn1"] for m in hits}),
+    }
