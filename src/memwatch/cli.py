@@ -28,9 +28,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.embedder == "pixel":
         embedder = make_embedder("pixel", resolution=args.resolution or 64, tiled=args.tiled)
     else:
-        embedder = make_embedder(
-            "clip", model=args.clip_model, pretrained=args.clip_pretrained, resolution=args.resolution
-        )
+        if args.resolution is not None:
+            raise MemwatchError("--resolution applies to --embedder pixel only: clip uses its model's input size")
+        embedder = make_embedder("clip", model=args.clip_model, pretrained=args.clip_pretrained)
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
     config = RegurgitationConfig(copy_threshold=args.copy_threshold)
     doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config)

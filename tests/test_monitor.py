@@ -1,0 +1,208 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from imagegen import write_images
+from tinymodels import tiny_unet, train
+
+from memwatch.monitor import MemorizationMonitor
+from memwatch.store import Store
+
+FAST = {
+    "probes": {
+        "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
+        "regurgitation": {"every": 4, "num_samples": 6, "inference_steps": 4, "batch_size": 4},
+    }
+}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    write_images(tmp_path / "train", list(range(8)), size=16)
+    write_images(tmp_path / "holdout", list(range(100, 108)), size=16)
+    return tmp_path / "train", tmp_path / "holdout"
+
+
+class ListTracker(GeneralTracker):
+    """A real accelerate tracker that keeps what it is given in a list."""
+
+    name = "list"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    @property
+    def tracker(self):
+        return self.logged
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.logged.append((step, dict(values)))
+
+
+def test_probing_does_not_change_the_loss_trajectory(data, tmp_path: Path) -> None:
+    train_dir, holdout_dir = data
+    plain = train(Accelerator(cpu=True), train_dir, 9)
+    acc = Accelerator(cpu=True)
+    monitor = MemorizationMonitor(acc, FAST, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "mw")
+    watched = train(acc, train_dir, 9, monitor=monitor)
+    assert monitor._probed == {"membership": 9, "regurgitation": 8}  # probes really ran in between
+    monitor.close()
+    assert monitor._probed == {"membership": 9, "regurgitation": 9}  # close() probes the last step
+    assert watched == plain  # bit-identical losses: RNG streams, modes and gradients were restored
+
+
+def test_results_events_and_tracker_logs(data, tmp_path: Path) -> None:
+    train_dir, holdout_dir = data
+    tracker = ListTracker()
+    acc = Accelerator(cpu=True, log_with=[tracker])
+    acc.init_trackers("t")
+    cfg = {
+        **FAST,
+        "rules": [
+            {
+                "name": "loss-seen",
+                "type": "first",
+                "metric": "membership/loss_member",
+                "op": ">",
+                "value": 0,
+                "severity": "warning",
+                "message": "loss {value:.3f} at {step}",
+            }
+        ],
+    }
+    seen = []
+    out = tmp_path / "mw"
+    with MemorizationMonitor(
+        acc, cfg, reference=train_dir, holdout=holdout_dir, output_dir=out, on_event=seen.append
+    ) as monitor:
+        train(acc, train_dir, 8, monitor=monitor)
+    assert [e.rule for e in seen] == ["loss-seen"] and seen[0].step == 3
+    assert monitor.last_clean_step is None and monitor.first_alarm_step == 3
+    keys = {k for _, values in tracker.logged for k in values}
+    assert {"memwatch/membership/mia_auc", "memwatch/regurgitation/mem_fraction", "memwatch/events/loss-seen"} <= keys
+    lines = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [(e["rule"], e["step"]) for e in lines] == [("loss-seen", 3)]
+    with Store(out / "memwatch.sqlite") as store:
+        run = store.runs()[0]["id"]
+        steps = sorted({(m["step"], m["probe"]) for m in store.metrics(run)})
+        # close() adds the final membership probe at the last step (8).
+        assert steps == [
+            (3, "membership"),
+            (4, "regurgitation"),
+            (6, "membership"),
+            (8, "membership"),
+            (8, "regurgitation"),
+        ]
+        assert len(store.matches(run)) == 12 and len(store.events(run)) == 1
+    assert (out / "evidence" / "regurgitation-step00000004.png").exists()
+    assert json.loads((out / "summary.json").read_text())["first_alarm_step"] == 3
+
+
+def test_stop_on_critical_ends_the_loop(data, tmp_path: Path) -> None:
+    train_dir, holdout_dir = data
+    cfg = {
+        **FAST,
+        "stop_on": "critical",
+        "rules": [
+            {
+                "name": "always",
+                "type": "threshold",
+                "metric": "membership/loss_member",
+                "op": ">=",
+                "value": 0,
+                "severity": "critical",
+                "message": "stop",
+            }
+        ],
+    }
+    acc = Accelerator(cpu=True)
+    with MemorizationMonitor(acc, cfg, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "m") as mon:
+        losses = train(acc, train_dir, 50, monitor=mon)
+    assert mon.should_stop and len(losses) == 3
+
+
+def test_ema_weights_are_probed_and_restored(data, tmp_path: Path) -> None:
+    train_dir, holdout_dir = data
+    model = tiny_unet()
+    ema = EMAModel(tiny_unet(seed=1).parameters())  # deliberately different weights
+    before = [p.detach().clone() for p in model.parameters()]
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    cfg = {**FAST, "probes": {**FAST["probes"], "regurgitation": {"every": 0}}}
+    losses = {}
+    for which in ("raw", "ema"):
+        acc = Accelerator(cpu=True)
+        mon = MemorizationMonitor(
+            acc, {**cfg, "weights": which}, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / which
+        )
+        mon.step(3, model, sched, ema=ema)
+        mon.close()
+        with Store(tmp_path / which / "memwatch.sqlite") as store:
+            losses[which] = {m["metric"]: m["value"] for m in store.metrics(store.runs()[0]["id"])}["loss_member"]
+    assert losses["raw"] != losses["ema"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(Exception, match="weights: ema"):
+        MemorizationMonitor(
+            Accelerator(cpu=True),
+            {**cfg, "weights": "ema"},
+            reference=train_dir,
+            holdout=holdout_dir,
+            output_dir=tmp_path / "x",
+        ).step(3, model, sched)
+
+
+MP_SCRIPT = Path(__file__).with_name("mp_monitor_job.py")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_metrics_as_one(data, tmp_path: Path) -> None:
+    train_dir, holdout_dir = data
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + n),
+            str(MP_SCRIPT),
+            str(train_dir),
+            str(holdout_dir),
+            str(out),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with Store(out / "memwatch.sqlite") as store:
+            run = store.runs()[0]["id"]
+            results[n] = (
+                {(m["probe"], m["metric"]): m["value"] for m in store.metrics(run)},
+                [(m["sample"], m["nn1"]) for m in store.matches(run)],
+            )
+    (m1, nn1), (m2, nn2) = results[1], results[2]
+    assert m1.keys() == m2.keys() and len(m1) >= 12
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    assert nn1 == nn2

@@ -1,0 +1,65 @@
+"""Tiny diffusers models and an accelerate training loop, built by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DModel
+
+from memwatch.images import load_image
+from memwatch.refset import load_reference_set
+
+
+def tiny_unet(sample_size: int = 16, seed: int = 0) -> UNet2DModel:
+    """A UNet2DModel small enough to train for a few steps in well under a second each on a CPU."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+def train(
+    accelerator: Accelerator,
+    data_dir: Path,
+    steps: int,
+    *,
+    monitor=None,
+    sample_size: int = 16,
+    seed: int = 0,
+) -> list[float]:
+    """A plain DDPM loop (as in diffusers' train_unconditional.py); returns the loss at each step."""
+    torch.manual_seed(seed)
+    model = tiny_unet(sample_size, seed)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    images = torch.stack([load_image(it.path, sample_size) for it in load_reference_set(data_dir).items]) * 2 - 1
+    loader = torch.utils.data.DataLoader(images, batch_size=4, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses: list[float] = []
+    step = 0
+    while step < steps:
+        for batch in loader:
+            noise = torch.randn_like(batch)
+            t = torch.randint(0, 1000, (batch.shape[0],), device=batch.device)
+            loss = torch.nn.functional.mse_loss(model(scheduler.add_noise(batch, noise, t), t).sample, noise)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            losses.append(float(loss.detach()))
+            if monitor is not None:
+                monitor.step(step, model, scheduler)
+                if monitor.should_stop:
+                    return losses
+            if step >= steps:
+                break
+    return losses
