@@ -72,7 +72,7 @@ class MemorizationMonitor:
         on_event: called with each :class:`memwatch.rules.Event` on the main process.
 
     Example:
-        >>> with MemorizationMonitor(accelerator, "configs/demo.yaml", reference="data/train") as monitor:  # doctest: +SKIP
+        >>> with MemorizationMonitor(acc, "configs/demo.yaml", reference="data/train") as monitor:  # doctest: +SKIP
         ...     for step, batch in enumerate(loader):
         ...         ...  # forward, backward, optimizer step
         ...         monitor.step(step, model, noise_scheduler)
