@@ -35,7 +35,8 @@ def _samples(train_dir: Path) -> tuple[torch.Tensor, list[str]]:
 
 def test_planted_copies_are_flagged_and_unrelated_are_not(train_dir: Path, index: ReferenceIndex) -> None:
     samples, names = _samples(train_dir)
-    r = regurgitation_probe(samples, index, RegurgitationConfig(), names=names, seeds=list(range(12)))
+    cfg = RegurgitationConfig(extraction_n=8)  # Carlini's n must not exceed the 12 training images
+    r = regurgitation_probe(samples, index, cfg, names=names, seeds=list(range(12)))
     rows = {m["sample"]: m for m in r.matches}
     assert rows["exact"]["nn1"] == "img003.png" and rows["exact"]["d1"] < 1e-6 and rows["exact"]["ratio"] < 1e-4
     assert rows["near"]["nn1"] == "img005.png" and rows["near"]["ratio"] < 1 / 3
@@ -77,6 +78,14 @@ def test_carlini_extraction_uses_alpha_and_n(train_dir: Path, index: ReferenceIn
     want = d[:, 0] / (0.5 * d[:, :4].mean(dim=1))
     got = torch.tensor([m["extraction"] for m in r.matches])
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_extraction_is_undefined_with_fewer_than_n_training_images(train_dir: Path, index: ReferenceIndex) -> None:
+    samples, _ = _samples(train_dir)
+    r = regurgitation_probe(samples, index, RegurgitationConfig(extraction_n=50))
+    assert np.isnan(r.metrics["extracted_fraction"])
+    assert all(np.isnan(m["extraction"]) and not m["extracted"] for m in r.matches)
+    assert r.metrics["mem_fraction"] == pytest.approx(2 / 12)  # the ratio test does not depend on n
 
 
 def test_single_training_image_gives_undefined_ratio(tmp_path: Path) -> None:

@@ -43,6 +43,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memwatch.demo import format_demo_summary, run_demo
+
+    summary = run_demo(control=args.control, steps=args.steps, output_dir=args.output_dir)
+    print(format_demo_summary(summary))
+    return 0
+
+
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from memwatch.curves import format_written, write_curves
+
+    print(format_written(write_curves(args.run_dir, args.out, run=args.run)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help`` in the README)."""
     parser = argparse.ArgumentParser(
@@ -86,6 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser(
+        "demo",
+        help="train a small DDPM on the bundled images (CPU) and watch it start to memorize",
+        description="Train a small UNet2DModel DDPM on assets/demo/train with accelerate and the memwatch "
+        "monitor, then write curves and a summary (output in runs/demo/). Needs the source checkout.",
+    )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="train on the large control set instead (no regurgitation expected); runs/demo-control/",
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--output-dir", default=None, help="default runs/demo or runs/demo-control")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "curves",
+        help="draw memorization curves and CSVs from a run's store",
+        description="Write curves.png, seeds.png and CSVs (metrics by step, per-seed trajectories, first step "
+        "each training image was regurgitated, events) from RUN_DIR's memwatch store.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training output dir (with memwatch/) or the memwatch folder")
+    p.add_argument("--out", default=None, help="output folder (default: <memwatch folder>/curves)")
+    p.add_argument("--run", default=None, help="run name in the store (default: the most recent)")
+    p.set_defaults(func=_cmd_curves)
     return parser
 
 

@@ -40,11 +40,10 @@ from memwatch.probes.regurgitation import ReferenceIndex, memorized_evidence, re
 from memwatch.refset import ReferenceSet, load_reference_set
 from memwatch.rules import Event, RuleEngine, severity_at_least
 from memwatch.sampling import generate_samples, split_for_process
-from memwatch.store import Store
+from memwatch.store import STORE_NAME, Store
 
 log = logging.getLogger("memwatch")
 
-STORE_NAME = "memwatch.sqlite"
 EVENTS_NAME = "events.jsonl"
 PROBES = ("membership", "regurgitation")
 

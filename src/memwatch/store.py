@@ -42,6 +42,8 @@ from memwatch.hashing import canonical_json, config_hash
 from memwatch.probes.base import ProbeResult
 
 SCHEMA_VERSION = 1
+#: file name of the store inside a run's memwatch folder (every front-end writes and reads this name)
+STORE_NAME = "memwatch.sqlite"
 
 # Seconds a connection waits for another writer's lock before giving up. Probe results are small
 # transactions (milliseconds); 30 s covers a slow disk or a reader checkpointing the WAL.

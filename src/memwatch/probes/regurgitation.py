@@ -7,7 +7,8 @@ For every sample it finds the nearest training images in the embedder's space an
   copies a duplicated image is not hidden by its twin);
 * ``ratio = d1 / d2``: memorized when below ``mem_ratio`` (1/3; Gu et al. 2023, Bonnaire et al. 2025);
 * ``extraction = d1 / (alpha * mean of the n nearest distances)``: extracted when <= 1
-  (Carlini et al. 2023, alpha = 0.5, n = 50; fewer when the set is smaller);
+  (Carlini et al. 2023, alpha = 0.5, n = 50); NaN (undefined) when the set has fewer than n
+  distinct images;
 * ``similarity``: the embedder's similarity to ``nn1``; copied when >= the copy threshold
   (Somepalli et al. 2023 report the 95th percentile and a threshold share).
 
@@ -147,8 +148,14 @@ def regurgitation_from_embeddings(
     # d2 == 0 only if two distinct files decode to the same pixels; then d1 == 0 too and the sample is a copy.
     ratio = torch.where(d2 > 0, d1 / d2.clamp_min(1e-12), torch.zeros_like(d1))
     ratio = torch.where(torch.isnan(d2), d2, ratio)
-    n_near = min(config.extraction_n, dist.shape[1])
-    extraction = d1 / (config.extraction_alpha * dist[:, :n_near].mean(dim=1)).clamp_min(1e-12)
+    if len(index) >= config.extraction_n:
+        near = dist[:, : config.extraction_n]
+        extraction = d1 / (config.extraction_alpha * near.mean(dim=1)).clamp_min(1e-12)
+    else:
+        # Carlini's statistic compares d1 with the mean over the n nearest training images; with fewer
+        # than n images that mean turns into "the average training image", and blurry samples pass.
+        # It is undefined there: NaN, never "extracted".
+        extraction = torch.full_like(d1, float("nan"))
     similarity = embedder.similarity(d1)
     threshold = embedder.default_copy_threshold if config.copy_threshold is None else config.copy_threshold
 
@@ -175,7 +182,7 @@ def regurgitation_from_embeddings(
     sims = similarity.double()
     metrics = {
         "mem_fraction": memorized.double().mean().item(),
-        "extracted_fraction": extracted.double().mean().item(),
+        "extracted_fraction": extracted.double().mean().item() if len(index) >= config.extraction_n else float("nan"),
         "copy_fraction": copied.double().mean().item(),
         "sim_p50": torch.quantile(sims, 0.50).item(),
         "sim_p95": torch.quantile(sims, 0.95).item(),

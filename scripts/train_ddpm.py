@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Train a small unconditional DDPM with accelerate, with memwatch watching it.
+
+A plain training script in the style of diffusers' ``train_unconditional.py``, for users to copy.
+memwatch is added in three lines, marked ``# memwatch (n/3)``. It runs on CPU or GPU, and under
+``accelerate launch --num_processes 2`` (CPU: add ``--cpu``).
+
+    python scripts/train_ddpm.py --train-data assets/demo/train --holdout-data assets/demo/holdout \\
+        --output-dir runs/my-ddpm --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from torchvision import transforms
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from memwatch import MemorizationMonitor  # memwatch (1/3)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Every image under a folder, resized and centre-cropped like diffusers' training scripts."""
+
+    def __init__(self, folder: str, resolution: int, flip: bool):
+        self.paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise SystemExit(f"--train-data {folder}: no images found")
+        steps = [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(resolution),
+        ]
+        if flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        self.transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-data", required=True, help="folder of training images")
+    p.add_argument("--holdout-data", default=None, help="folder of non-member images (membership probe)")
+    p.add_argument("--output-dir", default="runs/ddpm", help="checkpoints, logs and memwatch/ go here")
+    p.add_argument("--memwatch-config", default=None, help="memwatch YAML config (default: memwatch's defaults)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--block-channels", type=int, nargs="+", default=[32, 64, 64])
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (slows memorization)")
+    p.add_argument("--checkpointing-steps", type=int, default=0, help="save checkpoint-<step>/ every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    accelerator = Accelerator(
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+        log_with=args.report_to,
+    )
+    if args.report_to:
+        accelerator.init_trackers("train_ddpm", config={k: str(v) for k, v in vars(args).items()})
+    set_seed(args.seed)
+
+    n_blocks = len(args.block_channels)
+    model = UNet2DModel(
+        sample_size=args.resolution,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=tuple(args.block_channels),
+        down_block_types=("DownBlock2D",) * n_blocks,
+        up_block_types=("UpBlock2D",) * n_blocks,
+        norm_num_groups=min(32, args.block_channels[0]),
+    )
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    dataset = ImageFolderDataset(args.train_data, args.resolution, args.flip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
+
+    # Checkpoints get a unet/ folder, as in diffusers' train_unconditional.py.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    progress = tqdm(total=args.steps, disable=not accelerator.is_local_main_process, desc="training")
+    # memwatch reports warnings through Python logging; route them above the progress bar.
+    with (
+        logging_redirect_tqdm(),
+        MemorizationMonitor(  # memwatch (2/3)
+            accelerator, args.memwatch_config, reference=args.train_data, holdout=args.holdout_data
+        ) as monitor,
+    ):
+        step = 0
+        for _epoch in range(math.ceil(args.steps / len(loader))):
+            model.train()
+            for clean in loader:
+                noise = torch.randn_like(clean)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+                with accelerator.accumulate(model):
+                    pred = model(noise_scheduler.add_noise(clean, noise, t), t).sample
+                    loss = F.mse_loss(pred.float(), noise.float())
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                step += 1
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+                monitor.step(step, model, noise_scheduler)  # memwatch (3/3)
+                accelerator.log({"loss": loss.item()}, step=step)
+                progress.update(1)
+                mem = monitor.latest.get("regurgitation/mem_fraction")
+                progress.set_postfix(loss=f"{loss.item():.4f}", mem_fraction="-" if mem is None else f"{mem:.2f}")
+                if step >= args.steps or monitor.should_stop:
+                    break
+            if step >= args.steps or monitor.should_stop:
+                break
+    progress.close()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(os.path.join(args.output_dir, "unet"))
+    accelerator.end_training()
+    return monitor.summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Memorization curves: CSV tables and plots drawn from a run's store.
+
+Everything here is a view over the store (DESIGN.md: "curves, warnings and reports are views over
+it"), so the files can be rebuilt at any time, also while training still writes the store:
+
+* ``metrics.csv`` / ``curves.png``: every ``probe/metric`` against training step, with each rule's
+  threshold and the alert events (vertical lines by severity; trend forecasts as dotted lines);
+* ``seeds.csv`` / ``seeds.png``: per fixed probe seed, the d1/d2 ratio at every regurgitation probe,
+  so the step at which a seed "snaps" onto a training image is visible;
+* ``training_images.csv``: each training image ever regurgitated, when it first was and by which seeds;
+* ``events.csv``: the alert events.
+
+Floats in the CSV files are written with :func:`repr` (the shortest text that reads back as the same
+float), so nothing is lost to rounding. Plots use matplotlib's Agg backend with its default style,
+fixed figure sizes and no date or version in the PNG, so the same store always gives the same bytes.
+
+Example:
+    >>> paths = write_curves("out/")  # doctest: +SKIP
+    >>> print(format_written(paths))  # doctest: +SKIP
+    wrote 6 files to out/memwatch/curves: metrics.csv curves.png seeds.csv seeds.png training_images.csv events.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from memwatch.errors import MemwatchError
+from memwatch.rules import SEVERITIES
+from memwatch.store import STORE_NAME, Store
+
+if TYPE_CHECKING:  # matplotlib is imported inside the functions that draw: `import memwatch` stays light
+    from matplotlib.figure import Figure
+
+# The default output folder inside a training output dir (DESIGN.md, "Conventions").
+OUTPUT_SUBDIR = "memwatch"
+CURVES_SUBDIR = "curves"
+REGURGITATION = "regurgitation"
+# Packaged defaults: the mem_ratio threshold of runs whose stored config does not carry one.
+_DEFAULTS_YAML = Path(__file__).parent / "configs" / "default.yaml"
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+SEEDS_CSV = "seeds.csv"
+SEEDS_PNG = "seeds.png"
+TRAINING_IMAGES_CSV = "training_images.csv"
+EVENTS_CSV = "events.csv"
+
+SEED_COLUMNS = ("seed", "step", "nn1", "ratio", "d1", "similarity", "memorized")
+TRAINING_IMAGE_COLUMNS = ("training_id", "first_step", "first_seeds", "total_hits")
+EVENT_COLUMNS = ("step", "rule", "severity", "metric", "value", "threshold", "forecast_step", "message")
+
+# Plot layout. Sizes are fixed (not fitted to the screen) so output is reproducible byte for byte.
+DPI = 100
+PANEL_SIZE_IN = (4.0, 3.0)  # one metric panel, inches
+GRID_COLUMNS = 3  # panels per row in curves.png
+HEATMAP_WIDTH_IN = 10.0
+HEATMAP_ROW_IN = 0.3  # height per seed row; the figure grows with the seed count, within the bounds below
+HEATMAP_HEIGHT_IN = (3.5, 30.0)
+# Beyond this many seeds (rows) or steps (columns) the heatmap labels every k-th one, so labels do not
+# overlap: rows get HEATMAP_ROW_IN each; step labels share HEATMAP_WIDTH_IN.
+MAX_SEED_LABELS = 40
+MAX_STEP_LABELS = 15
+SEVERITY_COLOURS = {"info": "tab:gray", "warning": "tab:orange", "critical": "tab:red"}
+PNG_METADATA = {"Software": None}  # no matplotlib version in the file: identical bytes across installs
+
+
+@dataclass
+class RunCurves:
+    """Everything the curve files show for one run, read from the store.
+
+    Attributes:
+        run: the run's name.
+        metrics: ``"probe/metric"`` -> {step: value}; NaN where the probe ran but the value is undefined.
+        rules: the rule dicts of the run's config (``name, type, metric, op, value, severity``).
+        events: event dicts (the store's ``events`` rows).
+        seeds: per-sample regurgitation rows (:data:`SEED_COLUMNS` plus ``sample``), by seed then step.
+        mem_ratio: the d1/d2 threshold below which a sample counts as memorized.
+    """
+
+    run: str
+    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+    mem_ratio: float = 1 / 3
+
+    @property
+    def steps(self) -> list[int]:
+        """Every step at which any metric was recorded, ascending."""
+        return sorted({s for values in self.metrics.values() for s in values})
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading the store
+
+
+def find_store(run_dir: str | Path) -> Path:
+    """The store file of a run folder.
+
+    Args:
+        run_dir: the folder holding ``memwatch.sqlite``, a training output dir with
+            ``memwatch/memwatch.sqlite`` inside, or the store file itself.
+
+    Returns:
+        Path of the store file.
+
+    Raises:
+        MemwatchError: no store in either place.
+
+    Example:
+        >>> find_store("out/")  # doctest: +SKIP
+        PosixPath('out/memwatch/memwatch.sqlite')
+    """
+    root = Path(run_dir)
+    if root.is_file():
+        return root
+    candidates = (root / STORE_NAME, root / OUTPUT_SUBDIR / STORE_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    if not root.is_dir():
+        raise MemwatchError(f"run folder {root} does not exist: pass the training output dir or its memwatch/ folder")
+    raise MemwatchError(
+        f"no memwatch store in {root}: looked for {candidates[0]} and {candidates[1]}; "
+        "pass the training output dir or the folder holding memwatch.sqlite"
+    )
+
+
+def load_run_curves(store: Store, run: str | None = None) -> RunCurves:
+    """Read one run's metrics, rules, events and per-seed rows from an open store.
+
+    Args:
+        store: an open :class:`memwatch.store.Store`.
+        run: run name; None picks the most recently created run.
+
+    Raises:
+        MemwatchError: the store has no run, or none called ``run`` (the message lists the runs).
+
+    Example:
+        >>> with Store(find_store("out/")) as store:  # doctest: +SKIP
+        ...     data = load_run_curves(store)
+        >>> sorted(data.metrics)  # doctest: +SKIP
+        ['membership/mia_auc', 'regurgitation/mem_fraction', ...]
+    """
+    info = _pick_run(store, run)
+    run_id = info["id"]
+    config = info["config"] if isinstance(info["config"], dict) else {}
+    return RunCurves(
+        run=info["name"],
+        metrics=_metric_table(store.metrics(run_id)),
+        rules=_rules_of(config),
+        events=store.events(run_id),
+        seeds=_seed_rows(store.matches(run_id, REGURGITATION)),
+        mem_ratio=_mem_ratio(config),
+    )
+
+
+def _pick_run(store: Store, name: str | None) -> dict[str, Any]:
+    runs = store.runs()
+    if not runs:
+        raise MemwatchError(f"store {store.path} has no runs yet: probe a model first (monitor, watch or probe)")
+    if name is None:
+        # Most recently created; ties (same clock reading) go to the later insert.
+        return max(runs, key=lambda r: (r["created_at"], r["id"]))
+    for r in runs:
+        if r["name"] == name:
+            return r
+    listed = ", ".join(repr(r["name"]) for r in runs)
+    raise MemwatchError(f"store {store.path} has no run {name!r}: its runs are {listed}; pass one with --run")
+
+
+def _metric_table(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    """``probe/metric`` -> {step: value}. Two results for one step (a live and a checkpoint
+    snapshot, or two probe configs) give one value: the later-written result (higher id) wins."""
+    table: dict[str, dict[int, float]] = {}
+    written: dict[tuple[str, int], int] = {}
+    for m in rows:
+        key, step = f"{m['probe']}/{m['metric']}", int(m["step"])
+        if written.get((key, step), -1) > m["result_id"]:
+            continue
+        written[(key, step)] = m["result_id"]
+        table.setdefault(key, {})[step] = float(m["value"])
+    return {k: dict(sorted(table[k].items())) for k in sorted(table)}
+
+
+def _rules_of(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rules with a usable metric and threshold; anything else in the stored config is not drawn."""
+    raw = config.get("rules")
+    out = []
+    for r in raw if isinstance(raw, list) else []:
+        if not isinstance(r, dict) or not isinstance(r.get("metric"), str):
+            continue
+        value = r.get("value")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        out.append(r)
+    return out
+
+
+def _mem_ratio(config: Mapping[str, Any]) -> float:
+    """The run's memorization threshold on d1/d2; the packaged default if its config has none."""
+    value = _dig(config, "probes", REGURGITATION, "mem_ratio")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    with open(_DEFAULTS_YAML, encoding="utf-8") as f:
+        return float(_dig(yaml.safe_load(f), "probes", REGURGITATION, "mem_ratio"))
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _seed_rows(matches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "seed": m.get("seed"),
+            "step": int(m["step"]),
+            "nn1": m.get("nn1"),
+            "ratio": m.get("ratio"),
+            "d1": m.get("d1"),
+            "similarity": m.get("similarity"),
+            "memorized": None if m.get("memorized") is None else int(bool(m["memorized"])),
+            "sample": m.get("sample"),
+            "result_id": m["result_id"],
+        }
+        for m in matches
+    ]
+    # Samples without a seed (e.g. scored from a folder) sort after seeded ones, by name.
+    rows.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0, r["sample"] or "", r["step"], r["result_id"]))
+    return rows
+
+
+def training_images(seeds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per training image ever memorized: first step, the seeds that memorized it then, total hits.
+
+    Args:
+        seeds: rows as in :attr:`RunCurves.seeds`.
+
+    Returns:
+        Dicts with :data:`TRAINING_IMAGE_COLUMNS` (``first_seeds`` a sorted list), by first step then id.
+
+    Example:
+        >>> training_images([{"seed": 3, "step": 400, "nn1": "a.png", "memorized": 1}])
+        [{'training_id': 'a.png', 'first_step': 400, 'first_seeds': [3], 'total_hits': 1}]
+    """
+    first: dict[str, int] = {}
+    first_seeds: dict[str, set[int]] = {}
+    hits: dict[str, int] = {}
+    for r in seeds:
+        if not r.get("memorized") or r.get("nn1") is None:
+            continue
+        tid, step = str(r["nn1"]), int(r["step"])
+        hits[tid] = hits.get(tid, 0) + 1
+        if tid not in first or step < first[tid]:
+            first[tid], first_seeds[tid] = step, set()
+        if step == first[tid] and r.get("seed") is not None:
+            first_seeds[tid].add(int(r["seed"]))
+    order = sorted(first, key=lambda t: (first[t], t))
+    return [
+        {"training_id": t, "first_step": first[t], "first_seeds": sorted(first_seeds[t]), "total_hits": hits[t]}
+        for t in order
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run: str | None = None) -> dict[str, Path]:
+    """Write the curve tables and plots of one run.
+
+    Args:
+        run_dir: folder with the store (see :func:`find_store`).
+        out_dir: where to write; default ``<folder of the store>/curves/``.
+        run: run name; default the most recently created run in the store.
+
+    Returns:
+        File name -> path, for ``metrics.csv``, ``curves.png``, ``seeds.csv``, ``seeds.png``,
+        ``training_images.csv`` and ``events.csv`` (all written even for a run without
+        regurgitation results: the seed tables then hold just their header).
+
+    Raises:
+        MemwatchError: no store, no run, or an unknown run name.
+
+    Example:
+        >>> paths = write_curves("out/", run="sd-faces")  # doctest: +SKIP
+        >>> paths["metrics.csv"]  # doctest: +SKIP
+        PosixPath('out/memwatch/curves/metrics.csv')
+    """
+    store_path = find_store(run_dir)
+    with Store(store_path) as store:
+        data = load_run_curves(store, run)
+    out = Path(out_dir) if out_dir is not None else store_path.parent / CURVES_SUBDIR
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemwatchError(f"cannot create output folder {out}: {e}; pass a writable --out") from None
+
+    steps = data.steps
+    columns = list(data.metrics)
+    metric_rows = [[step, *(data.metrics[c].get(step, "") for c in columns)] for step in steps]
+    pics = training_images(data.seeds)
+    files: dict[str, bytes] = {
+        METRICS_CSV: _csv(["step", *columns], metric_rows),
+        CURVES_PNG: _png(curves_figure(data)),
+        SEEDS_CSV: _csv(SEED_COLUMNS, [[r[c] for c in SEED_COLUMNS] for r in data.seeds]),
+        SEEDS_PNG: _png(seeds_figure(data)),
+        TRAINING_IMAGES_CSV: _csv(
+            TRAINING_IMAGE_COLUMNS,
+            [[i["training_id"], i["first_step"], " ".join(map(str, i["first_seeds"])), i["total_hits"]] for i in pics],
+        ),
+        EVENTS_CSV: _csv(EVENT_COLUMNS, [[e.get(c) for c in EVENT_COLUMNS] for e in data.events]),
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = out / name
+        _write_atomic(paths[name], content)
+    return paths
+
+
+def format_written(paths: Mapping[str, Path]) -> str:
+    """One line for the CLI: how many files were written, where, and their names.
+
+    Example:
+        >>> format_written({"metrics.csv": Path("out/curves/metrics.csv"), "curves.png": Path("out/curves/curves.png")})
+        'wrote 2 files to out/curves: metrics.csv curves.png'
+    """
+    folders = {p.parent for p in paths.values()}
+    where = str(folders.pop()) if len(folders) == 1 else "several folders"
+    return f"wrote {len(paths)} files to {where}: {' '.join(p.name for p in paths.values())}"
+
+
+def _cell(value: Any) -> str:
+    """CSV text of one value: '' for None, repr for floats (exact round trip; 'nan' for undefined)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # "\n" on every platform: same bytes everywhere
+    writer.writerow(header)
+    writer.writerows([_cell(v) for v in row] for row in rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MemwatchError(f"cannot write {path}: {e}; pass a writable --out") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    """An Agg figure outside pyplot (no global state, no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _default_style():
+    """matplotlib's default style, so a user's matplotlibrc cannot change the output."""
+    import matplotlib.style
+
+    return matplotlib.style.context("default")
+
+
+def curves_figure(data: RunCurves) -> Figure:
+    """One panel per ``probe/metric`` against training step, with rule thresholds and events.
+
+    Each rule's threshold is a dashed horizontal line (coloured by the rule's severity); each event
+    is a vertical line at its step on its metric's panel (info grey, warning orange, critical red);
+    a trend event adds a dotted line from its point to ``(forecast_step, threshold)`` and a
+    diamond at the forecast. Panels are in a grid of :data:`GRID_COLUMNS` columns, sorted by name.
+
+    Args:
+        data: from :func:`load_run_curves`.
+
+    Returns:
+        The figure; its axes are the panels, titled ``probe/metric`` (one placeholder panel
+        titled ``no metrics`` when the run has none).
+
+    Example:
+        >>> [ax.get_title() for ax in curves_figure(data).axes]  # doctest: +SKIP
+        ['membership/mia_auc', 'regurgitation/mem_fraction']
+    """
+    names = list(data.metrics)
+    n = max(1, len(names))
+    ncols = min(GRID_COLUMNS, n)
+    nrows = math.ceil(n / ncols)
+    with _default_style():
+        fig = _new_figure(PANEL_SIZE_IN[0] * ncols, PANEL_SIZE_IN[1] * nrows)
+        fig.suptitle(f"run {data.run}: metrics by training step")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax in axes[n:]:
+            fig.delaxes(ax)  # a partly filled last row: the figure's axes are exactly the panels
+        if not names:
+            axes[0].set_title("no metrics")
+            note = "no probe results in this run"
+            axes[0].text(0.5, 0.5, note, ha="center", va="center", transform=axes[0].transAxes)
+            return fig
+        for ax, name in zip(axes, names, strict=False):
+            _metric_panel(ax, name, data)
+    return fig
+
+
+def _metric_panel(ax: Any, name: str, data: RunCurves) -> None:
+    series = data.metrics[name]
+    steps = list(series)
+    # Infinite values would wreck the axis limits; they stay in metrics.csv and are gaps here, like NaN.
+    values = [v if math.isfinite(v) else math.nan for v in series.values()]
+    ax.set_title(name, fontsize="medium")
+    ax.set_xlabel("training step", fontsize="small")
+    ax.tick_params(labelsize="x-small")
+    ax.grid(True, alpha=0.3)
+    # Markers: a single probe, or a point between two NaNs, is still visible.
+    ax.plot(steps, values, "o-", color="tab:blue", markersize=3, linewidth=1.2, label="_nolegend_")
+    if not any(math.isfinite(v) for v in values):
+        ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes, fontsize="small")
+    for rule in data.rules:
+        if rule["metric"] != name:
+            continue
+        colour = SEVERITY_COLOURS.get(rule.get("severity"), "black")
+        label = f"{rule.get('name', 'rule')} {rule.get('op', '')} {float(rule['value']):g}"
+        ax.axhline(float(rule["value"]), linestyle="--", linewidth=1, color=colour, label=label)
+    labelled: set[str] = set()
+    for e in data.events:
+        if e.get("metric") != name or e.get("step") is None:
+            continue
+        severity = e.get("severity")
+        colour = SEVERITY_COLOURS.get(severity, "black")
+        label = f"{severity} event" if severity not in labelled else "_nolegend_"
+        labelled.add(severity)
+        ax.axvline(e["step"], color=colour, linewidth=1.2, alpha=0.8, label=label)
+        if e.get("forecast_step") is not None and e.get("threshold") is not None:
+            fx, fy = e["forecast_step"], e["threshold"]
+            if e.get("value") is not None and math.isfinite(e["value"]):
+                ax.plot([e["step"], fx], [e["value"], fy], ":", color=colour, linewidth=1.2, label="_nolegend_")
+            flabel = "forecast crossing" if "forecast" not in labelled else "_nolegend_"
+            labelled.add("forecast")
+            ax.plot([fx], [fy], marker="D", linestyle="none", color=colour, markersize=5, label=flabel)
+    if ax.get_legend_handles_labels()[0]:
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        handles, labels = ax.get_legend_handles_labels()
+        # Thresholds first, then events from least to most severe: the same order on every panel.
+        pairs = sorted(zip(handles, labels, strict=True), key=lambda hl: order.get(hl[1].removesuffix(" event"), -1))
+        ax.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize="x-small", loc="best")
+
+
+def seeds_figure(data: RunCurves) -> Figure:
+    """Heatmap of d1/d2 per probe seed (rows) and regurgitation probe step (columns).
+
+    The colour scale is centred on the memorization threshold (red below: copies), which is marked
+    on the colorbar; memorized cells are outlined in black, and each seed's first memorized cell is
+    annotated with the training image it copies, so the step at which a seed snaps is visible.
+
+    Args:
+        data: from :func:`load_run_curves`.
+
+    Returns:
+        The figure: the heatmap axes (titled ``regurgitation: d1/d2 per seed``) and its colorbar,
+        or a single placeholder axes when the run has no regurgitation results.
+
+    Example:
+        >>> seeds_figure(data).axes[0].get_title()  # doctest: +SKIP
+        'regurgitation: d1/d2 per seed'
+    """
+    import numpy as np
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.patches import Patch, Rectangle
+
+    labels = list(dict.fromkeys(_row_label(r) for r in data.seeds))  # rows arrive sorted by seed
+    steps = sorted({r["step"] for r in data.seeds})
+    height = min(max(1.5 + HEATMAP_ROW_IN * len(labels), HEATMAP_HEIGHT_IN[0]), HEATMAP_HEIGHT_IN[1])
+    with _default_style():
+        fig = _new_figure(HEATMAP_WIDTH_IN, height)
+        ax = fig.add_subplot()
+        ax.set_title("regurgitation: d1/d2 per seed")  # d1, d2: distance to nearest, 2nd-nearest training image
+        fig.suptitle(f"run {data.run}")
+        if not labels:
+            ax.text(0.5, 0.5, "no regurgitation results in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            return fig
+        row_of = {label: i for i, label in enumerate(labels)}
+        col_of = {step: j for j, step in enumerate(steps)}
+        grid = np.full((len(labels), len(steps)), np.nan)
+        cells: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in data.seeds:  # a later result for the same seed and step overwrites an earlier one
+            i, j = row_of[_row_label(r)], col_of[r["step"]]
+            cells[(i, j)] = r
+            ratio = r.get("ratio")
+            grid[i, j] = ratio if ratio is not None and math.isfinite(ratio) else np.nan
+        t = data.mem_ratio
+        finite = grid[np.isfinite(grid)]
+        vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+        # Centre the diverging map on the threshold; fall back to a plain scale if it is outside [0, vmax].
+        norm = TwoSlopeNorm(vcenter=t, vmin=0.0, vmax=vmax) if 0 < t < vmax else Normalize(0.0, vmax)
+        import matplotlib
+
+        cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")  # grey: seed not probed at that step
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        cbar = fig.colorbar(image, ax=ax, label="d1 / d2")
+        cbar.ax.axhline(t, color="black", linewidth=2)
+        cbar.set_ticks(sorted({0.0, t, vmax}))
+        cbar.set_ticklabels([f"{v:.3g} mem_ratio" if v == t else f"{v:.3g}" for v in sorted({0.0, t, vmax})])
+        seen_first: set[int] = set()
+        for (i, j), r in sorted(cells.items(), key=lambda c: (c[0][0], c[0][1])):
+            if not r.get("memorized"):
+                continue
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5))
+            if i not in seen_first and r.get("nn1") is not None:
+                seen_first.add(i)
+                ax.annotate(
+                    str(r["nn1"]),
+                    (j, i),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    fontsize="x-small",
+                    va="center",
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0},
+                    annotation_clip=True,
+                )
+        ax.set_xticks(*_ticks(steps, MAX_STEP_LABELS))
+        ax.set_yticks(*_ticks(labels, MAX_SEED_LABELS))
+        ax.tick_params(labelsize="x-small")
+        ax.set_xlabel("training step (regurgitation probe)")
+        ax.set_ylabel("probe seed")
+        fig.legend(
+            handles=[Patch(facecolor="none", edgecolor="black", label=f"memorized (d1/d2 < {t:.3g})")],
+            loc="outside lower left",  # constrained layout reserves room below the axes
+            fontsize="x-small",
+            frameon=False,
+        )
+    return fig
+
+
+def _row_label(row: Mapping[str, Any]) -> str:
+    return str(row["seed"]) if row.get("seed") is not None else str(row.get("sample"))
+
+
+def _ticks(values: Sequence[Any], most: int) -> tuple[list[int], list[str]]:
+    """Tick positions and labels for heatmap cells, thinned to at most ``most`` labels."""
+    every = max(1, math.ceil(len(values) / most))
+    positions = list(range(0, len(values), every))
+    return positions, [str(values[p]) for p in positions]

@@ -1,0 +1,123 @@
+"""``memwatch demo``: train a small DDPM on the bundled images and watch it start to memorize.
+
+The demo runs ``scripts/train_ddpm.py`` (the copyable example script, with memwatch added in three
+lines) on ``assets/demo/train``, then draws the curves and prints a summary. ``--control`` trains
+the same model for the same number of steps on the much larger ``assets/demo/control`` set, where
+it does not have the capacity to copy: no regurgitation warning fires.
+
+Both need the memwatch source checkout (the images and the script are not installed with the
+package); the command finds it from the current folder or from the installed package's location.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+from memwatch.checkpoints import last_clean_checkpoint
+from memwatch.errors import MemwatchError
+
+
+def find_checkout(start: Path | None = None) -> Path:
+    """The memwatch source checkout: the first folder holding ``scripts/train_ddpm.py`` and ``assets/demo``."""
+    candidates = [start or Path.cwd(), Path(__file__).resolve()]
+    for base in candidates:
+        for folder in [base, *base.parents]:
+            if (folder / "scripts" / "train_ddpm.py").is_file() and (folder / "assets" / "demo").is_dir():
+                return folder
+    raise MemwatchError(
+        "memwatch demo needs the memwatch source checkout (scripts/train_ddpm.py and assets/demo/): "
+        "run it from inside the repository"
+    )
+
+
+def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str | Path | None = None) -> dict:
+    """Train, probe, draw curves; return the monitor's summary plus the curve paths.
+
+    Args:
+        control: train on the large control set instead (no memorization expected).
+        steps: optimizer steps (default: the demo config's).
+        output_dir: default ``runs/demo`` (``runs/demo-control`` for the control).
+
+    Example:
+        >>> summary = run_demo(steps=200)  # doctest: +SKIP
+        >>> summary["last_clean_step"]  # doctest: +SKIP
+        1200
+    """
+    from memwatch.curves import write_curves
+
+    root = find_checkout()
+    name = "demo-control" if control else "demo"
+    out = Path(output_dir) if output_dir else root / "runs" / name
+    if (out / "memwatch").is_dir():
+        shutil.rmtree(out)  # a demo starts fresh: only a folder that an earlier demo wrote is removed
+    data = root / "assets" / "demo" / ("control" if control else "train")
+    argv = [
+        "--train-data",
+        str(data),
+        "--holdout-data",
+        str(root / "assets" / "demo" / "holdout"),
+        "--output-dir",
+        str(out),
+        "--memwatch-config",
+        str(root / "configs" / "demo.yaml"),
+        "--steps",
+        str(steps or DEMO_STEPS),
+        *DEMO_TRAINING_ARGS,
+    ]
+    script = _load_script(root / "scripts" / "train_ddpm.py")
+    summary: dict[str, Any] = script.main(argv)
+    summary["curves"] = {k: str(v) for k, v in write_curves(out / "memwatch").items()}
+    ckpt = last_clean_checkpoint(out, summary["last_clean_step"])
+    summary["last_clean_checkpoint"] = str(ckpt) if ckpt else None
+    return summary
+
+
+# The demo recipe: measured in docs/benchmarks.md (steps per second on 2 CPU cores, onset step).
+DEMO_STEPS = 3000
+DEMO_TRAINING_ARGS = [
+    "--resolution",
+    "32",
+    "--batch-size",
+    "12",
+    "--lr",
+    "1e-3",
+    "--block-channels",
+    "16",
+    "32",
+    "32",
+    "--checkpointing-steps",
+    "500",
+]
+
+
+def format_demo_summary(summary: dict[str, Any]) -> str:
+    """Human-readable end-of-demo summary."""
+    events = ", ".join(f"{n} {sev}" for sev, n in sorted(summary["events"].items())) or "none"
+    lines = [
+        "",
+        "memwatch demo summary",
+        f"  steps trained:          {summary['last_step']}",
+        f"  onset (first copy):     {_step(summary['onset_step'])}",
+        f"  first warning:          {_step(summary['first_alarm_step'])}",
+        f"  last clean step:        {_step(summary['last_clean_step'])}",
+        f"  last clean checkpoint:  {summary.get('last_clean_checkpoint') or '-'}",
+        f"  events:                 {events}",
+        f"  store:                  {summary['store']}",
+        f"  events log:             {summary['events_file']}",
+    ]
+    lines += [f"  {name + ':':<24}{path}" for name, path in summary.get("curves", {}).items()]
+    return "\n".join(lines)
+
+
+def _step(step: int | None) -> str:
+    return "-" if step is None else f"step {step}"
+
+
+def _load_script(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("memwatch_train_ddpm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
