@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Benchmark: memwatch monitor overhead on the demo, and where a probe's time goes.
+
+Trains the demo recipe twice in one run of this script, on the same data and seed: once with the
+demo's probe cadence (configs/demo.yaml) and once with every probe disabled (the monitor is still
+called each step, so the difference is the probing itself). Prints a Markdown table for
+docs/benchmarks.md.
+
+    python scripts/bench_monitor.py [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from memwatch.demo import DEMO_STEPS, DEMO_TRAINING_ARGS, _load_script, find_checkout
+
+
+def run(script, root: Path, out: Path, config: Path, steps: int) -> tuple[float, dict]:
+    argv = [
+        "--train-data",
+        str(root / "assets/demo/train"),
+        "--holdout-data",
+        str(root / "assets/demo/holdout"),
+        "--output-dir",
+        str(out),
+        "--memwatch-config",
+        str(config),
+        "--steps",
+        str(steps),
+        *[a for a in DEMO_TRAINING_ARGS],
+    ]
+    t0 = time.perf_counter()
+    summary = script.main(argv)
+    return time.perf_counter() - t0, summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    args = p.parse_args()
+    root = find_checkout()
+    script = _load_script(root / "scripts" / "train_ddpm.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        off = tmp / "off.yaml"
+        off.write_text(
+            yaml.safe_dump(
+                {"run_name": "bench-off", "probes": {"membership": {"every": 0}, "regurgitation": {"every": 0}}}
+            )
+        )
+        on_s, on = run(script, root, tmp / "on", root / "configs" / "demo.yaml", args.steps)
+        off_s, _ = run(script, root, tmp / "off", off, args.steps)
+    t = on["timings"]
+    probe_s = t.get("total", 0.0)
+    print(
+        f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {args.steps} steps\n"
+    )
+    print("| run | wall time (s) |\n|---|---|")
+    print(f"| with memwatch (demo cadence) | {on_s:.1f} |\n| probes disabled | {off_s:.1f} |")
+    print(f"| overhead | {on_s - off_s:.1f} s = {100 * (on_s - off_s) / off_s:.1f}% of training |\n")
+    print("| phase | seconds | share of probe time |\n|---|---|---|")
+    for phase in ("sampling", "reference_embedding", "embedding", "search", "membership", "store"):
+        print(f"| {phase} | {t.get(phase, 0.0):.2f} | {100 * t.get(phase, 0.0) / max(probe_s, 1e-9):.1f}% |")
+    print(f"| total inside probes | {probe_s:.2f} | 100% |")
+    print(f"\nonset step {on['onset_step']}, last clean step {on['last_clean_step']}, events {on['events']}")
+
+
+if __name__ == "__main__":
+    main()

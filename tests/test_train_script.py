@@ -1,0 +1,91 @@
+"""scripts/train_ddpm.py, the example users copy, runs under `accelerate launch` with two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from imagegen import write_images
+
+from memwatch.checkpoints import list_checkpoints
+from memwatch.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -> None:
+    write_images(tmp_path / "train", list(range(8)), size=16)
+    write_images(tmp_path / "holdout", list(range(50, 58)), size=16)
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "script",
+                "probes": {
+                    "membership": {"every": 4, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400]},
+                    "regurgitation": {"every": 6, "num_samples": 6, "inference_steps": 3, "batch_size": 4},
+                },
+            }
+        )
+    )
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29611",
+        str(ROOT / "scripts" / "train_ddpm.py"),
+        "--train-data",
+        str(tmp_path / "train"),
+        "--holdout-data",
+        str(tmp_path / "holdout"),
+        "--output-dir",
+        str(out),
+        "--memwatch-config",
+        str(cfg),
+        "--steps",
+        "12",
+        "--resolution",
+        "16",
+        "--block-channels",
+        "16",
+        "32",
+        "--batch-size",
+        "2",
+        "--checkpointing-steps",
+        "6",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with Store(out / "memwatch" / "memwatch.sqlite") as store:
+        run = store.runs()[0]
+        assert run["name"] == "script"
+        probed = sorted({(m["step"], m["probe"]) for m in store.metrics(run["id"])})
+    assert probed == [
+        (4, "membership"),
+        (6, "regurgitation"),
+        (8, "membership"),
+        (12, "membership"),
+        (12, "regurgitation"),
+    ]
+    # Checkpoints as diffusers' train_unconditional.py writes them, and the final model.
+    assert [s for s, _ in list_checkpoints(out)] == [6, 12]
+    assert (out / "checkpoint-6" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "unet" / "config.json").is_file()
+    summary = json.loads((out / "memwatch" / "summary.json").read_text())
+    assert summary["last_step"] == 12
