@@ -1,0 +1,298 @@
+"""Identity probe: do generated faces leak training identities, or blend two of them?
+
+For every generated sample the face is detected and embedded (:class:`~memwatch.faces.embed.FacePipeline`),
+then compared with the gallery of training faces:
+
+* **leak**: the best-matching training face passes the verification threshold. The sample's
+  ``identity`` is that face's identity. ``identity_leak_rate`` is the share of generated faces that
+  leak; ``identities_leaked`` counts distinct identities matched. With a holdout of other people's
+  real faces, the same rate on the holdout is the baseline and ``identity_leak_excess`` the difference.
+* **interpolation** (identity blending; MMPMR-style, Scherhag et al. 2017): the face verifies against
+  two training identities A and B (best-face similarity to each at or above the threshold), the two
+  similarities are balanced (``|s_A - s_B| <= balance_tolerance``), A and B do not verify against each
+  other (centroid similarity below the threshold), and the face lies near the slerp arc between the
+  two identity centroids, away from either end: its nearest arc point is in the middle
+  ``[slerp_end_margin, 1 - slerp_end_margin]`` of the arc and it verifies against that point
+  (similarity ``>= slerp_min_similarity``, default the threshold). Each flagged face records its parents
+  (ordered by name), their similarities, the arc position ``slerp_t`` and ``slerp_similarity``.
+
+Per-sample rows go to :attr:`ProbeResult.items`; they carry the identity so per-identity trajectories
+can be computed from stored results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from memwatch.faces.config import IdentityConfig
+from memwatch.faces.gallery import FaceGallery
+from memwatch.probes.base import ProbeResult
+
+PROBE = "identity"
+#: Identities passing the threshold that are paired up per face (the most similar ones). A bound on
+#: work for degenerate matchers that match everything; real faces pass for a handful of identities.
+MAX_CANDIDATES = 16
+_NAN = float("nan")
+
+
+def identity_probe(
+    samples: torch.Tensor,
+    gallery: FaceGallery,
+    config: IdentityConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seeds: Sequence[int | None] | None = None,
+) -> ProbeResult:
+    """Detect, embed and match the faces of generated samples against the training identities.
+
+    Args:
+        samples: ``(N, 3, H, W)`` generated images in [0, 1] (any size; small ones are upsampled
+            for detection).
+        gallery: built by :func:`~memwatch.faces.gallery.build_gallery` (holds the face pipeline and
+            the threshold).
+        config: interpolation settings (``balance_tolerance``, ``slerp_*``, ``chunk_size``); the
+            threshold is the gallery's.
+        names: sample names for the item rows (default: seeds, or positions).
+        seeds: the seed each sample was generated from, if any.
+
+    Returns:
+        A :class:`ProbeResult` with probe ``"identity"``, the metrics listed in :func:`identity_from_embeddings`,
+        one item row per sample, and timings (``detection``, ``embedding``, ``matching``).
+
+    Example:
+        >>> gallery = build_gallery(refs, load_face_pipeline(cfg), cfg)  # doctest: +SKIP
+        >>> r = identity_probe(samples, gallery, cfg, seeds=list(range(len(samples))))  # doctest: +SKIP
+        >>> r.metrics["face_detection_rate"], r.metrics["identity_leak_rate"]  # doctest: +SKIP
+        (0.875, 0.143)
+    """
+    if gallery.pipeline is None:
+        raise ValueError("this gallery has no face pipeline: build it with build_gallery() to probe images")
+    faces = gallery.pipeline.embed_images(samples)
+    t0 = time.perf_counter()
+    result = identity_from_embeddings(
+        faces.embeddings,
+        faces.found,
+        gallery,
+        config,
+        names=names,
+        seeds=seeds,
+        probs=faces.probs,
+        detect_errors=faces.errors,
+    )
+    result.timings = {**faces.timings, "matching": time.perf_counter() - t0}
+    return result
+
+
+def identity_from_embeddings(
+    embeddings: torch.Tensor,
+    found: torch.Tensor | None,
+    gallery: FaceGallery,
+    config: IdentityConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seeds: Sequence[int | None] | None = None,
+    probs: torch.Tensor | None = None,
+    detect_errors: int = 0,
+) -> ProbeResult:
+    """The probe's arithmetic on already embedded faces (see :func:`identity_probe`).
+
+    Args:
+        embeddings: ``(N, D)`` face embeddings (rows where ``found`` is False are ignored).
+        found: ``(N,)`` bool, or None when every row is a face.
+        gallery: training identities and threshold.
+        config: interpolation settings.
+        names, seeds: as in :func:`identity_probe`.
+        probs: ``(N,)`` detection probabilities, if known.
+        detect_errors: images the detector failed on (reported as ``face_detect_errors``).
+
+    Returns:
+        A :class:`ProbeResult` with metrics ``num_samples``, ``faces_found``, ``face_detection_rate``,
+        ``face_detect_errors``, ``identity_leak_rate``, ``identities_leaked``,
+        ``identity_interpolation_rate``, ``identity_interpolations``, ``identity_pairs_interpolated``,
+        ``identity_sim_p50``/``p95``/``max``, the threshold's (``identity_threshold``,
+        ``threshold_calibrated`` 0/1, ``threshold_fmr``...), ``gallery_identities``, ``gallery_faces``
+        and, with a holdout, ``identity_leak_baseline`` and ``identity_leak_excess``. Rates are over
+        faces found (NaN when none was found).
+
+    Example:
+        >>> r = identity_from_embeddings(emb, None, gallery, IdentityConfig())  # doctest: +SKIP
+        >>> [row["parent_a"] for row in r.items if row["interpolation"]]  # doctest: +SKIP
+        ['alice']
+    """
+    n = embeddings.shape[0]
+    found = torch.ones(n, dtype=torch.bool) if found is None else found.bool()
+    if names is None:
+        names = [str(s) for s in seeds] if seeds is not None else [str(i) for i in range(n)]
+    face_rows = torch.nonzero(found).flatten().tolist()
+    matches = match_faces(embeddings[found], gallery, config) if face_rows else []
+    by_row = dict(zip(face_rows, matches, strict=True))
+    items: list[dict[str, Any]] = []
+    for i in range(n):
+        row: dict[str, Any] = {
+            "sample": names[i],
+            "seed": None if seeds is None or seeds[i] is None else int(seeds[i]),
+            "face_found": bool(found[i]),
+            "face_prob": None if probs is None or not found[i] else float(probs[i]),
+        }
+        row.update(by_row.get(i, _no_face_row()))
+        items.append(row)
+    metrics = _metrics(matches, n, gallery, detect_errors)
+    return ProbeResult(probe=PROBE, metrics=metrics, items=items)
+
+
+def match_faces(query: torch.Tensor, gallery: FaceGallery, config: IdentityConfig) -> list[dict[str, Any]]:
+    """Leak and interpolation verdicts for face embeddings ``(Q, D)``.
+
+    Returns:
+        One dict per face: ``identity``, ``identity_item`` (best training face), ``similarity``,
+        ``leak``, ``interpolation``, ``parent_a``, ``parent_b``, ``sim_a``, ``sim_b``, ``slerp_t``,
+        ``slerp_similarity`` (None where not an interpolation).
+
+    Example:
+        >>> faces = torch.nn.functional.normalize(torch.randn(3, 512), dim=1)
+        >>> rows = match_faces(faces, gallery, cfg)  # doctest: +SKIP
+        >>> rows[0]["leak"]  # doctest: +SKIP
+        False
+    """
+    t = gallery.threshold
+    query = torch.nn.functional.normalize(query.float(), dim=1)
+    n_id = len(gallery.identities)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, query.shape[0], config.chunk_size):
+        q = query[start : start + config.chunk_size]
+        sims = q @ gallery.embeddings.T  # (Qc, G)
+        best_sim, best_face = sims.max(dim=1)
+        # Similarity to an identity = to its best-matching training face.
+        per_id = torch.full((q.shape[0], n_id), float("-inf"))
+        per_id.scatter_reduce_(1, gallery.face_identity.expand(q.shape[0], -1), sims, reduce="amax")
+        for r in range(q.shape[0]):
+            face = int(best_face[r])
+            sim = float(best_sim[r])
+            row = {
+                "identity": gallery.identities[int(gallery.face_identity[face])],
+                "identity_item": gallery.item_ids[face],
+                "similarity": sim,
+                "leak": sim >= t,
+                **_interpolation(q[r], per_id[r], gallery, config),
+            }
+            rows.append(row)
+    return rows
+
+
+def _interpolation(e: torch.Tensor, per_id: torch.Tensor, gallery: FaceGallery, config: IdentityConfig) -> dict:
+    """Best (A, B) blend explaining face ``e``, or a row of "no interpolation"."""
+    t = gallery.threshold
+    path_min = t if config.slerp_min_similarity is None else config.slerp_min_similarity
+    passing = torch.nonzero(per_id >= t).flatten()
+    if passing.numel() < 2:
+        return _no_interpolation()
+    order = torch.argsort(per_id[passing], descending=True, stable=True)
+    cand = passing[order][:MAX_CANDIDATES].tolist()
+    best: tuple[float, float] | None = None
+    out = _no_interpolation()
+    for i, first in enumerate(cand):
+        for second in cand[i + 1 :]:
+            # Parents in name order, so (A, B) is the same pair whatever matched more strongly.
+            a_idx, b_idx = sorted((first, second), key=lambda k: gallery.identities[k])
+            s_a, s_b = float(per_id[a_idx]), float(per_id[b_idx])
+            if abs(s_a - s_b) > config.balance_tolerance:
+                continue
+            geo = slerp_position(e, gallery.centroids[a_idx], gallery.centroids[b_idx])
+            if geo is None or geo["parents_similarity"] >= t:
+                continue  # the parents verify against each other: a face matching both is no blend
+            tau, path_sim = geo["t"], geo["similarity"]
+            if not config.slerp_end_margin <= tau <= 1.0 - config.slerp_end_margin or path_sim < path_min:
+                continue
+            score = (min(s_a, s_b), path_sim)
+            if best is None or score > best:
+                best = score
+                out = {
+                    "interpolation": True,
+                    "parent_a": gallery.identities[a_idx],
+                    "parent_b": gallery.identities[b_idx],
+                    "sim_a": s_a,
+                    "sim_b": s_b,
+                    "slerp_t": tau,
+                    "slerp_similarity": path_sim,
+                }
+    return out
+
+
+def slerp_position(e: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, float] | None:
+    """Where unit vector ``e`` lies relative to the slerp arc from unit ``a`` to unit ``b``.
+
+    ``e`` is projected onto the plane of ``a`` and ``b``; its angle from ``a`` in that plane, divided
+    by the angle between ``a`` and ``b``, is the arc position ``t`` (0 at ``a``, 1 at ``b``). When
+    ``0 <= t <= 1`` the nearest arc point is ``slerp(a, b, t)`` and the cosine similarity to it is the
+    norm of the projection.
+
+    Returns:
+        ``{"t", "similarity", "parents_similarity"}``, or None if ``a`` and ``b`` are (anti)parallel.
+
+    Example:
+        >>> a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+        >>> pos = slerp_position(torch.nn.functional.normalize(a + b, dim=0), a, b)
+        >>> round(pos["t"], 3), round(pos["similarity"], 3)
+        (0.5, 1.0)
+    """
+    c = float(a @ b)
+    sin_omega = math.sqrt(max(0.0, 1.0 - c * c))
+    if sin_omega < 1e-6:
+        return None
+    u = (b - c * a) / sin_omega  # unit vector in the plane, orthogonal to a
+    x, y = float(e @ a), float(e @ u)
+    tau = math.atan2(y, x) / math.acos(max(-1.0, min(1.0, c)))
+    if 0.0 <= tau <= 1.0:
+        similarity = math.hypot(x, y)
+    else:  # nearest arc point is an end
+        similarity = max(x, float(e @ b))
+    return {"t": tau, "similarity": similarity, "parents_similarity": c}
+
+
+def _no_interpolation() -> dict[str, Any]:
+    return {
+        "interpolation": False,
+        "parent_a": None,
+        "parent_b": None,
+        "sim_a": None,
+        "sim_b": None,
+        "slerp_t": None,
+        "slerp_similarity": None,
+    }
+
+
+def _no_face_row() -> dict[str, Any]:
+    return {"identity": None, "identity_item": None, "similarity": None, "leak": False, **_no_interpolation()}
+
+
+def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect_errors: int) -> dict[str, float]:
+    faces = len(matches)
+    leaks = [m for m in matches if m["leak"]]
+    blends = [m for m in matches if m["interpolation"]]
+    sims = torch.tensor([m["similarity"] for m in matches], dtype=torch.float64)
+    metrics: dict[str, float] = {
+        "num_samples": float(n),
+        "faces_found": float(faces),
+        "face_detection_rate": faces / n if n else _NAN,
+        "face_detect_errors": float(detect_errors),
+        "identity_leak_rate": len(leaks) / faces if faces else _NAN,
+        "identities_leaked": float(len({m["identity"] for m in leaks})),
+        "identity_interpolation_rate": len(blends) / faces if faces else _NAN,
+        "identity_interpolations": float(len(blends)),
+        "identity_pairs_interpolated": float(len({(m["parent_a"], m["parent_b"]) for m in blends})),
+        "identity_sim_p50": torch.quantile(sims, 0.5).item() if faces else _NAN,
+        "identity_sim_p95": torch.quantile(sims, 0.95).item() if faces else _NAN,
+        "identity_sim_max": sims.max().item() if faces else _NAN,
+        "gallery_identities": float(len(gallery.identities)),
+        "gallery_faces": float(len(gallery)),
+        **gallery.calibration.metrics(),
+    }
+    if gallery.holdout_leak_rate is not None:
+        metrics["identity_leak_baseline"] = gallery.holdout_leak_rate
+        metrics["identity_leak_excess"] = metrics["identity_leak_rate"] - gallery.holdout_leak_rate
+    return metrics
