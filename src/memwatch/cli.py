@@ -58,6 +58,62 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_job_config(path: str):
+    from memwatch.config import load_config
+
+    if not Path(path).is_file():
+        raise MemwatchError(f"--config {path} does not exist: pass a YAML file (see configs/default.yaml)")
+    return load_config(path)
+
+
+def _finish_jobs(reports: list, args: argparse.Namespace) -> int:
+    from memwatch.jobs import fails
+
+    for r in reports:
+        state = (
+            "locked by another job: nothing done"
+            if r.locked
+            else (
+                f"probed {len(r.probed)}, already done {r.already_done}, failed {len(r.failed)}, "
+                f"new events {len(r.new_events)}, last clean step {r.last_clean_step}"
+            )
+        )
+        print(f"{r.run_dir}: {state}")
+        for f in r.failed:
+            print(f"  failed: {f['path']}: {f['error']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2, default=str) + "\n")
+    return 1 if any(fails(r, args.fail_on) for r in reports) else 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from memwatch.jobs import probe_run_dir
+
+    config = _load_job_config(args.config)
+    return _finish_jobs([probe_run_dir(d, config, wait=args.wait) for d in args.run_dirs], args)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from memwatch.jobs import watch_run_dir
+
+    config = _load_job_config(args.config)
+    report = watch_run_dir(
+        args.run_dir, config, quiet_period=args.quiet_period, poll=args.poll, idle_timeout=args.idle_timeout
+    )
+    return _finish_jobs([report], args)
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="memwatch YAML config (reference, holdout, probes, rules)")
+    p.add_argument(
+        "--fail-on",
+        choices=("info", "warning", "critical"),
+        default=None,
+        help="exit 1 if the run holds an event at or above this severity",
+    )
+    p.add_argument("--json", metavar="OUT", default=None, help="write a JSON summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help`` in the README)."""
     parser = argparse.ArgumentParser(
@@ -127,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <memwatch folder>/curves)")
     p.add_argument("--run", default=None, help="run name in the store (default: the most recent)")
     p.set_defaults(func=_cmd_curves)
+
+    p = sub.add_parser(
+        "probe",
+        help="probe every checkpoint folder of one or more runs that has no result for this config (cron)",
+        description="Probe each snapshot under RUN_DIR (checkpoint-<step>/ folders, oldest first, then the final "
+        "model) that has no result for this config yet; results go to RUN_DIR/memwatch/. Running it again does "
+        "nothing; a killed job is finished by the next one; a second job on the same RUN_DIR exits at once.",
+    )
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="training output folder(s)")
+    _job_options(p)
+    p.add_argument("--wait", action="store_true", help="wait for another job's lock instead of exiting")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser(
+        "watch",
+        help="follow a training run beside the training script and probe each new checkpoint",
+        description="Probe each new checkpoint-<step>/ in RUN_DIR once its files are complete and unchanged for "
+        "--quiet-period seconds; tolerates checkpoint rotation; stops after the final model is probed or after "
+        "--idle-timeout seconds without a new snapshot. Writes only to RUN_DIR/memwatch/.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training output folder (may not exist yet)")
+    _job_options(p)
+    p.add_argument("--quiet-period", type=float, default=30.0, help="seconds a checkpoint must stay unchanged")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between looks at RUN_DIR")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, help="stop after this long without a new snapshot")
+    p.set_defaults(func=_cmd_watch)
     return parser
 
 

@@ -22,6 +22,8 @@ from memwatch.probes.regurgitation import RegurgitationConfig
 from memwatch.rules import SEVERITIES, Rule, parse_rules
 
 DEFAULTS_PATH = Path(__file__).parent / "configs" / "default.yaml"
+#: settings holding paths; in a config file they are relative to that file's folder
+PATH_SETTINGS = ("output_dir", "reference", "holdout", "cache_dir", "base_model")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class MonitorConfig:
     holdout: str | None = None
     cache_dir: str | None = None
     weights: str = "raw"
+    base_model: str | None = None
     stop_on: str | None = None
     evidence_top: int = 8
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -109,6 +112,12 @@ def load_config(source: str | Path | dict[str, Any] | MonitorConfig | None = Non
     elif source is not None:
         raise MemwatchError(f"config must be a YAML path, a dict or a MonitorConfig, not {type(source).__name__}")
     merged = _merge(defaults, user, name, "")
+    if isinstance(source, str | Path):
+        # Paths in a config file are relative to the file, so cron jobs work from any folder.
+        base = Path(source).resolve().parent
+        for key in PATH_SETTINGS:
+            if merged[key] is not None and not Path(str(merged[key])).expanduser().is_absolute():
+                merged[key] = str(base / str(merged[key]))
     return _build(merged, name)
 
 

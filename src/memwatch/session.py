@@ -12,6 +12,7 @@ Only the main process searches neighbours, writes the store and raises events.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -306,8 +307,6 @@ class ProbeSession:
                 if grid is not None:
                     result.evidence.append(str(grid.relative_to(self.output_dir)))
                 evidence[probe] = memorized_evidence(result)
-                if self.onset_step is None and result.metrics["distinct_memorized"] > 0:
-                    self.onset_step = step
             self.store.write_result(snap, result, config_hash=self.config.probe_hash(probe), host=socket.gethostname())
             flat.update({f"{probe}/{k}": v for k, v in result.metrics.items()})
         self._add_time("store", time.perf_counter() - t0)
@@ -315,13 +314,44 @@ class ProbeSession:
         if self.log_metrics is not None:
             self.log_metrics({f"memwatch/{k}": v for k, v in flat.items()}, step)
         events = self.engine.observe(step, flat, evidence)
+        self._track(step, flat, events)
+        for event in events:
+            self._emit(event)
+        return events
+
+    def _track(self, step: int, flat: dict[str, float], events: list[Event]) -> None:
+        """Update onset, first alarm and last clean step from one probed step."""
+        if self.onset_step is None and flat.get("regurgitation/distinct_memorized", 0) > 0:
+            self.onset_step = step
         if self.first_alarm_step is None and any(severity_at_least(e.severity, "warning") for e in events):
             self.first_alarm_step = step
         if self.first_alarm_step is None:
             self.last_clean_step = step
-        for event in events:
-            self._emit(event)
-        return events
+
+    def replay(self) -> int:
+        """Rebuild rule state, onset and last clean step from this run's stored metrics.
+
+        A front-end that probes a run in several invocations (``memwatch probe`` from cron) calls
+        this first, so rules continue where they stopped: the events they raise again for stored
+        steps were already recorded and are not emitted twice.
+
+        Returns:
+            The number of stored steps replayed.
+        """
+        if self.store is None:
+            return 0
+        by_step: dict[int, dict[str, float]] = {}
+        for row in self.store.metrics(self.run_id):
+            by_step.setdefault(row["step"], {})[f"{row['probe']}/{row['metric']}"] = row["value"]
+        keep = {f.name for f in dataclasses.fields(Event)}
+        self.events = [
+            Event.from_dict({k: v for k, v in e.items() if k in keep}) for e in self.store.events(self.run_id)
+        ]
+        for step in sorted(by_step):
+            self._track(step, by_step[step], self.engine.observe(step, by_step[step]))
+        if self.config.stop_on:
+            self.should_stop = any(severity_at_least(e.severity, self.config.stop_on) for e in self.events)
+        return len(by_step)
 
     def _emit(self, event: Event) -> None:
         assert self.store is not None
