@@ -246,8 +246,9 @@ def test_config_defaults_and_validation():
     assert cfg.timesteps == [50, 150, 300, 500]
     with pytest.raises(MemwatchError, match="membership.timesteps"):
         MembershipConfig(timesteps=[])
+    assert MembershipConfig(every=0).every == 0  # 0 turns the probe off
     with pytest.raises(MemwatchError, match="membership.every"):
-        MembershipConfig(every=0)
+        MembershipConfig(every=-1)
 
 
 def test_noise_seed_is_sha256_prefix():

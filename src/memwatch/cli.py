@@ -35,6 +35,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
     config = RegurgitationConfig(copy_threshold=args.copy_threshold)
     doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config)
     print(format_summary(doc, top=args.top))
+    if args.identity:
+        from memwatch.faces import IdentityConfig
+        from memwatch.score import score_identities
+
+        faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights)
+        doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache)
+        m = doc["identity"]["metrics"]
+        print(
+            f"\nfaces: detection rate {m['face_detection_rate']:.3f}, leak rate {m['identity_leak_rate']:.3f}, "
+            f"identities leaked {m['identities_leaked']:.0f}, interpolation rate {m['identity_interpolation_rate']:.3f}"
+        )
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="similarity counted as a copy (default: the embedder's, see docs)",
     )
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="also run the face identity probe (leakage and interpolation; needs matcher weights)",
+    )
+    p.add_argument(
+        "--face-matcher",
+        choices=("vggface2", "casia-webface"),
+        default="vggface2",
+        help="InceptionResnetV1 weights to match faces with (default vggface2)",
+    )
+    p.add_argument("--face-weights", default=None, help="local matcher weights file (default: the torch hub cache)")
     p.add_argument("--json", metavar="OUT", help="also write all metrics and matches as JSON")
     p.add_argument("--top", type=int, default=10, metavar="N", help="matches shown in the table (default 10)")
     p.add_argument(

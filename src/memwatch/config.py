@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from memwatch.errors import MemwatchError
+from memwatch.faces.config import IdentityConfig
 from memwatch.hashing import config_hash
 from memwatch.probes.membership import MembershipConfig
 from memwatch.probes.regurgitation import RegurgitationConfig
@@ -23,7 +24,7 @@ from memwatch.rules import SEVERITIES, Rule, parse_rules
 
 DEFAULTS_PATH = Path(__file__).parent / "configs" / "default.yaml"
 #: settings holding paths; in a config file they are relative to that file's folder
-PATH_SETTINGS = ("output_dir", "reference", "holdout", "cache_dir", "base_model")
+PATH_SETTINGS = ("output_dir", "reference", "holdout", "cache_dir", "base_model", "probes.identity.weights")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class MonitorConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     regurgitation: RegurgitationConfig = field(default_factory=RegurgitationConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     rules: list[Rule] = field(default_factory=list)
     source: str = "defaults"
     raw: dict[str, Any] = field(default_factory=dict)
@@ -115,9 +117,13 @@ def load_config(source: str | Path | dict[str, Any] | MonitorConfig | None = Non
     if isinstance(source, str | Path):
         # Paths in a config file are relative to the file, so cron jobs work from any folder.
         base = Path(source).resolve().parent
-        for key in PATH_SETTINGS:
-            if merged[key] is not None and not Path(str(merged[key])).expanduser().is_absolute():
-                merged[key] = str(base / str(merged[key]))
+        for dotted in PATH_SETTINGS:
+            *parents, key = dotted.split(".")
+            holder = merged
+            for part in parents:
+                holder = holder[part]
+            if holder[key] is not None and not Path(str(holder[key])).expanduser().is_absolute():
+                holder[key] = str(base / str(holder[key]))
     return _build(merged, name)
 
 
@@ -164,7 +170,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         raise MemwatchError(f"{source}: setting 'stop_on' must be null or one of {', '.join(SEVERITIES)}")
     if raw["embedder"]["name"] not in ("pixel", "clip"):
         raise MemwatchError(f"{source}: setting 'embedder.name' must be pixel or clip, not {raw['embedder']['name']!r}")
-    for probe in ("membership", "regurgitation"):
+    for probe in ("membership", "regurgitation", "identity"):
         every = raw["probes"][probe]["every"]
         if not isinstance(every, int) or every < 0:
             raise MemwatchError(f"{source}: setting 'probes.{probe}.every' must be a whole number >= 0 (0 disables)")
@@ -172,6 +178,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         "embedder",
         "membership",
         "regurgitation",
+        "identity",
         "rules",
         "source",
         "raw",
@@ -181,6 +188,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         embedder=section(EmbedderConfig, raw["embedder"], "embedder"),
         membership=section(MembershipConfig, raw["probes"]["membership"], "probes.membership"),
         regurgitation=section(RegurgitationConfig, raw["probes"]["regurgitation"], "probes.regurgitation"),
+        identity=section(IdentityConfig, raw["probes"]["identity"], "probes.identity"),
         rules=parse_rules(raw["rules"], source),
         source=source,
         raw=raw,

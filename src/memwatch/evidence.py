@@ -1,8 +1,9 @@
-"""Evidence images: each flagged sample beside its nearest training image."""
+"""Evidence images: each flagged generated sample beside the training image it resembles."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,58 @@ CELL = 96  # pixels per image in the grid: small samples are upscaled so a revie
 LABEL_H = 14
 
 
+@dataclass(frozen=True)
+class EvidencePair:
+    """One row of an evidence grid.
+
+    Attributes:
+        sample: index of the sample in the probe's sample batch.
+        training_id: id of the training image shown beside it.
+        rank: sort key, smaller first (e.g. the d1/d2 ratio, or 1 - similarity).
+        label: text above the pair.
+        flagged: drawn in red (memorized, leaked...).
+    """
+
+    sample: int
+    training_id: str
+    rank: float
+    label: str
+    flagged: bool
+
+
+def regurgitation_pairs(matches: Sequence[dict[str, Any]]) -> list[EvidencePair]:
+    """Every sample with its nearest training image, ranked by d1/d2 ratio."""
+    return [
+        EvidencePair(i, m["nn1"], _nan_last(m["ratio"]), f"seed {m['seed']} r={m['ratio']:.2f}", bool(m["memorized"]))
+        for i, m in enumerate(matches)
+    ]
+
+
+def identity_pairs(items: Sequence[dict[str, Any]]) -> list[EvidencePair]:
+    """Faces that leak a training identity or blend two, beside the matched training face."""
+    pairs = []
+    for i, it in enumerate(items):
+        if (it.get("leak") or it.get("interpolation")) and it.get("identity_item"):
+            what = "blend" if it.get("interpolation") else "leak"
+            label = f"seed {it['seed']} {what} {it['identity']} s={float(it['similarity']):.2f}"
+            pairs.append(EvidencePair(i, it["identity_item"], 1.0 - float(it["similarity"]), label, True))
+    return pairs
+
+
 def save_evidence_grid(
     path: str | Path,
     samples: torch.Tensor,
-    matches: Sequence[dict[str, Any]],
+    pairs: Sequence[EvidencePair],
     reference_paths: dict[str, Path],
     *,
     top: int = 8,
 ) -> Path | None:
-    """Write a PNG with the ``top`` closest samples (lowest ratio) beside their nearest training images.
+    """Write a PNG with the ``top`` best-ranked pairs: sample on the left, training image on the right.
 
     Args:
         path: output PNG path (parent folders are created).
-        samples: the probe's samples ``(N, 3, H, W)`` in [0, 1], aligned with ``matches``.
-        matches: the probe's match rows (``nn1``, ``ratio``, ``seed``, ``memorized``).
+        samples: the probe's samples ``(N, 3, H, W)`` in [0, 1].
+        pairs: rows to choose from (see :class:`EvidencePair`).
         reference_paths: training id -> image file.
         top: pairs shown.
 
@@ -36,21 +75,19 @@ def save_evidence_grid(
         The path written, or None when there is nothing to show.
 
     Example:
-        >>> save_evidence_grid("evidence/step-1000.png", samples, result.matches, paths)  # doctest: +SKIP
+        >>> save_evidence_grid("ev/step-1000.png", samples, regurgitation_pairs(r.matches), paths)  # doctest: +SKIP
     """
-    order = sorted(range(len(matches)), key=lambda i: (_nan_last(matches[i]["ratio"]), i))[:top]
-    if not order:
+    chosen = sorted(pairs, key=lambda p: (p.rank, p.sample))[:top]
+    if not chosen:
         return None
-    grid = Image.new("RGB", (2 * CELL, len(order) * (CELL + LABEL_H)), (255, 255, 255))
+    grid = Image.new("RGB", (2 * CELL, len(chosen) * (CELL + LABEL_H)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for row, i in enumerate(order):
-        m = matches[i]
+    for row, pair in enumerate(chosen):
         y = row * (CELL + LABEL_H)
-        grid.paste(tensor_to_pil(samples[i]).resize((CELL, CELL), Image.Resampling.NEAREST), (0, y + LABEL_H))
-        ref = load_image(reference_paths[m["nn1"]], samples.shape[-1])
+        grid.paste(tensor_to_pil(samples[pair.sample]).resize((CELL, CELL), Image.Resampling.NEAREST), (0, y + LABEL_H))
+        ref = load_image(reference_paths[pair.training_id], samples.shape[-1])
         grid.paste(tensor_to_pil(ref).resize((CELL, CELL), Image.Resampling.NEAREST), (CELL, y + LABEL_H))
-        flag = "MEM" if m["memorized"] else "   "
-        draw.text((2, y + 1), f"{flag} seed {m['seed']} r={m['ratio']:.2f}", fill=(200, 0, 0) if m["memorized"] else 0)
+        draw.text((2, y + 1), pair.label, fill=(200, 0, 0) if pair.flagged else (0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -30,7 +30,7 @@ from memwatch.checkpoints import list_checkpoints
 from memwatch.config import MonitorConfig
 from memwatch.errors import MemwatchError
 from memwatch.rules import severity_at_least
-from memwatch.session import ProbeSession, as_refset
+from memwatch.session import PROBES, ProbeSession, as_refset
 from memwatch.snapshots import detect_layout, load_snapshot, snapshot_complete
 
 log = logging.getLogger("memwatch")
@@ -144,11 +144,7 @@ class CheckpointProber:
         s = self.session
         assert s is not None and s.store is not None
         snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-        return [
-            p
-            for p in ("membership", "regurgitation")
-            if s.enabled(p) and not s.store.has_result(snap_id, p, self.config.probe_hash(p))
-        ]
+        return [p for p in PROBES if s.enabled(p) and not s.store.has_result(snap_id, p, self.config.probe_hash(p))]
 
     def probe(self, ref: SnapshotRef) -> bool:
         """Probe one snapshot if anything is missing; returns True if it probed or recorded a failure."""

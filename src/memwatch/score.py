@@ -76,6 +76,44 @@ def score_folders(
     }
 
 
+def score_identities(
+    samples_dir: str | Path,
+    reference_dir: str | Path,
+    config: Any,
+    *,
+    cache: EmbeddingCache | None = None,
+    resolution: int = 160,
+) -> dict[str, Any]:
+    """Identity leakage and interpolation of the faces in ``samples_dir`` against the training faces.
+
+    Args:
+        samples_dir: generated images.
+        reference_dir: training images (identities from manifest labels, else clustered).
+        config: a :class:`memwatch.faces.IdentityConfig`.
+        cache: face-embedding cache for the training faces.
+        resolution: side samples are normalised to before face detection.
+
+    Returns:
+        ``{"metrics", "items", "gallery"}``, JSON-ready.
+
+    Example:
+        >>> doc = score_identities("samples/", "faces.jsonl", IdentityConfig(weights="w.safetensors"))  # doctest: +SKIP
+        >>> doc["metrics"]["identity_leak_rate"]  # doctest: +SKIP
+        0.125
+    """
+    import torch
+
+    from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+    from memwatch.images import load_image
+
+    refs = load_reference_set(reference_dir, what="reference folder")
+    samples = load_reference_set(samples_dir, what="samples folder")
+    gallery = build_gallery(refs, load_face_pipeline(config), config, cache=cache)
+    images = torch.stack([load_image(it.path, resolution) for it in samples.items])
+    result = identity_probe(images, gallery, config, names=samples.ids)
+    return {"metrics": result.metrics, "items": result.items, "gallery": gallery.assignments}
+
+
 def _nan_last(x: float) -> float:
     return float("inf") if x != x else x
 

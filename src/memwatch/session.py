@@ -31,7 +31,8 @@ from memwatch.config import MonitorConfig
 from memwatch.embed_cache import EmbeddingCache
 from memwatch.embedders import make_embedder
 from memwatch.errors import MemwatchError
-from memwatch.evidence import save_evidence_grid
+from memwatch.evidence import identity_pairs, regurgitation_pairs, save_evidence_grid
+from memwatch.faces.probe import identity_evidence
 from memwatch.hashing import sha256_bytes
 from memwatch.images import load_image
 from memwatch.modes import eval_mode, preserved_rng
@@ -46,7 +47,11 @@ from memwatch.store import STORE_NAME, Store
 log = logging.getLogger("memwatch")
 
 EVENTS_NAME = "events.jsonl"
-PROBES = ("membership", "regurgitation")
+PROBES = ("membership", "regurgitation", "identity")
+#: probes that look at generated samples; when several are due they share one set of samples
+SAMPLE_PROBES = ("regurgitation", "identity")
+#: results recorded under a name of their own but configured by another probe's settings
+SETTINGS_OF = {"identity_gallery": "identity"}
 
 
 @dataclass
@@ -131,6 +136,7 @@ class ProbeSession:
         self.latest: dict[str, float] = {}
         self.timings: dict[str, float] = {}
         self._index: ReferenceIndex | None = None
+        self._gallery: Any = None
         self._membership_data: dict[str, tuple[torch.Tensor, list[str]]] | None = None
         self.store: Store | None = None
         self.run_name = config.run_name or "run-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -182,8 +188,13 @@ class ProbeSession:
         with preserved_rng(), eval_mode(unet):
             if "membership" in probes:
                 results["membership"] = (self._membership(unet, scheduler), None)
-            if "regurgitation" in probes:
-                results["regurgitation"] = self._regurgitation(unet, scheduler)
+            if any(p in probes for p in SAMPLE_PROBES):
+                samples, seeds = self._samples(unet, scheduler)
+                if self.workers.is_main:
+                    if "regurgitation" in probes:
+                        results["regurgitation"] = (self._regurgitation(samples, seeds, unet), samples)
+                    if "identity" in probes:
+                        results.update(self._identity(samples, seeds))
         events: list[Event] = []
         if self.workers.is_main:
             events = self._record(step, results, kind=kind, path=path, weights_sha256=weights_sha256)
@@ -249,7 +260,8 @@ class ProbeSession:
             return None
         return membership_from_items(items, seconds=time.perf_counter() - t0)
 
-    def _regurgitation(self, unet: nn.Module, scheduler: Any) -> tuple[ProbeResult | None, torch.Tensor | None]:
+    def _samples(self, unet: nn.Module, scheduler: Any) -> tuple[torch.Tensor | None, list[int]]:
+        """The probe's fixed-seed samples, generated in shares across processes (main gets them all)."""
         cfg = self.config.regurgitation
         w = self.workers
         seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.num_samples))
@@ -259,16 +271,40 @@ class ProbeSession:
             unet, scheduler, mine, num_inference_steps=cfg.inference_steps, batch_size=cfg.batch_size
         )
         samples = torch.cat(w.gather([part]))
-        sampling = time.perf_counter() - t0
-        self._add_time("sampling", sampling)
-        if not w.is_main:
-            return None, None
+        self._add_time("sampling", time.perf_counter() - t0)
+        return (samples if w.is_main else None), seeds
+
+    def _regurgitation(self, samples: torch.Tensor, seeds: list[int], unet: nn.Module) -> ProbeResult:
         index = self._reference_index(unet.config.sample_size)
-        result = regurgitation_probe(samples, index, cfg, names=[f"seed-{s:06d}" for s in seeds], seeds=seeds)
-        result.timings["sampling"] = sampling
+        names = [f"seed-{s:06d}" for s in seeds]
+        result = regurgitation_probe(samples, index, self.config.regurgitation, names=names, seeds=seeds)
         for phase in ("embedding", "search"):
             self._add_time(phase, result.timings[phase])
-        return result, samples
+        return result
+
+    def _identity(self, samples: torch.Tensor, seeds: list[int]) -> dict[str, tuple[ProbeResult, None]]:
+        """Identity leakage/interpolation; the first call also records the identity gallery."""
+        from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+
+        cfg = self.config.identity
+        out: dict[str, tuple[ProbeResult, None]] = {}
+        if self._gallery is None:
+            t0 = time.perf_counter()
+            self._gallery = build_gallery(
+                self.refs,
+                load_face_pipeline(cfg),
+                cfg,
+                cache=EmbeddingCache(self.config.cache_dir),
+                holdout=self.holdout,
+            )
+            summary = {k: float(v) for k, v in self._gallery.summary().items() if isinstance(v, int | float)}
+            out["identity_gallery"] = (ProbeResult("identity_gallery", summary, items=self._gallery.assignments), None)
+            self._add_time("face_gallery", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        result = identity_probe(samples, self._gallery, cfg, names=[f"seed-{s:06d}" for s in seeds], seeds=seeds)
+        self._add_time("identity", time.perf_counter() - t0)
+        out["identity"] = (result, samples)
+        return out
 
     def _reference_index(self, resolution: int) -> ReferenceIndex:
         if self._index is None:
@@ -296,18 +332,27 @@ class ProbeSession:
         for probe, (result, samples) in results.items():
             if result is None:
                 continue
-            if probe == "regurgitation" and samples is not None:
+            if samples is not None and probe in SAMPLE_PROBES:
+                pairs = (
+                    regurgitation_pairs(result.matches) if probe == "regurgitation" else identity_pairs(result.items)
+                )
                 grid = save_evidence_grid(
-                    self.output_dir / "evidence" / f"regurgitation-step{step:08d}.png",
+                    self.output_dir / "evidence" / f"{probe}-step{step:08d}.png",
                     samples,
-                    result.matches,
+                    pairs,
                     {it.id: it.path for it in self.refs.items},
                     top=self.config.evidence_top,
                 )
                 if grid is not None:
                     result.evidence.append(str(grid.relative_to(self.output_dir)))
+            if probe == "regurgitation":
                 evidence[probe] = memorized_evidence(result)
-            self.store.write_result(snap, result, config_hash=self.config.probe_hash(probe), host=socket.gethostname())
+            elif probe == "identity":
+                evidence[probe] = identity_evidence(result)
+            settings = SETTINGS_OF.get(probe, probe)
+            self.store.write_result(
+                snap, result, config_hash=self.config.probe_hash(settings), host=socket.gethostname()
+            )
             flat.update({f"{probe}/{k}": v for k, v in result.metrics.items()})
         self._add_time("store", time.perf_counter() - t0)
         self.latest.update(flat)

@@ -25,6 +25,8 @@ class IdentityConfig:
     """Settings of the face pipeline and the identity probe.
 
     Attributes:
+        every: run the identity probe every this many training steps (0: off). It reuses the
+            regurgitation probe's samples when both are due.
         matcher: InceptionResnetV1 weights, ``"vggface2"`` or ``"casia-webface"``.
         weights: a local weights file for the matcher (``.safetensors``, or a ``.pt`` state dict read
             with ``torch.load(weights_only=True)``); None looks in the torch hub cache.
@@ -55,6 +57,8 @@ class IdentityConfig:
         chunk_size: rows compared at a time in pairwise similarity scans (bounds memory).
     """
 
+    # Off unless asked for: the probe needs face-matcher weights (monitor cadence, in training steps).
+    every: int = 0
     matcher: str = "vggface2"
     weights: str | None = None
     download: bool = False

@@ -296,3 +296,18 @@ def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect
         metrics["identity_leak_baseline"] = gallery.holdout_leak_rate
         metrics["identity_leak_excess"] = metrics["identity_leak_rate"] - gallery.holdout_leak_rate
     return metrics
+
+
+def identity_evidence(result: ProbeResult) -> dict[str, Any]:
+    """Seeds and training identities of the faces that leak or blend (for warning events).
+
+    Example:
+        >>> identity_evidence(ProbeResult("identity", {}, items=[{"seed": 3, "leak": True, "identity": "ann"}]))
+        {'seeds': [3], 'identities': ['ann'], 'blends': []}
+    """
+    flagged = [it for it in result.items if it.get("leak") or it.get("interpolation")]
+    return {
+        "seeds": [it["seed"] for it in flagged if it.get("seed") is not None],
+        "identities": sorted({str(it["identity"]) for it in flagged if it.get("identity")}),
+        "blends": sorted({f"{it['parent_a']}+{it['parent_b']}" for it in flagged if it.get("interpolation")}),
+    }

@@ -61,13 +61,14 @@ class MembershipConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("every", "num_members", "batch_size"):
+        for name in ("num_members", "batch_size"):
             if getattr(self, name) < 1:
-                raise MemwatchError(f"membership.{name}={getattr(self, name)}: must be at least 1")
-        if self.num_holdout < 0:
-            raise MemwatchError(f"membership.num_holdout={self.num_holdout}: must be >= 0")
+                raise MemwatchError(f"probes.membership.{name}={getattr(self, name)}: must be at least 1")
+        for name in ("every", "num_holdout"):  # every: 0 turns the probe off
+            if getattr(self, name) < 0:
+                raise MemwatchError(f"probes.membership.{name}={getattr(self, name)}: must be >= 0")
         if not self.timesteps:
-            raise MemwatchError("membership.timesteps is empty: give at least one timestep, e.g. [50, 150]")
+            raise MemwatchError("probes.membership.timesteps is empty: give at least one timestep, e.g. [50, 150]")
 
 
 def noise_seed_for(item_id: Any) -> int:
