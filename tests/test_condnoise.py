@@ -54,7 +54,9 @@ def test_first_step_score_is_the_norm_of_the_prediction_difference(snap: Snapsho
 def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: Snapshot) -> None:
     prompts = ["a red fox", "", "a blue car", "a red fox on grass"]
     together = condnoise_scores(snap, prompts, num_steps=2, batch_size=3, **FAST)
-    assert together[1] == 0 and (together[[0, 2, 3]] > 0).all()
+    # The empty prompt's conditional and unconditional predictions are equal up to float rounding
+    # (they sit in different rows of a batched CPU convolution, which may round differently).
+    assert together[1] < 1e-4 and (together[[0, 2, 3]] > 1e-2).all()
     alone = condnoise_scores(snap, prompts[2:3], num_steps=2, batch_size=1, **FAST)
     torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-6)
     assert torch.equal(condnoise_scores(snap, prompts, num_steps=2, batch_size=3, **FAST), together)
