@@ -69,6 +69,20 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from memwatch.report import report_schema, write_report
+
+    if args.schema:
+        print(json.dumps(report_schema(), indent=2, sort_keys=True))
+        return 0
+    if args.run_dir is None:
+        raise MemwatchError("memwatch report needs RUN_DIR (or --schema)")
+    paths = write_report(args.run_dir, args.output, args.json, args.pdf, redact=args.redact, run=args.run)
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def _load_job_config(path: str):
     from memwatch.config import load_config
 
@@ -232,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks at RUN_DIR")
     p.add_argument("--idle-timeout", type=float, default=3600.0, help="stop after this long without a new snapshot")
     p.set_defaults(func=_cmd_watch)
+
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained audit report (HTML, JSON, PDF) from a run's store",
+        description="Audit report for provenance and trust-and-safety review: verdicts per checkpoint, curves, "
+        "evidence, provenance (hashes, config, versions) and limitations, rebuilt from the store alone. "
+        "The HTML makes no external requests.",
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="?", help="training output dir (with memwatch/) or the memwatch folder"
+    )
+    p.add_argument("-o", "--output", default=None, help="HTML file (default: report.html beside the store)")
+    p.add_argument("--json", default=None, help="also write the report as JSON (see --schema)")
+    p.add_argument("--pdf", default=None, help="also print the report to PDF through headless Chromium")
+    p.add_argument("--redact", action="store_true", help="no training or generated pixels: evidence as ids and scores")
+    p.add_argument("--run", default=None, help="run name in the store (default: the most recent)")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of --json output and exit")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
