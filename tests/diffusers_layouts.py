@@ -3,44 +3,54 @@
 Each ``save_*`` helper builds tiny models and saves them with the same library calls as the
 script it names (huggingface/diffusers ``examples/``): ``accelerator.save_state`` with the
 script's ``register_save_state_pre_hook`` hook, ``EMAModel.save_pretrained(.../unet_ema)``,
-``save_lora_weights`` (with ``convert_state_dict_to_diffusers`` where the script uses it), and
-``DiffusionPipeline.save_pretrained``.
+``unet.add_adapter(LoraConfig(...))`` + ``get_peft_model_state_dict`` (+
+``convert_state_dict_to_diffusers`` where the script uses it) + ``save_lora_weights``, and
+``StableDiffusionPipeline(...).save_pretrained``.
 
-Two stand-ins, because this environment lacks packages (neither is the code under test):
-
-* ``peft`` is not installed, so the LoRA scripts' ``unet.add_adapter(LoraConfig(...))`` +
-  ``get_peft_model_state_dict(unet)`` is replaced by :func:`peft_lora_state_dict`, which returns
-  the same keys and shapes (``<module>.lora_A.weight`` ``(r, in)``, ``<module>.lora_B.weight``
-  ``(out, r)`` for ``to_q``/``to_k``/``to_v``/``to_out.0``) with non-zero values, as after training.
-* ``transformers`` is not installed, so Stable Diffusion pipelines are saved component by
-  component (``unet/``, ``vae/``, ``scheduler/``, and ``model_index.json`` as
-  ``StableDiffusionPipeline.save_pretrained`` writes it), without ``text_encoder/`` and
-  ``tokenizer/``; text-to-image sampling tests use :class:`WordTokenizer` and
-  :class:`TinyTextEncoder`, which have the call interface of ``CLIPTokenizer`` / ``CLIPTextModel``.
+Text components are real ``transformers`` classes at tiny sizes: a ``CLIPTokenizer`` built from a
+``vocab.json`` / ``merges.txt`` written here (characters and their end-of-word forms, no merges: a
+character-level BPE, as transformers' own CLIP tokenizer tests build one offline) and a two-layer
+``CLIPTextModel``. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import string
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
-import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from tinymodels import tiny_unet
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memwatch.snapshots import Snapshot, TextComponents
 
 CROSS_DIM = 32
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # train_text_to_image_lora.py's target_modules
+TOKENS = 16  # tokenizer model_max_length (CLIP's is 77; short prompts fit in 16)
+#: LoraConfig target_modules of each LoRA script (add_k_proj/add_v_proj: none in these UNets)
+LORA_TARGETS = {
+    "text_to_image_lora": ["to_k", "to_q", "to_v", "to_out.0"],
+    "dreambooth_lora": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
+}
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -91,43 +101,41 @@ def sd_scheduler() -> PNDMScheduler:
     )
 
 
-class WordTokenizer:
-    """Stand-in for ``CLIPTokenizer``'s call: words -> ids (bos, words, eos, pad to max length)."""
+def tiny_clip_tokenizer(folder: Path | None = None) -> CLIPTokenizer:
+    """A character-level ``CLIPTokenizer`` from a ``vocab.json`` and ``merges.txt`` written to ``folder``.
 
-    model_max_length = 8
-    pad_token_id = 0
-    vocab_size = 64
+    The vocabulary is CLIP's two special tokens, then every lowercase letter and digit alone and
+    with CLIP's end-of-word suffix ``</w>``; ``merges.txt`` has only its version line, so each word
+    is spelled out character by character. Without ``folder`` the files go to a temporary folder
+    that is removed once the tokenizer has read them.
+    """
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(folder or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=TOKENS
+        )
 
-    def __call__(self, prompts, padding="max_length", max_length=None, truncation=True, return_tensors="pt"):
-        n = max_length or self.model_max_length
-        rows = []
-        for text in prompts:
-            # stable word ids (not Python's salted hash): sum of character codes
-            words = [3 + sum(map(ord, w)) % (self.vocab_size - 3) for w in text.lower().split()]
-            ids = ([1, *words][: n - 1] + [2] + [self.pad_token_id] * n)[:n]
-            rows.append(ids)
-        return SimpleNamespace(input_ids=torch.tensor(rows, dtype=torch.long))
 
-
-class TinyTextEncoder(nn.Module):
-    """Stand-in for ``CLIPTextModel``: ``encoder(input_ids)[0]`` is ``(B, L, CROSS_DIM)``."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.embed = nn.Embedding(WordTokenizer.vocab_size, CROSS_DIM)
-        self.position = nn.Parameter(torch.randn(WordTokenizer.model_max_length, CROSS_DIM, generator=g) * 0.1)
-        self.mix = nn.Linear(CROSS_DIM, CROSS_DIM)
-        with torch.no_grad():
-            self.embed.weight.copy_(torch.randn(self.embed.weight.shape, generator=g))
-            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=g) / CROSS_DIM**0.5)
-            self.mix.bias.zero_()
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        h = self.embed(input_ids) + self.position[: input_ids.shape[1]]
-        # a causal running mean, so every position sees the words before it (as CLIP's causal mask)
-        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, device=h.device)[None, :, None]
-        return (self.mix(h),)
+def tiny_clip_text_encoder(seed: int = 0) -> CLIPTextModel:
+    """A two-layer ``CLIPTextModel`` (hidden size 32: the UNet's cross-attention dim) for the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * 36,
+        hidden_size=CROSS_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENS,
+        bos_token_id=0,  # <|startoftext|>
+        eos_token_id=1,  # <|endoftext|> (also CLIP's pad token)
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
 
 
 def t2i_snapshot(vae: bool = True) -> Snapshot:
@@ -137,7 +145,7 @@ def t2i_snapshot(vae: bool = True) -> Snapshot:
     else:
         torch.manual_seed(1)
         unet = UNet2DConditionModel.from_config({**tiny_cond_unet().config, "in_channels": 3, "out_channels": 3})
-    text = TextComponents(WordTokenizer(), TinyTextEncoder(seed=0), tiny_vae(seed=0) if vae else None)
+    text = TextComponents(tiny_clip_tokenizer(), tiny_clip_text_encoder(seed=0), tiny_vae(seed=0) if vae else None)
     return Snapshot(
         step=None, path=Path("."), kind="pipeline", unet=unet, scheduler=sd_scheduler(), weights_sha256="", text=text
     )
@@ -153,27 +161,31 @@ def save_ddpm_pipeline(folder: Path, seed: int = 0) -> UNet2DModel:
     return unet
 
 
-def save_sd_pipeline(folder: Path, seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL]:
-    """A Stable Diffusion pipeline folder without text_encoder/ and tokenizer/ (see module docstring)."""
-    unet, vae = tiny_cond_unet(seed), tiny_vae(seed)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    sd_scheduler().save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return unet, vae
+def sd_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> StableDiffusionPipeline:
+    """A tiny Stable Diffusion pipeline (no safety checker / feature extractor, as the scripts' tests use)."""
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_encoder(seed),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=unet if unet is not None else tiny_cond_unet(seed),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_sd_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """``StableDiffusionPipeline(...).save_pretrained(folder)``: the base model a run starts from."""
+    pipe = sd_pipeline(seed)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_final_sd_pipeline(run_dir: Path, base: Path, unet: UNet2DConditionModel) -> None:
+    """The end of train_text_to_image.py: the base pipeline with the trained UNet, saved in OUTPUT_DIR."""
+    pipeline = StableDiffusionPipeline.from_pretrained(base, unet=unet)
+    pipeline.save_pretrained(run_dir)
 
 
 # --------------------------------------------------------------------------- checkpoint-<step> folders
@@ -232,50 +244,72 @@ def save_full_checkpoint(
     return out
 
 
-def peft_lora_state_dict(unet: nn.Module, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What ``get_peft_model_state_dict(unet)`` returns after ``add_adapter(LoraConfig(r=rank, ...
-    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))`` and some training (B no longer zero)."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGETS) and ".attn" in name:
-            out[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / rank
-            out[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.05
-    return out
+def lora_unet(script: str, seed: int = 0, rank: int = 4, base_seed: int = 0) -> UNet2DConditionModel:
+    """The base UNet with the script's LoRA adapter, after "training" (the adapter's B matrices no longer zero).
+
+    ``unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    target_modules=...))`` as the LoRA scripts call it; the base weights stay frozen.
+    """
+    unet = tiny_cond_unet(base_seed)
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[script])
+    )
+    g = torch.Generator().manual_seed(seed + 2000)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+    return unet
 
 
 def save_lora_checkpoint(run_dir: Path, step: int, *, script: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """``checkpoint-<step>/`` of a LoRA script on a tiny SD UNet (trained adapters only).
 
     Args:
-        script: ``"text_to_image_lora"`` (saves the peft state dict as is, via
-            ``StableDiffusionPipeline.save_lora_weights(save_directory=..., unet_lora_layers=...,
+        script: ``"text_to_image_lora"`` (its hook saves ``get_peft_model_state_dict(model)`` as is
+            via ``StableDiffusionPipeline.save_lora_weights(save_directory=..., unet_lora_layers=...,
             safe_serialization=True)``) or ``"dreambooth_lora"`` (``convert_state_dict_to_diffusers``
             first, then ``StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, ...)``).
+        seed: varies the trained adapter weights.
 
     Returns:
-        The peft-format LoRA state dict (keys without the ``unet.`` prefix).
+        The peft-format LoRA state dict (``get_peft_model_state_dict``; keys without the ``unet.`` prefix).
     """
-    unet = tiny_cond_unet(seed)
-    unet.requires_grad_(False)
-    lora = peft_lora_state_dict(unet, seed=seed + 1)
-    holder = nn.Module()  # the scripts prepare the adapter-carrying UNet; its trainable part is the LoRA
-    holder.params = nn.ParameterList([nn.Parameter(v.clone()) for v in lora.values()])
+    unet = lora_unet(script, seed)
 
-    def save_model_hook(accelerator, models, weights, output_dir):
+    def save_model_hook(accelerator, models, weights, output_dir):  # the scripts' hook
         if accelerator.is_main_process:
-            for _model in models:
+            unet_lora_layers_to_save = None
+            for model in models:
+                if not isinstance(model, UNet2DConditionModel):
+                    raise ValueError(f"unexpected save model: {model.__class__}")
+                if script == "text_to_image_lora":
+                    unet_lora_layers_to_save = get_peft_model_state_dict(model)
+                else:
+                    unet_lora_layers_to_save = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
                 weights.pop()
             if script == "text_to_image_lora":
-                StableDiffusionLoraLoaderMixin.save_lora_weights(
-                    save_directory=output_dir, unet_lora_layers=lora, safe_serialization=True
+                StableDiffusionPipeline.save_lora_weights(
+                    save_directory=output_dir, unet_lora_layers=unet_lora_layers_to_save, safe_serialization=True
                 )
             elif script == "dreambooth_lora":
                 StableDiffusionLoraLoaderMixin.save_lora_weights(
-                    output_dir, unet_lora_layers=convert_state_dict_to_diffusers(lora), text_encoder_lora_layers=None
+                    output_dir, unet_lora_layers=unet_lora_layers_to_save, text_encoder_lora_layers=None
                 )
             else:
                 raise ValueError(script)
 
-    _save_state(holder, save_model_hook, run_dir / f"checkpoint-{step}")
-    return lora
+    _save_state(unet, save_model_hook, run_dir / f"checkpoint-{step}")
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_final_lora(run_dir: Path, *, script: str = "text_to_image_lora", seed: int = 0) -> None:
+    """The end of a LoRA script: ``convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))`` saved
+    with ``StableDiffusionPipeline.save_lora_weights(save_directory=OUTPUT_DIR, ..., safe_serialization=True)``."""
+    unet = lora_unet(script, seed)
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=run_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True,
+    )

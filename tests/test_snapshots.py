@@ -249,26 +249,35 @@ def test_snapshot_complete_waits_for_every_file(layouts: dict, tmp_path: Path) -
     shutil.copytree(layouts["root"] / "ddpm-pipeline", pipe)
     shutil.rmtree(pipe / "scheduler")  # save_pretrained writes model_index.json first
     assert not snapshot_complete(pipe)
-    # the SD base lacks text_encoder/ and tokenizer/ (see diffusers_layouts): incomplete by its index
-    assert not snapshot_complete(layouts["root"] / "sd-base")
 
 
 def test_full_stable_diffusion_pipeline_is_complete_when_every_component_is(layouts: dict, tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
     sd = tmp_path / "sd"
     shutil.copytree(layouts["root"] / "sd-base", sd)
-    (sd / "tokenizer").mkdir()
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        (sd / "tokenizer" / name).write_text("{}\n")
-    (sd / "text_encoder").mkdir()
-    (sd / "text_encoder" / "config.json").write_text('{"architectures": ["CLIPTextModel"]}\n')
-    assert not snapshot_complete(sd)  # text encoder config written, weights not yet
-    save_file({"w": torch.zeros(64)}, sd / "text_encoder" / "model.safetensors")
-    assert snapshot_complete(sd)
+    assert snapshot_complete(sd)  # StableDiffusionPipeline.save_pretrained wrote every indexed component
     weights = (sd / "text_encoder" / "model.safetensors").read_bytes()
+    (sd / "text_encoder" / "model.safetensors").unlink()
+    assert not snapshot_complete(sd)  # text encoder config written, weights not yet
     (sd / "text_encoder" / "model.safetensors").write_bytes(weights[:-10])
+    assert not snapshot_complete(sd)  # truncated
+    (sd / "text_encoder" / "model.safetensors").write_bytes(weights)
+    shutil.rmtree(sd / "tokenizer")
     assert not snapshot_complete(sd)
+
+
+def test_stable_diffusion_pipeline_loads_its_text_components(layouts: dict) -> None:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = layouts["root"] / "sd-base"
+    snap = load_snapshot(folder)
+    assert snap.conditional and isinstance(snap.text.tokenizer, CLIPTokenizer)
+    assert snap.text.tokenizer.model_max_length == 16 and snap.text.vae is not None
+    saved = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    assert_same_weights(snap.text.text_encoder, saved.state_dict())
+    # only the denoiser's weights make up the snapshot's hash (the fixed text encoder and VAE do not)
+    assert snap.weights_files == {
+        "unet/diffusion_pytorch_model.safetensors": sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    }
 
 
 def test_scheduler_argument_accepts_a_folder_or_config(layouts: dict) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers_layouts import TinyTextEncoder, WordTokenizer, t2i_snapshot
+from diffusers_layouts import TOKENS, t2i_snapshot, tiny_clip_text_encoder, tiny_clip_tokenizer
 
 from memwatch.errors import MemwatchError
 from memwatch.sampling import seed_noise
@@ -71,8 +71,8 @@ def test_pixel_space_conditional_unet_needs_no_vae() -> None:
 
 
 def test_encode_prompts_pads_like_clip() -> None:
-    hidden = encode_prompts(WordTokenizer(), TinyTextEncoder(), ["a red fox", ""])
-    assert hidden.shape == (2, WordTokenizer.model_max_length, 32)
+    hidden = encode_prompts(tiny_clip_tokenizer(), tiny_clip_text_encoder(), ["a red fox", ""])
+    assert hidden.shape == (2, TOKENS, 32)
 
 
 def test_bad_input_is_reported(snap: Snapshot) -> None:

@@ -18,6 +18,7 @@ import yaml
 from memwatch.errors import MemwatchError
 from memwatch.faces.config import IdentityConfig
 from memwatch.hashing import config_hash
+from memwatch.probes.condnoise import CondNoiseConfig
 from memwatch.probes.membership import MembershipConfig
 from memwatch.probes.regurgitation import RegurgitationConfig
 from memwatch.rules import SEVERITIES, Rule, parse_rules
@@ -72,6 +73,7 @@ class MonitorConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     regurgitation: RegurgitationConfig = field(default_factory=RegurgitationConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    condnoise: CondNoiseConfig = field(default_factory=CondNoiseConfig)
     rules: list[Rule] = field(default_factory=list)
     source: str = "defaults"
     raw: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +172,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         raise MemwatchError(f"{source}: setting 'stop_on' must be null or one of {', '.join(SEVERITIES)}")
     if raw["embedder"]["name"] not in ("pixel", "clip"):
         raise MemwatchError(f"{source}: setting 'embedder.name' must be pixel or clip, not {raw['embedder']['name']!r}")
-    for probe in ("membership", "regurgitation", "identity"):
+    for probe in ("membership", "regurgitation", "identity", "condnoise"):
         every = raw["probes"][probe]["every"]
         if not isinstance(every, int) or every < 0:
             raise MemwatchError(f"{source}: setting 'probes.{probe}.every' must be a whole number >= 0 (0 disables)")
@@ -179,6 +181,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         "membership",
         "regurgitation",
         "identity",
+        "condnoise",
         "rules",
         "source",
         "raw",
@@ -189,6 +192,7 @@ def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
         membership=section(MembershipConfig, raw["probes"]["membership"], "probes.membership"),
         regurgitation=section(RegurgitationConfig, raw["probes"]["regurgitation"], "probes.regurgitation"),
         identity=section(IdentityConfig, raw["probes"]["identity"], "probes.identity"),
+        condnoise=section(CondNoiseConfig, raw["probes"]["condnoise"], "probes.condnoise"),
         rules=parse_rules(raw["rules"], source),
         source=source,
         raw=raw,

@@ -12,6 +12,12 @@ into data folders.
 * ``watch`` polls for new checkpoints, probes each once it is complete and has not changed for a
   quiet period, tolerates checkpoints deleted by rotation, and stops after probing the final model
   or after an idle timeout.
+
+Unconditional and text-to-image snapshots go through the same path: the loaded snapshot (UNet,
+scheduler and, for ``UNet2DConditionModel``, tokenizer / text encoder / VAE from the pipeline or
+``base_model``) is handed to :meth:`ProbeSession.probe`, which prompts text-to-image models with the
+training captions. A text-to-image checkpoint or LoRA whose base pipeline cannot be found is
+recorded as failed for that snapshot alone.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from memwatch.config import MonitorConfig
 from memwatch.errors import MemwatchError
 from memwatch.rules import severity_at_least
 from memwatch.session import PROBES, ProbeSession, as_refset
-from memwatch.snapshots import detect_layout, load_snapshot, snapshot_complete
+from memwatch.snapshots import denoiser_class, detect_layout, load_snapshot, snapshot_complete
 
 log = logging.getLogger("memwatch")
 
@@ -140,11 +146,21 @@ class CheckpointProber:
             self.on_event(event)
 
     def missing_probes(self, ref: SnapshotRef) -> list[str]:
-        """Probes that have no ok result for this snapshot and config yet."""
+        """Probes that apply to this snapshot and have no ok result for it and this config yet.
+
+        Text-to-image-only probes (condnoise) apply when the folder's UNet is a
+        ``UNet2DConditionModel`` (read from its config, without loading weights).
+        """
         s = self.session
         assert s is not None and s.store is not None
         snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-        return [p for p in PROBES if s.enabled(p) and not s.store.has_result(snap_id, p, self.config.probe_hash(p))]
+        # None: the folder does not say (yet); loading will tell, and condnoise is skipped if it does not apply.
+        t2i = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
+        return [
+            p
+            for p in PROBES
+            if s.enabled(p, text_to_image=t2i) and not s.store.has_result(snap_id, p, self.config.probe_hash(p))
+        ]
 
     def probe(self, ref: SnapshotRef) -> bool:
         """Probe one snapshot if anything is missing; returns True if it probed or recorded a failure."""
@@ -156,10 +172,10 @@ class CheckpointProber:
             return False
         try:
             snap = load_snapshot(ref.path, weights=self.config.weights, base_model=self.config.base_model)
-            if snap.conditional:
+            if snap.conditional and snap.text is None:
                 raise MemwatchError(
-                    f"{ref.path}: text-to-image UNets are loaded but not yet probed by this front-end "
-                    "(use the in-training monitor for unconditional models)"
+                    f"{ref.path}: text-to-image UNet without tokenizer/text encoder/VAE: set 'base_model' to the "
+                    "local pipeline folder the run started from (--pretrained_model_name_or_path)"
                 )
         except MemwatchError as e:
             snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
@@ -170,11 +186,10 @@ class CheckpointProber:
             return True
         for note in snap.notes:
             log.info("%s: %s", ref.path, note)
-        s.probe(
+        s.probe(  # the snapshot carries UNet, scheduler and (text-to-image) its text components
             ref.step,
-            snap.unet,
-            snap.scheduler,
-            missing,
+            snap,
+            probes=missing,
             kind=ref.kind,
             path=str(ref.path),
             weights_sha256=snap.weights_sha256,

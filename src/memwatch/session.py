@@ -8,6 +8,14 @@ snapshot to probe and when, then call :meth:`ProbeSession.probe`.
 Work inside a probe (sample generation, membership losses) is split across processes by a
 :class:`Workers` description and gathered in process order; with one process it is a plain call.
 Only the main process searches neighbours, writes the store and raises events.
+
+One mechanism serves unconditional and text-to-image models: :meth:`ProbeSession.probe` takes a
+bare UNet with its scheduler (the in-training monitor), or a model bundle (a loaded
+:class:`~memwatch.snapshots.Snapshot`, a diffusers pipeline: anything with ``unet``, ``scheduler``
+and, for ``UNet2DConditionModel``, tokenizer / text encoder / VAE), and picks the sampling from it
+(:func:`model_bundle`). Text-to-image snapshots are prompted with the training captions, k samples
+per prompt plus held-out captions; their membership losses are taken on VAE latents conditioned on
+each image's caption; and the conditional-noise probe (Wen et al. 2024) runs on them only.
 """
 
 from __future__ import annotations
@@ -35,23 +43,121 @@ from memwatch.evidence import identity_pairs, regurgitation_pairs, save_evidence
 from memwatch.faces.probe import identity_evidence
 from memwatch.hashing import sha256_bytes
 from memwatch.images import load_image
-from memwatch.modes import eval_mode, preserved_rng
+from memwatch.modes import eval_mode, preserved_rng, unwrap_model
 from memwatch.probes.base import ProbeResult
+from memwatch.probes.condnoise import condnoise_evidence, condnoise_from_items, condnoise_probe
 from memwatch.probes.membership import membership_from_items, membership_probe
-from memwatch.probes.regurgitation import ReferenceIndex, memorized_evidence, regurgitation_probe
+from memwatch.probes.regurgitation import ReferenceIndex, add_prompts, memorized_evidence, regurgitation_probe
 from memwatch.refset import ReferenceSet, load_reference_set
 from memwatch.rules import Event, RuleEngine, severity_at_least
 from memwatch.sampling import generate_samples, split_for_process
 from memwatch.store import STORE_NAME, Store
+from memwatch.t2i import (
+    CaptionPrompts,
+    T2IParts,
+    caption_of,
+    caption_prompts,
+    encode_images,
+    encode_prompts,
+    generate_t2i_samples,
+    t2i_parts,
+    vae_scale_factor,
+)
 
 log = logging.getLogger("memwatch")
 
 EVENTS_NAME = "events.jsonl"
-PROBES = ("membership", "regurgitation", "identity")
+PROBES = ("membership", "regurgitation", "identity", "condnoise")
 #: probes that look at generated samples; when several are due they share one set of samples
 SAMPLE_PROBES = ("regurgitation", "identity")
+#: probes that only apply to text-to-image models (they measure a prompt's effect)
+T2I_ONLY_PROBES = ("condnoise",)
 #: results recorded under a name of their own but configured by another probe's settings
 SETTINGS_OF = {"identity_gallery": "identity"}
+
+
+class ProbeUnavailable(MemwatchError):
+    """A probe cannot run on this snapshot with this data (e.g. no captions to prompt with).
+
+    The probe is recorded as failed with this message for the snapshot; the other probes run.
+    """
+
+
+@dataclass
+class ModelBundle:
+    """What the probes need from a snapshot.
+
+    Attributes:
+        unet: the denoiser (possibly wrapped).
+        scheduler: its training noise scheduler.
+        t2i: tokenizer, text encoder and VAE with the same UNet and scheduler, for text-to-image
+            UNets; None for unconditional ones.
+    """
+
+    unet: nn.Module
+    scheduler: Any
+    t2i: T2IParts | None = None
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.t2i is not None
+
+
+def model_bundle(model: Any, scheduler: Any = None) -> ModelBundle:
+    """The UNet, scheduler and (text-to-image) text components of what a front-end passes.
+
+    Args:
+        model: a bare UNet (``UNet2DModel``, possibly wrapped), or anything with ``unet`` and
+            ``scheduler`` attributes: a :class:`~memwatch.snapshots.Snapshot` (text components in
+            ``.text``) or a diffusers pipeline (``tokenizer``, ``text_encoder``, ``vae``).
+        scheduler: the training noise scheduler; default the bundle's own.
+
+    Raises:
+        MemwatchError: no scheduler, or a text-to-image UNet without tokenizer / text encoder.
+
+    Example:
+        >>> model_bundle(load_snapshot("runs/sd/checkpoint-500", base_model="sd15")).text_to_image  # doctest: +SKIP
+        True
+    """
+    is_bundle = not isinstance(model, nn.Module) or hasattr(model, "unet")
+    unet = getattr(model, "unet", None) if is_bundle else model
+    sched = scheduler
+    if sched is None and is_bundle:
+        sched = getattr(model, "scheduler", None)
+    if unet is None or sched is None:
+        raise MemwatchError(
+            f"{type(model).__name__}: no UNet or noise scheduler: pass the UNet and its training scheduler, or a "
+            "snapshot / pipeline that has both"
+        )
+    if getattr(unwrap_model(unet).config, "cross_attention_dim", None) is None:
+        return ModelBundle(unet, sched)
+    if not is_bundle:
+        raise MemwatchError(
+            f"{type(unwrap_model(unet)).__name__} is text-conditioned: probe it with its tokenizer, text encoder and "
+            "VAE (pass the loaded snapshot or pipeline instead of the bare UNet)"
+        )
+    return ModelBundle(unet, sched, dataclasses.replace(t2i_parts(model), scheduler=sched))
+
+
+@dataclass
+class SamplePlan:
+    """Which samples a sample probe draws: one seed each, and for text-to-image models its prompt.
+
+    Attributes:
+        seeds: one per sample (distinct, so per-seed trajectories stay per sample).
+        prompts: the prompt of each sample (text-to-image), else None.
+        groups: ``"member"`` (training caption) or ``"holdout"`` per sample (text-to-image).
+        counts: metrics about the prompts (items skipped for lack of a caption).
+    """
+
+    seeds: list[int]
+    prompts: list[str] | None = None
+    groups: list[str] | None = None
+    counts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"seed-{s:06d}" for s in self.seeds]
 
 
 @dataclass
@@ -137,7 +243,8 @@ class ProbeSession:
         self.timings: dict[str, float] = {}
         self._index: ReferenceIndex | None = None
         self._gallery: Any = None
-        self._membership_data: dict[str, tuple[torch.Tensor, list[str]]] | None = None
+        #: (resolution, text-to-image) -> group -> (images, ids, captions); uncaptioned counts
+        self._membership_data: dict[tuple[int, bool], dict[str, _Subset]] = {}
         self.store: Store | None = None
         self.run_name = config.run_name or "run-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         if self.holdout is None and config.membership.every:
@@ -153,17 +260,33 @@ class ProbeSession:
                 info=environment_info(),
             )
 
-    def enabled(self, probe: str) -> bool:
-        """Whether ``probe`` runs at all (cadence > 0, and a holdout set for membership)."""
+    def enabled(self, probe: str, *, text_to_image: bool = False) -> bool:
+        """Whether ``probe`` runs at all on a model of this kind.
+
+        Cadence > 0; a holdout set for membership; a text-to-image model for the probes that
+        measure a prompt's effect (:data:`T2I_ONLY_PROBES`). The in-training monitor probes
+        unconditional UNets and asks without ``text_to_image``.
+
+        Args:
+            probe: a name from :data:`PROBES`.
+            text_to_image: whether the snapshot is a text-to-image model.
+        """
         every = getattr(self.config, probe).every
+        if probe in T2I_ONLY_PROBES and not text_to_image:
+            return False
         return every > 0 and (probe != "membership" or self.holdout is not None)
+
+    @staticmethod
+    def applies(probe: str, bundle: ModelBundle) -> bool:
+        """Whether ``probe`` can measure this kind of model (condnoise needs a text-to-image one)."""
+        return probe not in T2I_ONLY_PROBES or bundle.text_to_image
 
     def probe(
         self,
         step: int,
-        unet: nn.Module,
-        scheduler: Any,
-        probes: list[str],
+        model: Any,
+        scheduler: Any = None,
+        probes: list[str] | None = None,
         *,
         kind: str = "live",
         path: str | None = None,
@@ -171,35 +294,77 @@ class ProbeSession:
     ) -> list[Event]:
         """Run ``probes`` on a model snapshot and record the results; call it on every process.
 
-        The model is put in eval mode and every RNG stream is restored afterwards.
+        The model is put in eval mode and every RNG stream is restored afterwards. Unconditional
+        models are sampled from fixed seeds; text-to-image models (see :func:`model_bundle`) from
+        training and held-out captions with fixed seeds. Probes that do not apply to the model
+        (condnoise on an unconditional UNet) are skipped; when none is left nothing is recorded. A
+        probe that cannot run on this data (:class:`ProbeUnavailable`, e.g. no captions) is
+        recorded as failed with the reason, and the others still run.
 
         Args:
             step: training step of the snapshot.
-            unet: the (unwrapped) model to probe.
-            scheduler: its noise scheduler.
-            probes: names from :data:`PROBES`.
+            model: the (unwrapped) UNet, or a bundle: a loaded snapshot or a pipeline.
+            scheduler: its noise scheduler (default: the bundle's).
+            probes: names from :data:`PROBES` (default: every enabled probe).
             kind, path, weights_sha256: how the snapshot is recorded in the store.
 
         Returns:
             Events raised (main process; empty elsewhere).
+
+        Example:
+            >>> session.probe(1000, unet, noise_scheduler, ["membership"])  # doctest: +SKIP
+            >>> session.probe(500, load_snapshot(ckpt, base_model="sd15"), probes=["condnoise"])  # doctest: +SKIP
         """
         t0 = time.perf_counter()
+        bundle = model_bundle(model, scheduler)
+        wanted = (
+            [p for p in PROBES if self.enabled(p, text_to_image=bundle.text_to_image)]
+            if probes is None
+            else list(probes)
+        )
+        unknown = sorted(set(wanted) - set(PROBES))
+        if unknown:
+            raise MemwatchError(f"unknown probe(s) {unknown}: use names from {PROBES}")
+        probes = [p for p in wanted if self.applies(p, bundle)]
+        if not probes:
+            return []
         results: dict[str, tuple[ProbeResult | None, torch.Tensor | None]] = {}
-        with preserved_rng(), eval_mode(unet):
+        failures: dict[str, str] = {}
+        with preserved_rng(), eval_mode(bundle.unet):
             if "membership" in probes:
-                results["membership"] = (self._membership(unet, scheduler), None)
-            if any(p in probes for p in SAMPLE_PROBES):
-                samples, seeds = self._samples(unet, scheduler)
-                if self.workers.is_main:
-                    if "regurgitation" in probes:
-                        results["regurgitation"] = (self._regurgitation(samples, seeds, unet), samples)
-                    if "identity" in probes:
-                        results.update(self._identity(samples, seeds))
+                results["membership"] = (self._attempt(["membership"], failures, self._membership, bundle), None)
+            if "condnoise" in probes:
+                results["condnoise"] = (self._attempt(["condnoise"], failures, self._condnoise, bundle), None)
+            due = [p for p in SAMPLE_PROBES if p in probes]
+            drawn = self._attempt(due, failures, self._samples, bundle) if due else None
+            if drawn is not None and self.workers.is_main:
+                samples, plan = drawn
+                assert samples is not None
+                if "regurgitation" in probes:
+                    results["regurgitation"] = (self._regurgitation(samples, plan, bundle), samples)
+                if "identity" in probes:
+                    results.update(self._identity(samples, plan.seeds))
         events: list[Event] = []
         if self.workers.is_main:
-            events = self._record(step, results, kind=kind, path=path, weights_sha256=weights_sha256)
+            events = self._record(step, results, kind=kind, path=path, weights_sha256=weights_sha256, failures=failures)
         self._add_time("total", time.perf_counter() - t0)
         return events
+
+    @staticmethod
+    def _attempt(
+        probes: list[str], failures: dict[str, str], run: Callable[[ModelBundle], Any], bundle: ModelBundle
+    ) -> Any:
+        """``run(bundle)``; a :class:`ProbeUnavailable` marks ``probes`` failed with its reason and gives None.
+
+        The reasons come from the data (captions), which every process sees alike, so all
+        processes skip the same probes and no collective call is left waiting.
+        """
+        try:
+            return run(bundle)
+        except ProbeUnavailable as e:
+            log.warning("%s not run: %s", "/".join(probes), e)
+            failures.update(dict.fromkeys(probes, str(e)))
+            return None
 
     def summary(self, last_step: int | None = None) -> dict[str, Any]:
         """Onset step, last clean step, events by severity and the paths written."""
@@ -230,54 +395,142 @@ class ProbeSession:
         return summary
 
     # ------------------------------------------------------------------ probes
-    def _membership(self, unet: nn.Module, scheduler: Any) -> ProbeResult | None:
+    def _membership(self, bundle: ModelBundle) -> ProbeResult | None:
         cfg = self.config.membership
         w = self.workers
-        if self._membership_data is None:
-            res = unet.config.sample_size
-            self._membership_data = {
-                "member": _load_subset(self.refs, cfg.num_members, res),
-                "holdout": _load_subset(self.holdout, cfg.num_holdout, res),
+        t2i = bundle.t2i
+        resolution = _image_resolution(bundle)
+        key = (resolution, t2i is not None)
+        if key not in self._membership_data:
+            # Text-to-image losses are conditioned on each image's caption: uncaptioned items are skipped.
+            self._membership_data[key] = {
+                "member": _load_subset(self.refs, cfg.num_members, resolution, captioned=t2i is not None),
+                "holdout": _load_subset(self.holdout, cfg.num_holdout, resolution, captioned=t2i is not None),
             }
-        share = {}
-        for group, (images, ids) in self._membership_data.items():
-            idx = split_for_process(range(len(ids)), w.process_index, w.num_processes)
-            share[group] = (images[idx], [ids[i] for i in idx])
+        data = self._membership_data[key]
+        if t2i is not None and not data["member"].ids:
+            raise ProbeUnavailable(_no_captions(self.refs, "membership losses are conditioned on each image's caption"))
+        share: dict[str, dict[str, Any]] = {}
+        for group, subset in data.items():
+            idx = split_for_process(range(len(subset.ids)), w.process_index, w.num_processes)
+            cond = None
+            if t2i is not None and idx:
+                cond = encode_prompts(t2i.tokenizer, t2i.text_encoder, [subset.captions[i] for i in idx])
+            share[group] = {"images": subset.images[idx], "ids": [subset.ids[i] for i in idx], "cond": cond}
+        encode = None
+        if t2i is not None and t2i.vae is not None:
+            vae = t2i.vae
+
+            def encode(images: torch.Tensor) -> torch.Tensor:
+                return encode_images(vae, images)
+
         t0 = time.perf_counter()
         part = membership_probe(
-            unet,
-            scheduler,
-            share["member"][0],
-            share["holdout"][0],
-            member_ids=share["member"][1],
-            holdout_ids=share["holdout"][1],
+            bundle.unet,
+            bundle.scheduler,
+            share["member"]["images"],
+            share["holdout"]["images"],
+            member_ids=share["member"]["ids"],
+            holdout_ids=share["holdout"]["ids"],
             timesteps=cfg.timesteps,
             batch_size=cfg.batch_size,
+            member_conditioning=share["member"]["cond"],
+            holdout_conditioning=share["holdout"]["cond"],
+            encode=encode,
         )
         items = w.gather(part.items)
         self._add_time("membership", time.perf_counter() - t0)
         if not w.is_main:
             return None
-        return membership_from_items(items, seconds=time.perf_counter() - t0)
+        result = membership_from_items(items, seconds=time.perf_counter() - t0)
+        if t2i is not None:
+            result.metrics.update({f"uncaptioned_{group}": float(subset.uncaptioned) for group, subset in data.items()})
+        return result
 
-    def _samples(self, unet: nn.Module, scheduler: Any) -> tuple[torch.Tensor | None, list[int]]:
+    def _prompt_sets(self, num_members: int, num_holdout: int, why: str) -> tuple[CaptionPrompts, CaptionPrompts]:
+        """Training captions and held-out captions (none that is also a training caption) to prompt with."""
+        members = caption_prompts(self.refs, num_members)
+        if not members.prompts:
+            raise ProbeUnavailable(_no_captions(self.refs, why))
+        trained = {c for c in map(caption_of, self.refs.items) if c is not None}
+        return members, caption_prompts(self.holdout, num_holdout, exclude=trained)
+
+    def _condnoise(self, bundle: ModelBundle) -> ProbeResult | None:
+        """Wen et al.'s conditional-noise scores of training vs held-out captions (prompts split across processes)."""
+        cfg = self.config.condnoise
+        w = self.workers
+        members, holdout = self._prompt_sets(cfg.num_members, cfg.num_holdout, "condnoise scores training captions")
+        t0 = time.perf_counter()
+        part = condnoise_probe(
+            bundle.t2i,
+            split_for_process(members.prompts, w.process_index, w.num_processes),
+            split_for_process(holdout.prompts, w.process_index, w.num_processes),
+            cfg,
+        )
+        items = w.gather([{k: r[k] for k in ("item", "group", "score")} for r in part.items])
+        self._add_time("condnoise", time.perf_counter() - t0)
+        if not w.is_main:
+            return None
+        images = dict(zip(members.prompts, members.images, strict=True))
+        for row in items:  # how many training images carry the caption (duplicates memorize sooner)
+            row["images"] = images.get(row["item"], 0) if row["group"] == "member" else 0
+        result = condnoise_from_items(items, seconds=time.perf_counter() - t0)
+        result.metrics.update(_uncaptioned(members, holdout))
+        return result
+
+    def _sample_plan(self, bundle: ModelBundle) -> SamplePlan:
+        cfg = self.config.regurgitation
+        if bundle.t2i is None:
+            return SamplePlan(list(range(cfg.seed_offset, cfg.seed_offset + cfg.num_samples)))
+        members, holdout = self._prompt_sets(
+            cfg.max_prompts, cfg.max_holdout_prompts, "text-to-image samples are prompted with training captions"
+        )
+        k = cfg.samples_per_prompt
+        chosen = [(p, "member") for p in members.prompts] + [(p, "holdout") for p in holdout.prompts]
+        # Sample j of prompt i gets seed seed_offset + i * k + j: distinct seeds, the same at every probe.
+        return SamplePlan(
+            seeds=[cfg.seed_offset + i * k + j for i in range(len(chosen)) for j in range(k)],
+            prompts=[p for p, _ in chosen for _ in range(k)],
+            groups=[g for _, g in chosen for _ in range(k)],
+            counts=_uncaptioned(members, holdout),
+        )
+
+    def _samples(self, bundle: ModelBundle) -> tuple[torch.Tensor | None, SamplePlan]:
         """The probe's fixed-seed samples, generated in shares across processes (main gets them all)."""
         cfg = self.config.regurgitation
         w = self.workers
-        seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.num_samples))
-        mine = split_for_process(seeds, w.process_index, w.num_processes)
+        plan = self._sample_plan(bundle)
+        mine = split_for_process(range(len(plan.seeds)), w.process_index, w.num_processes)
         t0 = time.perf_counter()
-        part = generate_samples(
-            unet, scheduler, mine, num_inference_steps=cfg.inference_steps, batch_size=cfg.batch_size
-        )
+        if bundle.t2i is None:
+            part = generate_samples(
+                bundle.unet,
+                bundle.scheduler,
+                [plan.seeds[i] for i in mine],
+                num_inference_steps=cfg.inference_steps,
+                batch_size=cfg.batch_size,
+            )
+        else:
+            assert plan.prompts is not None
+            part = generate_t2i_samples(
+                bundle.t2i,
+                [plan.prompts[i] for i in mine],
+                [plan.seeds[i] for i in mine],
+                guidance_scale=cfg.guidance_scale,
+                num_inference_steps=cfg.inference_steps,
+                batch_size=cfg.batch_size,
+            )
         samples = torch.cat(w.gather([part]))
         self._add_time("sampling", time.perf_counter() - t0)
-        return (samples if w.is_main else None), seeds
+        return (samples if w.is_main else None), plan
 
-    def _regurgitation(self, samples: torch.Tensor, seeds: list[int], unet: nn.Module) -> ProbeResult:
-        index = self._reference_index(unet.config.sample_size)
-        names = [f"seed-{s:06d}" for s in seeds]
-        result = regurgitation_probe(samples, index, self.config.regurgitation, names=names, seeds=seeds)
+    def _regurgitation(self, samples: torch.Tensor, plan: SamplePlan, bundle: ModelBundle) -> ProbeResult:
+        resolution = samples.shape[-1] if bundle.text_to_image else unwrap_model(bundle.unet).config.sample_size
+        index = self._reference_index(resolution)
+        result = regurgitation_probe(samples, index, self.config.regurgitation, names=plan.names, seeds=plan.seeds)
+        if plan.prompts is not None and plan.groups is not None:
+            add_prompts(result, plan.prompts, plan.groups)
+            result.metrics.update(plan.counts)
         for phase in ("embedding", "search"):
             self._add_time(phase, result.timings[phase])
         return result
@@ -323,10 +576,13 @@ class ProbeSession:
         kind: str,
         path: str | None,
         weights_sha256: str | None,
+        failures: dict[str, str] | None = None,
     ) -> list[Event]:
         assert self.store is not None
         t0 = time.perf_counter()
         snap = self.store.add_snapshot(self.run_id, step, kind=kind, path=path, weights_sha256=weights_sha256)
+        for probe, reason in (failures or {}).items():
+            self.store.record_failure(snap, probe, config_hash=self.config.probe_hash(probe), error=reason)
         flat: dict[str, float] = {}
         evidence: dict[str, dict] = {}
         for probe, (result, samples) in results.items():
@@ -349,6 +605,8 @@ class ProbeSession:
                 evidence[probe] = memorized_evidence(result)
             elif probe == "identity":
                 evidence[probe] = identity_evidence(result)
+            elif probe == "condnoise":
+                evidence[probe] = condnoise_evidence(result, self.config.condnoise.top_k)
             settings = SETTINGS_OF.get(probe, probe)
             self.store.write_result(
                 snap, result, config_hash=self.config.probe_hash(settings), host=socket.gethostname()
@@ -417,11 +675,53 @@ class ProbeSession:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
 
-def _load_subset(refs: ReferenceSet, n: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` items in a stable pseudo-random order (by hash of id), as [0, 1] tensors."""
-    items = sorted(refs.items, key=lambda it: sha256_bytes(it.id.encode()))[:n]
-    images = torch.stack([load_image(it.path, resolution) for it in items])
-    return images, [it.id for it in items]
+@dataclass
+class _Subset:
+    """Images of one membership group: tensors, ids, captions, and items skipped for lack of a caption."""
+
+    images: torch.Tensor
+    ids: list[str]
+    captions: list[str]
+    uncaptioned: int = 0
+
+
+def _load_subset(refs: ReferenceSet | None, n: int, resolution: int, *, captioned: bool = False) -> _Subset:
+    """The first ``n`` items in a stable pseudo-random order (by hash of id), as [0, 1] tensors.
+
+    With ``captioned``, only items with a caption are candidates; the others are counted.
+    """
+    candidates = list(refs.items) if refs is not None else []
+    uncaptioned = 0
+    if captioned:
+        kept = [it for it in candidates if caption_of(it) is not None]
+        uncaptioned = len(candidates) - len(kept)
+        candidates = kept
+    items = sorted(candidates, key=lambda it: sha256_bytes(it.id.encode()))[:n]
+    images = (
+        torch.stack([load_image(it.path, resolution) for it in items])
+        if items
+        else torch.empty(0, 3, resolution, resolution)
+    )
+    return _Subset(images, [it.id for it in items], [caption_of(it) or "" for it in items], uncaptioned)
+
+
+def _image_resolution(bundle: ModelBundle) -> int:
+    """Side of the images the model is trained on: the UNet's sample size (times the VAE factor for latents)."""
+    size = unwrap_model(bundle.unet).config.sample_size
+    side = size if isinstance(size, int) else int(size[0])
+    return side * vae_scale_factor(bundle.t2i.vae) if bundle.t2i is not None else side
+
+
+def _uncaptioned(members: CaptionPrompts, holdout: CaptionPrompts) -> dict[str, float]:
+    """Items skipped for lack of a caption, as metrics (nothing is dropped silently)."""
+    return {"uncaptioned_member": float(members.uncaptioned), "uncaptioned_holdout": float(holdout.uncaptioned)}
+
+
+def _no_captions(refs: ReferenceSet, why: str) -> str:
+    return (
+        f"reference set {refs.root}: none of its {len(refs)} items has a caption ({why}): give captions in "
+        "metadata.jsonl ('text' or 'caption' column) or in the manifest ('caption')"
+    )
 
 
 def environment_info() -> dict[str, Any]:

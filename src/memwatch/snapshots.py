@@ -172,6 +172,42 @@ def detect_layout(path: str | Path) -> str:
     return "unknown"
 
 
+def denoiser_class(path: str | Path, weights: str = "raw") -> str | None:
+    """The denoiser class a snapshot folder holds, read from its JSON files without loading weights.
+
+    Front-ends use it to decide which probes a snapshot needs (text-to-image probes for
+    ``UNet2DConditionModel``) before paying for a load.
+
+    Args:
+        path: a snapshot folder.
+        weights: ``"raw"`` or ``"ema"`` (which of a checkpoint's ``unet/`` / ``unet_ema/`` to read).
+
+    Returns:
+        ``_class_name`` of the UNet (``"UNet2DConditionModel"`` for LoRA folders, which only the
+        text-to-image scripts write), or None when the folder does not say (yet).
+
+    Example:
+        >>> denoiser_class("runs/sd/checkpoint-500")  # doctest: +SKIP
+        'UNet2DConditionModel'
+    """
+    p = Path(path)
+    layout = detect_layout(p)
+    try:
+        if layout == "lora":
+            return "UNet2DConditionModel"
+        if layout == "pipeline":
+            spec = _component_spec(_read_json(p / "model_index.json"), "unet")
+            return spec[1] if spec else None
+        if layout == "checkpoint":
+            p = p / ("unet_ema" if weights == "ema" else "unet")
+        if layout in ("checkpoint", "model"):
+            name = _read_json(p / "config.json").get("_class_name")
+            return str(name) if name else None
+    except MemwatchError:
+        return None
+    return None
+
+
 # --------------------------------------------------------------------------- weights files
 
 

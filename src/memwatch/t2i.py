@@ -9,19 +9,22 @@ prompt: ``eps = eps(x, "") + w * (eps(x, c) - eps(x, ""))``. Latent models are d
 VAE (``latents / scaling_factor``); pixel-space conditional UNets (no VAE) are mapped from [-1, 1].
 
 How many samples per prompt is the caller's choice: repeat a prompt with different seeds.
+Probes take their prompts from the training captions (:func:`caption_prompts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from memwatch.errors import MemwatchError
+from memwatch.hashing import sha256_bytes
 from memwatch.modes import eval_mode, unwrap_model
+from memwatch.refset import ReferenceItem, ReferenceSet
 from memwatch.sampling import ddim_from, seed_noise
 
 
@@ -178,6 +181,88 @@ def decode(parts: T2IParts, latents: torch.Tensor) -> torch.Tensor:
         with eval_mode(vae):
             images = vae.decode(z).sample
     return ((images.float() + 1.0) / 2.0).clamp_(0.0, 1.0).cpu()
+
+
+def encode_images(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] to the latents a latent diffusion model is trained on.
+
+    As the diffusers training scripts do (``vae.encode(pixels).latent_dist`` times
+    ``scaling_factor``), but with the posterior *mean* instead of a sample: a probe must be
+    deterministic, and the sample's extra noise would only blur the loss gap it measures.
+
+    Args:
+        vae: an ``AutoencoderKL``.
+        images: ``(N, 3, H, W)`` in [0, 1].
+
+    Returns:
+        ``(N, C, H / f, W / f)`` latents on the VAE's device and dtype.
+
+    Example:
+        >>> encode_images(vae, torch.rand(2, 3, 512, 512)).shape  # doctest: +SKIP
+        torch.Size([2, 4, 64, 64])
+    """
+    vparam = next(vae.parameters())
+    pixels = images.to(device=vparam.device, dtype=vparam.dtype) * 2.0 - 1.0
+    with eval_mode(vae):
+        z = vae.encode(pixels).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:  # the inverse of decode()'s shift (SD3-style VAEs)
+        z = z - shift
+    return z * vae.config.scaling_factor
+
+
+def caption_of(item: ReferenceItem) -> str | None:
+    """An item's caption, stripped; None when it has none (or only whitespace)."""
+    text = (item.caption or "").strip()
+    return text or None
+
+
+@dataclass
+class CaptionPrompts:
+    """Prompts taken from a reference set's captions (see :func:`caption_prompts`).
+
+    Attributes:
+        prompts: the distinct captions chosen, in a stable pseudo-random order.
+        images: how many items of the set carry each chosen caption (duplicated captions are
+            memorized sooner: Carlini et al. 2023, Somepalli et al. 2023).
+        uncaptioned: items without a caption: skipped, and counted so that reports show them.
+        available: distinct usable captions in the set (before ``limit``).
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+    uncaptioned: int = 0
+    available: int = 0
+
+
+def caption_prompts(refs: ReferenceSet | None, limit: int, *, exclude: Collection[str] = ()) -> CaptionPrompts:
+    """The first ``limit`` distinct captions of ``refs`` in a stable pseudo-random order.
+
+    The order is by sha256 of the caption, so the same prompts are chosen at every probe and
+    whatever order the set lists its items in.
+
+    Args:
+        refs: a reference (training) or holdout set; None gives no prompts.
+        limit: most prompts returned (0: none).
+        exclude: captions not to use (e.g. held-out captions that are also training captions,
+            which are not held out as prompts).
+
+    Example:
+        >>> caption_prompts(load_reference_set("data/train"), 8).prompts[:1]  # doctest: +SKIP
+        ['a photo of a red fox']
+    """
+    if refs is None:
+        return CaptionPrompts()
+    counts: dict[str, int] = {}
+    uncaptioned = 0
+    for item in refs.items:
+        text = caption_of(item)
+        if text is None:
+            uncaptioned += 1
+        elif text not in exclude:
+            counts[text] = counts.get(text, 0) + 1
+    order = sorted(counts, key=lambda c: (sha256_bytes(c.encode("utf-8")), c))[: max(0, limit)]
+    return CaptionPrompts(order, [counts[c] for c in order], uncaptioned, len(counts))
 
 
 def generate_t2i_samples(

@@ -48,9 +48,10 @@ class CondNoiseConfig:
     """Settings of the conditional-noise probe.
 
     Attributes:
-        every: run every this many optimizer steps. Cost: ``(num_members + num_holdout) *
-            num_generations * num_steps`` guided UNet calls (two rows each); no VAE, no full
-            sampling, so it can run as often as the membership probe.
+        every: run every this many optimizer steps (0 turns the probe off). It runs only on
+            text-to-image snapshots; unconditional models have no prompt to measure. Cost:
+            ``(num_members + num_holdout) * num_generations * num_steps`` guided UNet calls (two
+            rows each); no VAE, no full sampling, so it can run as often as the membership probe.
         num_members: training prompts probed.
         num_holdout: held-out prompts probed (captions of the same kind, not trained on).
         num_steps: first DDIM steps averaged. 1: Wen et al. report "high accuracy even at the
@@ -78,10 +79,10 @@ class CondNoiseConfig:
     top_k: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("every", "num_members", "num_steps", "num_generations", "num_inference_steps", "batch_size"):
+        for name in ("num_members", "num_steps", "num_generations", "num_inference_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise MemwatchError(f"condnoise.{name}={getattr(self, name)}: must be at least 1")
-        for name in ("num_holdout", "top_k"):
+        for name in ("every", "num_holdout", "top_k"):  # every: 0 turns the probe off
             if getattr(self, name) < 0:
                 raise MemwatchError(f"condnoise.{name}={getattr(self, name)}: must be >= 0")
         if self.num_steps > self.num_inference_steps:

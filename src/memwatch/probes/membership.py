@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,23 +107,33 @@ def denoising_losses(
     noise_seeds: Sequence[int],
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    conditioning: torch.Tensor | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-example denoising loss at fixed timesteps with fixed noise.
 
-    For example ``i`` and the ``k``-th timestep ``t_k``: ``x0 = 2 * image - 1``, noise from
+    For example ``i`` and the ``k``-th timestep ``t_k``: ``x0 = 2 * image - 1`` (or
+    ``encode(image)``, e.g. VAE latents), noise from
     ``torch.Generator().manual_seed(noise_seeds[i] * 1000 + k)``, ``x_t = scheduler.add_noise(x0,
-    noise, t_k)``, and the loss is the mean squared error between ``unet(x_t, t_k)`` and the
-    training target (noise, velocity or x0 per ``prediction_type``). The result is the mean over
-    timesteps. Runs in :func:`~memwatch.modes.eval_mode`; the global RNG is not used.
+    noise, t_k)``, and the loss is the mean squared error between ``unet(x_t, t_k)`` (with
+    ``encoder_hidden_states=conditioning[i]`` for text-to-image UNets) and the training target
+    (noise, velocity or x0 per ``prediction_type``). The result is the mean over timesteps. Runs in
+    :func:`~memwatch.modes.eval_mode`; the global RNG is not used.
 
     Args:
         unet: the diffusers UNet being trained (possibly wrapped); it is not moved.
         scheduler: the *training* noise scheduler (``add_noise``, ``get_velocity``, ``config``).
-        images: ``(N, C, H, W)`` in [0, 1], at the model's resolution.
+        images: ``(N, C, H, W)`` in [0, 1], at the model's resolution (the VAE's input resolution
+            for latent models).
         timesteps: training timesteps, each in ``[0, num_train_timesteps)``.
         noise_seeds: one int per image (see :func:`noise_seed_for`).
         batch_size: images per forward pass.
         device: where inputs are placed; defaults to the UNet's device.
+        conditioning: ``(N, L, D)`` text-encoder hidden states, one row per image (its caption),
+            passed as ``encoder_hidden_states``; None for unconditional UNets.
+        encode: maps a batch of images in [0, 1] (float32, on ``device``) to the model's clean
+            input ``x0``; default ``2 * image - 1`` (pixel-space models). Latent models pass
+            :func:`memwatch.t2i.encode_images` with their VAE.
 
     Returns:
         float32 CPU tensor ``(N,)``.
@@ -140,6 +150,10 @@ def denoising_losses(
         raise MemwatchError("timesteps is empty: give at least one training timestep")
     if batch_size < 1:
         raise MemwatchError(f"batch_size={batch_size}: must be at least 1")
+    if conditioning is not None and conditioning.shape[0] != images.shape[0]:
+        raise MemwatchError(
+            f"{conditioning.shape[0]} conditioning rows for {images.shape[0]} images: give one caption per image"
+        )
     num_train = int(scheduler.config.num_train_timesteps)
     bad = [t for t in timesteps if not 0 <= int(t) < num_train]
     if bad:
@@ -152,8 +166,13 @@ def denoising_losses(
     totals = torch.zeros(n, dtype=torch.float64)
     with eval_mode(unet):
         for start in range(0, n, batch_size):
-            x0 = images[start : start + batch_size].to(device=device, dtype=torch.float32) * 2.0 - 1.0
+            batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
+            x0 = batch * 2.0 - 1.0 if encode is None else encode(batch).to(device=device, dtype=torch.float32)
             seeds = noise_seeds[start : start + batch_size]
+            kwargs: dict[str, Any] = {}
+            if conditioning is not None:
+                hidden = conditioning[start : start + batch_size]
+                kwargs["encoder_hidden_states"] = hidden.to(device=device, dtype=param.dtype)
             for k, t_val in enumerate(timesteps):
                 noise = torch.stack(
                     [
@@ -166,7 +185,7 @@ def denoising_losses(
                 ).to(device)
                 t = torch.full((x0.shape[0],), int(t_val), dtype=torch.long, device=device)
                 x_t = scheduler.add_noise(x0, noise, t)
-                pred = model(x_t.to(param.dtype), t).sample.float()
+                pred = model(x_t.to(param.dtype), t, **kwargs).sample.float()
                 target = _target(scheduler, x0, noise, t).float()
                 totals[start : start + x0.shape[0]] += (pred - target).pow(2).flatten(1).mean(1).double().cpu()
     return (totals / len(timesteps)).float()
@@ -247,8 +266,14 @@ def membership_probe(
     timesteps: Sequence[int] | None = None,
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    member_conditioning: torch.Tensor | None = None,
+    holdout_conditioning: torch.Tensor | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ProbeResult:
     """Denoising losses of members and holdout images, and how well they separate.
+
+    For text-to-image models each image is conditioned on its own caption (as in training) and
+    latent models encode images with their VAE first; see :func:`denoising_losses`.
 
     Args:
         unet: the diffusers UNet being trained (possibly wrapped).
@@ -260,6 +285,9 @@ def membership_probe(
         timesteps: training timesteps; default :class:`MembershipConfig` ``().timesteps``.
         batch_size: images per forward pass.
         device: where inputs are placed; defaults to the UNet's device.
+        member_conditioning, holdout_conditioning: ``(N, L, D)`` / ``(M, L, D)`` hidden states of
+            each image's caption (text-to-image UNets), else None.
+        encode: images -> the model's ``x0`` (VAE latents for latent models), else None.
 
     Returns:
         ``ProbeResult(probe="membership")`` with metrics ``loss_member``, ``loss_holdout``,
@@ -276,6 +304,7 @@ def membership_probe(
     start = time.perf_counter()
     timesteps = list(MembershipConfig().timesteps if timesteps is None else timesteps)
     groups = {"member": (members, list(member_ids)), "holdout": (holdout, list(holdout_ids))}
+    conditioning = {"member": member_conditioning, "holdout": holdout_conditioning}
     losses: dict[str, torch.Tensor] = {}
     for group, (images, ids) in groups.items():
         count = 0 if images is None else images.shape[0]
@@ -292,6 +321,8 @@ def membership_probe(
             noise_seeds=[noise_seed_for(i) for i in ids],
             batch_size=batch_size,
             device=device,
+            conditioning=conditioning[group],
+            encode=encode,
         )
 
     items = [

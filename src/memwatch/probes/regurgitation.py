@@ -26,6 +26,7 @@ import torch
 
 from memwatch.embed_cache import EmbeddingCache, embed_reference
 from memwatch.embedders.base import Embedder
+from memwatch.errors import MemwatchError
 from memwatch.neighbours import knn
 from memwatch.probes.base import ProbeResult
 from memwatch.refset import ReferenceSet
@@ -48,6 +49,14 @@ class RegurgitationConfig:
         extraction_n: Carlini et al. 2023's n nearest training images (50).
         copy_threshold: similarity at or above which a sample is a copy; None uses the embedder's default.
         chunk_size: reference rows per search chunk (bounds memory).
+        samples_per_prompt: text-to-image models: samples (seeds) per prompt, ``k``.
+        max_prompts: text-to-image models: training captions used as prompts.
+        max_holdout_prompts: text-to-image models: held-out captions used as prompts (a control:
+            samples of prompts never trained on should not copy training images).
+        guidance_scale: text-to-image models: classifier-free guidance weight.
+
+    ``num_samples`` applies to unconditional models; text-to-image models draw
+    ``samples_per_prompt`` samples for each of up to ``max_prompts + max_holdout_prompts`` prompts.
     """
 
     every: int = 200
@@ -60,6 +69,17 @@ class RegurgitationConfig:
     extraction_n: int = 50
     copy_threshold: float | None = None
     chunk_size: int = 4096
+    samples_per_prompt: int = 4
+    max_prompts: int = 8
+    max_holdout_prompts: int = 4
+    guidance_scale: float = 7.5
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_prompt", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise MemwatchError(f"probes.regurgitation.{name}={getattr(self, name)}: must be at least 1")
+        if self.max_holdout_prompts < 0:
+            raise MemwatchError(f"probes.regurgitation.max_holdout_prompts={self.max_holdout_prompts}: must be >= 0")
 
 
 class ReferenceIndex:
@@ -193,11 +213,81 @@ def regurgitation_from_embeddings(
     return ProbeResult(probe=PROBE, metrics=metrics, matches=matches)
 
 
+def add_prompts(result: ProbeResult, prompts: Sequence[str], groups: Sequence[str]) -> ProbeResult:
+    """Per-prompt regurgitation of a text-to-image probe: annotate matches, add prompt rows and metrics.
+
+    Sample ``i`` of ``result`` was generated from ``prompts[i]``, a training caption (group
+    ``"member"``) or a held-out caption (``"holdout"``). Each match row gets ``prompt`` and
+    ``group``; ``items`` get one row per distinct prompt, in first-seen order::
+
+        {"item": prompt, "prompt", "group", "num_samples", "mem_fraction", "copy_fraction",
+         "extracted_fraction", "sim_max", "sim_mean", "distinct_memorized", "nn1"}
+
+    (``nn1``: the training image most of the prompt's samples are nearest to). The overall
+    metrics stay as they are (over all samples) and gain ``num_prompts``, ``prompts_memorized``
+    (prompts with at least one memorized sample), ``mem_fraction_member`` and
+    ``mem_fraction_holdout`` (NaN without such prompts).
+
+    Args:
+        result: :func:`regurgitation_probe`'s result, one match per sample.
+        prompts: the prompt of each sample.
+        groups: ``"member"`` or ``"holdout"`` for each sample.
+
+    Returns:
+        ``result``, updated in place.
+
+    Example:
+        >>> r = add_prompts(regurgitation_probe(imgs, index, cfg), ["a fox"] * 4, ["member"] * 4)  # doctest: +SKIP
+        >>> r.items[0]["prompt"], r.metrics["num_prompts"]  # doctest: +SKIP
+        ('a fox', 1.0)
+    """
+    if not len(prompts) == len(groups) == len(result.matches):
+        raise MemwatchError(
+            f"{len(prompts)} prompts and {len(groups)} groups for {len(result.matches)} samples: give one per sample"
+        )
+    by_prompt: dict[str, list[dict]] = {}
+    for match, prompt, group in zip(result.matches, prompts, groups, strict=True):
+        match["prompt"], match["group"] = prompt, group
+        by_prompt.setdefault(prompt, []).append(match)
+
+    def share(rows: list[dict], key: str) -> float:
+        return sum(bool(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+    items = []
+    for prompt, rows in by_prompt.items():
+        sims = [r["similarity"] for r in rows]
+        nearest = [r["nn1"] for r in rows]
+        items.append(
+            {
+                "item": prompt,
+                "prompt": prompt,
+                "group": rows[0]["group"],
+                "num_samples": len(rows),
+                "mem_fraction": share(rows, "memorized"),
+                "copy_fraction": share(rows, "copied"),
+                "extracted_fraction": share(rows, "extracted"),
+                "sim_max": max(sims),
+                "sim_mean": sum(sims) / len(sims),
+                "distinct_memorized": len({r["nn1"] for r in rows if r["memorized"]}),
+                "nn1": max(dict.fromkeys(nearest), key=nearest.count),
+            }
+        )
+    result.items = items
+    result.metrics["num_prompts"] = float(len(items))
+    result.metrics["prompts_memorized"] = float(sum(it["mem_fraction"] > 0 for it in items))
+    for group in ("member", "holdout"):
+        result.metrics[f"mem_fraction_{group}"] = share([m for m in result.matches if m["group"] == group], "memorized")
+    return result
+
+
 def memorized_evidence(result: ProbeResult) -> dict:
-    """Seeds, sample names and training ids of the memorized samples (for warning events)."""
+    """Seeds, sample names, training ids (and prompts, text-to-image) of the memorized samples (for events)."""
     hits = [m for m in result.matches if m["memorized"]]
-    return {
+    evidence = {
         "seeds": [m["seed"] for m in hits if m["seed"] is not None],
         "samples": [m["sample"] for m in hits],
         "training_ids": sorted({m["nn1"] for m in hits}),
     }
+    if any("prompt" in m for m in result.matches):
+        evidence["prompts"] = sorted({m["prompt"] for m in hits})
+    return evidence
