@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
@@ -64,8 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="repeat the image set this many times per epoch (fills batches larger than the set)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--block-channels", type=int, nargs="+", default=[32, 64, 64])
+    p.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"),
+                   help="what the UNet predicts (diffusers DDPMScheduler prediction_type)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (slows memorization)")
     p.add_argument("--checkpointing-steps", type=int, default=0, help="save checkpoint-<step>/ every N steps")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to:
         accelerator.init_trackers("train_ddpm", config={k: str(v) for k, v in vars(args).items()})
     set_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n_blocks = len(args.block_channels)
     model = UNet2DModel(
@@ -95,9 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
         up_block_types=("UpBlock2D",) * n_blocks,
         norm_num_groups=min(32, args.block_channels[0]),
     )
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     dataset = ImageFolderDataset(args.train_data, args.resolution, args.flip)
+    if args.repeats > 1:
+        dataset = torch.utils.data.ConcatDataset([dataset] * args.repeats)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
 
     # Checkpoints get a unet/ folder, as in diffusers' train_unconditional.py.
@@ -126,7 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
                 t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
                 with accelerator.accumulate(model):
                     pred = model(noise_scheduler.add_noise(clean, noise, t), t).sample
-                    loss = F.mse_loss(pred.float(), noise.float())
+                    if args.prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(clean, noise, t)
+                    else:
+                        target = clean if args.prediction_type == "sample" else noise
+                    loss = F.mse_loss(pred.float(), target.float())
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -143,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= args.steps or monitor.should_stop:
                 break
     progress.close()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(os.path.join(args.output_dir, "unet"))
+    if accelerator.is_main_process:  # the final pipeline, as train_unconditional.py saves it
+        DDPMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler).save_pretrained(args.output_dir)
     accelerator.end_training()
     return monitor.summary()
 

@@ -86,6 +86,6 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
     # Checkpoints as diffusers' train_unconditional.py writes them, and the final model.
     assert [s for s, _ in list_checkpoints(out)] == [6, 12]
     assert (out / "checkpoint-6" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert (out / "unet" / "config.json").is_file()
+    assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
     summary = json.loads((out / "memwatch" / "summary.json").read_text())
     assert summary["last_step"] == 12

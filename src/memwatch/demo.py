@@ -75,22 +75,14 @@ def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str
     return summary
 
 
-# The demo recipe: measured in docs/benchmarks.md (steps per second on 2 CPU cores, onset step).
-DEMO_STEPS = 3000
+# The demo recipe (docs/benchmarks.md has its timings): a 0.27M-parameter UNet predicting v (as Stable
+# Diffusion 2 does) on 8 images (each 4 times per batch of 32) memorizes within ~2,000 steps; mem_fraction is 0 before
+# step ~1,000. Found by a small sweep over model width, batch size, learning rate and prediction type.
+DEMO_STEPS = 2000
 DEMO_TRAINING_ARGS = [
-    "--resolution",
-    "32",
-    "--batch-size",
-    "12",
-    "--lr",
-    "1e-3",
-    "--block-channels",
-    "16",
-    "32",
-    "32",
-    "--checkpointing-steps",
-    "500",
-]
+    "--resolution", "32", "--batch-size", "32", "--repeats", "4", "--lr", "1e-3", "--block-channels", "16", "32", "32",
+    "--prediction-type", "v_prediction", "--checkpointing-steps", "500",
+]  # fmt: skip
 
 
 def format_demo_summary(summary: dict[str, Any]) -> str:
@@ -103,13 +95,23 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
         f"  onset (first copy):     {_step(summary['onset_step'])}",
         f"  first warning:          {_step(summary['first_alarm_step'])}",
         f"  last clean step:        {_step(summary['last_clean_step'])}",
-        f"  last clean checkpoint:  {summary.get('last_clean_checkpoint') or '-'}",
+        f"  last clean checkpoint:  {_rel(summary.get('last_clean_checkpoint')) or '-'}",
         f"  events:                 {events}",
-        f"  store:                  {summary['store']}",
-        f"  events log:             {summary['events_file']}",
+        f"  store:                  {_rel(summary['store'])}",
+        f"  events log:             {_rel(summary['events_file'])}",
     ]
-    lines += [f"  {name + ':':<24}{path}" for name, path in summary.get("curves", {}).items()]
+    lines += [f"  {name + ':':<24}{_rel(path)}" for name, path in summary.get("curves", {}).items()]
     return "\n".join(lines)
+
+
+def _rel(path: str | None) -> str | None:
+    """``path`` relative to the current folder when it lies below it (shorter to read)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _step(step: int | None) -> str:
