@@ -64,12 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="repeat the image set this many times per epoch (fills batches larger than the set)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeat the image set this many times per epoch (fills batches larger than the set)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--block-channels", type=int, nargs="+", default=[32, 64, 64])
-    p.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"),
-                   help="what the UNet predicts (diffusers DDPMScheduler prediction_type)")
+    p.add_argument(
+        "--prediction-type",
+        default="epsilon",
+        choices=("epsilon", "v_prediction", "sample"),
+        help="what the UNet predicts (diffusers DDPMScheduler prediction_type)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (slows memorization)")
     p.add_argument("--checkpointing-steps", type=int, default=0, help="save checkpoint-<step>/ every N steps")

@@ -88,8 +88,11 @@ def test_identity_probe_in_the_monitor_and_curves(faces, tmp_path: Path) -> None
     # The gallery (who is who, and the threshold used) is recorded once, with the first identity probe.
     gallery = [it for it in rows["items"] if it["probe"] == "identity_gallery"]
     assert sorted((g["item"], g["identity"]) for g in gallery) == [
-        ("eileen/portrait.png", "eileen"), ("eileen/wide.png", "eileen"), ("lfw/00.png", "lfw-00"),
-        ("lfw/05.png", "lfw-05")]
+        ("eileen/portrait.png", "eileen"),
+        ("eileen/wide.png", "eileen"),
+        ("lfw/00.png", "lfw-00"),
+        ("lfw/05.png", "lfw-05"),
+    ]
     assert rows["metrics"][(4, "identity_gallery", "threshold_calibrated")] == 0.0  # 4 faces: fallback
     header = (write_curves(out)["metrics.csv"]).read_text().splitlines()[0]
     assert "identity/identity_leak_rate" in header and "identity/face_detection_rate" in header
@@ -106,8 +109,18 @@ def test_identity_probe_on_checkpoint_folders(faces, tmp_path: Path) -> None:
 
 def test_score_with_identity_flags_a_copied_face(faces, tmp_path: Path) -> None:
     out = tmp_path / "score.json"
-    args = ["score", str(faces["root"] / "samples"), str(faces["root"] / "train.jsonl"), "--identity",
-            "--face-weights", str(faces["weights"]), "--json", str(out), "--resolution", "32"]
+    args = [
+        "score",
+        str(faces["root"] / "samples"),
+        str(faces["root"] / "train.jsonl"),
+        "--identity",
+        "--face-weights",
+        str(faces["weights"]),
+        "--json",
+        str(out),
+        "--resolution",
+        "32",
+    ]
     assert main(args) == 0
     doc = json.loads(out.read_text())["identity"]
     items = {it["sample"]: it for it in doc["items"]}
