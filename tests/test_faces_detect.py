@@ -38,13 +38,7 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / area
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """MTCNN's many small convolutions run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from accelerate import Accelerator
 from facemodels import _resize, _rgb, face_state_dict
@@ -24,13 +23,7 @@ from memwatch.jobs import probe_run_dir
 from memwatch.monitor import MemorizationMonitor
 from memwatch.store import Store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

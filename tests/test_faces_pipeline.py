@@ -26,14 +26,7 @@ from memwatch.faces.embed import weights_file_name
 from memwatch.images import load_image, tensor_to_pil
 from memwatch.refset import load_reference_set
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """MTCNN's many small convolutions run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
+from memwatch.weights import read_state_dict
 
 # Cosine similarity at or above which a sample counts as a copy of its nearest training image.
 # This is a configurable heuristic, not a calibrated value: Somepalli et al. 2023 calibrated a copy
@@ -41,7 +42,6 @@ from memwatch.hashing import sha256_file
 CLIP_COPY_THRESHOLD = 0.95
 
 # Suffixes of safetensors files; any other weights file is read with torch.load(weights_only=True).
-SAFETENSORS_SUFFIXES = (".safetensors",)
 # Suffixes that mark ``pretrained`` as a file path even when the file is missing (so the error names
 # the missing file instead of calling it an unknown tag).
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -310,40 +310,14 @@ def _build_model(open_clip: Any, model: str, *, quick_gelu: bool) -> torch.nn.Mo
         ) from None
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file with safetensors, or torch.load(weights_only=True) for pickled state dicts.
-
-    open_clip's own reader falls back to an unrestricted torch.load when the restricted one raises
-    TypeError, which a crafted file can trigger; reading here keeps untrusted files restricted.
-    """
-    try:
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import load_file
-
-            checkpoint: Any = load_file(str(path), device="cpu")
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MemwatchError(
-            f"cannot read CLIP weights file {path} ({first_line}): save the model's state_dict with "
-            "safetensors (or torch.save of a plain state_dict) and point embedder.pretrained at it"
-        ) from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]  # open_clip training checkpoints wrap the weights
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise MemwatchError(f"CLIP weights file {path} holds no state dict: save model.state_dict() to it")
-    if all(isinstance(k, str) and k.startswith("module.") for k in checkpoint):
-        checkpoint = {k[len("module.") :]: v for k, v in checkpoint.items()}  # saved from DataParallel/DDP
-    return checkpoint
-
-
 def _load_weights(model: torch.nn.Module, model_name: str, path: Path) -> None:
     """Load ``path`` into ``model`` strictly, with open_clip's format fix-ups."""
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
-    state = _read_state_dict(path)
+    # Read here rather than with open_clip's reader, which falls back to an unrestricted torch.load
+    # when the restricted one raises TypeError (a crafted file can trigger that).
+    state = read_state_dict(path, what="CLIP weights", setting="embedder.pretrained")
     try:
         # The same fix-ups as open_clip.load_checkpoint, applied to the dict we read safely.
         state = convert_state_dict(model, state)

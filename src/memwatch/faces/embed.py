@@ -30,6 +30,7 @@ from memwatch.errors import MemwatchError
 from memwatch.faces.config import IdentityConfig
 from memwatch.faces.detect import Detection, FaceDetector, import_facenet, pick_device
 from memwatch.hashing import config_hash, sha256_file
+from memwatch.weights import read_state_dict as read_weights
 
 #: facenet-pytorch's release files (models/inception_resnet_v1.py, ``load_weights``).
 WEIGHTS_URLS = {
@@ -117,25 +118,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Drops the classifier (``logits.*``; the release files carry an 8631- or 10575-way head that
     embeddings do not use) and a ``module.`` prefix (DataParallel checkpoints).
     """
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MemwatchError(
-            f"cannot read face matcher weights file {path} ({first_line}): save InceptionResnetV1's "
-            "state_dict with safetensors (or torch.save) and point identity.weights at it"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise MemwatchError(f"face matcher weights file {path} holds no state dict: save model.state_dict() to it")
-    if all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    state = read_weights(path, what="face matcher weights", setting="identity.weights", model="InceptionResnetV1")
     return {k: v for k, v in state.items() if not k.startswith("logits.")}
 
 
