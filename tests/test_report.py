@@ -340,7 +340,8 @@ HAND_STEPS = {50: None, 100: [0, 0, 0, 0], 200: [1, 0, 0, 0], 300: [1, 1, 0, 0],
 # The verdicts the documented definition gives (VERDICT_DEFINITION), worked out by hand:
 # 50 nothing ran; 100 clean; 200 warning event; 300 mem_fraction 0.5 meets the critical rule (its `for`
 # aside); 350 failed, but the warning at 200 still applies; 400 critical event.
-HAND_VERDICTS = {50: "unaudited", 100: "clean", 200: "warning", 300: "memorizing", 350: "warning", 400: "memorizing"}
+# 350 stays memorizing: the critical value measured at 300 counts cumulatively, like events.
+HAND_VERDICTS = {50: "unaudited", 100: "clean", 200: "warning", 300: "memorizing", 350: "memorizing", 400: "memorizing"}
 NN1 = ["a.png", "b.png", HOSTILE + ".png", "a.png"]
 A_SEED, B_SEED = 1, 2  # a.png is smooth_image(1); b.png (not in the reference folder) is smooth_image(2)
 
@@ -488,7 +489,7 @@ def test_verdicts_follow_the_documented_definition(hand_report: dict[str, Any]) 
     assert [(r["source"], r["rule"], r["op"], r["threshold"], r["value"]) for r in by_step[300]["reasons"]] == [
         ("metric", "mem-high", ">=", 0.5, 0.5)
     ]
-    assert [(r["rule"], r["step"]) for r in by_step[350]["reasons"]] == [("first-copy", 200), ("mem-rising", 300)]
+    assert [(r["source"], r["rule"], r["step"]) for r in by_step[350]["reasons"]] == [("metric", "mem-high", 300)]
     assert [(r["rule"], r["severity"]) for r in by_step[400]["reasons"]] == [("mem-high", "critical")]
     overall = verdict["overall"]
     assert overall["verdict"] == "memorizing" and overall["since_step"] == 300

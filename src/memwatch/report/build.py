@@ -14,13 +14,14 @@ fixed order, so the same store gives the same bytes. Non-finite numbers (NaN: un
 Verdicts (also stated in the report, :data:`VERDICT_DEFINITION`):
 
 * ``memorizing``: a ``critical`` event at or before the snapshot's step, or a value measured at the
-  snapshot that meets a critical ``threshold``/``first`` rule's condition (its ``for`` count aside);
+  snapshot or an earlier one that meets a critical ``threshold``/``first`` rule's condition (its
+  ``for`` count aside);
 * ``warning``: otherwise, a ``warning`` event at or before the snapshot's step;
 * ``clean``: otherwise, when at least one probe succeeded on the snapshot;
 * ``unaudited``: no probe succeeded on the snapshot and no event applies to it.
 
-Events count cumulatively: a model that once reproduced a training image is not cleared by a later
-checkpoint that happens not to.
+Events and critical measurements count cumulatively: a model that once reproduced a training image
+is not cleared by a later checkpoint that happens not to.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ FORMAT_VERSION = 1
 VERDICTS = ("unaudited", "clean", "warning", "memorizing")
 VERDICT_DEFINITION = (
     "Per snapshot (checkpoint or live model at a step): 'memorizing' if a critical event fired at or "
-    "before its step, or a value measured on it meets a critical threshold/first rule's condition "
-    "(e.g. mem_fraction at or above the critical rule's threshold; the rule's 'for' count aside); "
+    "before its step, or a value measured on it or an earlier snapshot meets a critical threshold/first "
+    "rule's condition (e.g. mem_fraction at or above the critical rule's threshold; the rule's 'for' "
+    "count aside); "
     "'warning' otherwise if a warning event fired at or before its step; 'clean' otherwise if at least "
-    "one probe succeeded on it; 'unaudited' if none did and no event applies. Events count "
-    "cumulatively: a model that once reproduced training images is not cleared by a later checkpoint. "
+    "one probe succeeded on it; 'unaudited' if none did and no event applies. Events and critical "
+    "measurements count cumulatively: a model that once reproduced training images is not cleared by a "
+    "later checkpoint. "
     "The run's verdict is its worst snapshot's. Onset step: first step at which a generated sample "
     "was memorized (d1/d2 below mem_ratio). Last clean checkpoint: the last saved checkpoint before "
     "the first snapshot that is not clean."
@@ -168,18 +171,24 @@ def _verdicts(
     probed_ok = {r["snapshot_id"] for r in results if r["status"] == "ok"}
     values = _values_by_snapshot(metric_rows)
     rows = []
+    # Critical values measured on earlier snapshots count cumulatively, like events: (step, reason).
+    measured: list[tuple[int, Any, Any]] = []
     for snap in snapshots:
         step = int(snap["step"])
         past = [e for e in events if e.get("step") is not None and int(e["step"]) <= step]
         critical = [_event_reason(e, ops) for e in past if e["severity"] == "critical"]
         own = values.get(snap["id"], {})
-        fired_here = {e["rule"] for e in past if e["severity"] == "critical" and int(e["step"]) == step}
+        fired = {e["rule"] for e in past if e["severity"] == "critical"}
         for rule in critical_rules:
             v = own.get(rule["metric"])
-            if rule.get("name") in fired_here:
-                continue  # its event at this very step already says it
             if v is not None and math.isfinite(v) and OPS[rule["op"]](v, float(rule["value"])):
-                critical.append(_metric_reason(rule, v, step))
+                measured.append((step, rule.get("name"), _metric_reason(rule, v, step)))
+        # A rule whose event already fired speaks through the event; otherwise its first measured breach.
+        first_breach: dict[Any, Any] = {}
+        for at, name, reason in measured:
+            if at <= step and name not in fired and name not in first_breach:
+                first_breach[name] = reason
+        critical += list(first_breach.values())
         warning = [_event_reason(e, ops) for e in past if e["severity"] == "warning"]
         if critical:
             verdict, reasons = "memorizing", critical
