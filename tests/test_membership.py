@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from sklearn.metrics import roc_auc_score, roc_curve
+from tinymodels import tiny_unet
 
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import (
@@ -28,20 +29,6 @@ OVERFIT_STEPS = 100
 OVERFIT_LR = 2e-3
 
 
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
 def images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
@@ -54,7 +41,7 @@ def unet() -> UNet2DModel:
 @pytest.fixture(scope="module")
 def overfit():
     """A UNet trained only on 4 images, plus 4 holdout images from the same distribution."""
-    net = tiny_unet(1)
+    net = tiny_unet(seed=1)
     sched = DDPMScheduler(num_train_timesteps=1000)
     data = images(8, seed=7)
     members, holdout = data[:4], data[4:]

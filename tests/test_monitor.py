@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from accelerate.tracking import GeneralTracker
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from imagegen import write_images
-from tinymodels import tiny_unet, train
+from tinymodels import accelerate_launch, tiny_unet, train
 
 from memwatch.monitor import MemorizationMonitor
 from memwatch.store import Store
@@ -172,26 +171,7 @@ def test_two_processes_give_the_same_metrics_as_one(data, tmp_path: Path) -> Non
     results = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            str(n),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(29500 + n),
-            str(MP_SCRIPT),
-            str(train_dir),
-            str(holdout_dir),
-            str(out),
-        ]
+        cmd = accelerate_launch(n, 29500 + n, MP_SCRIPT, str(train_dir), str(holdout_dir), str(out))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from tinymodels import tiny_unet
 
 from memwatch.errors import MemwatchError
 from memwatch.modes import eval_mode, unwrap_model
 from memwatch.sampling import generate_samples, seed_noise, split_for_process
 
 STEPS = 10  # DDIM steps in these tests: enough to exercise the loop, cheap on 2 cores
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
 
 
 @pytest.fixture(scope="module")

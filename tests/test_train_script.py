@@ -3,12 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from imagegen import write_images
+from tinymodels import accelerate_launch
 
 from memwatch.checkpoints import list_checkpoints
 from memwatch.store import Store
@@ -33,22 +33,10 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
         )
     )
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29611",
-        str(ROOT / "scripts" / "train_ddpm.py"),
+    cmd = accelerate_launch(
+        2,
+        29611,
+        ROOT / "scripts" / "train_ddpm.py",
         "--train-data",
         str(tmp_path / "train"),
         "--holdout-data",
@@ -68,7 +56,7 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
         "2",
         "--checkpointing-steps",
         "6",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

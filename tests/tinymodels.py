@@ -31,6 +31,17 @@ def tiny_unet(sample_size: int = 16, seed: int = 0) -> UNet2DModel:
     )
 
 
+def accelerate_launch(num_processes: int, port: int, script: str | Path, *args: str) -> list[str]:
+    """The command line that runs ``script`` under ``accelerate launch`` on CPU processes (gloo)."""
+    import sys
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), str(script), *args,
+    ]  # fmt: skip
+
+
 def train(
     accelerator: Accelerator,
     data_dir: Path,
