@@ -35,13 +35,11 @@ import yaml
 
 from memwatch.errors import MemwatchError
 from memwatch.rules import SEVERITIES
-from memwatch.store import STORE_NAME, Store
+from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
 
 if TYPE_CHECKING:  # matplotlib is imported inside the functions that draw: `import memwatch` stays light
     from matplotlib.figure import Figure
 
-# The default output folder inside a training output dir (DESIGN.md, "Conventions").
-OUTPUT_SUBDIR = "memwatch"
 CURVES_SUBDIR = "curves"
 REGURGITATION = "regurgitation"
 # Packaged defaults: the mem_ratio threshold of runs whose stored config does not carry one.

@@ -18,6 +18,7 @@ from typing import Any
 
 from memwatch.checkpoints import last_clean_checkpoint
 from memwatch.errors import MemwatchError
+from memwatch.store import OUTPUT_SUBDIR
 
 
 def find_checkout(start: Path | None = None) -> Path:
@@ -51,7 +52,7 @@ def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str
     root = find_checkout()
     name = "demo-control" if control else "demo"
     out = Path(output_dir) if output_dir else root / "runs" / name
-    if (out / "memwatch").is_dir():
+    if (out / OUTPUT_SUBDIR).is_dir():
         shutil.rmtree(out)  # a demo starts fresh: only a folder that an earlier demo wrote is removed
     data = root / "assets" / "demo" / ("control" if control else "train")
     argv = [
@@ -69,7 +70,7 @@ def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str
     ]
     script = _load_script(root / "scripts" / "train_ddpm.py")
     summary: dict[str, Any] = script.main(argv)
-    summary["curves"] = {k: str(v) for k, v in write_curves(out / "memwatch").items()}
+    summary["curves"] = {k: str(v) for k, v in write_curves(out / OUTPUT_SUBDIR).items()}
     ckpt = last_clean_checkpoint(out, summary["last_clean_step"])
     summary["last_clean_checkpoint"] = str(ckpt) if ckpt else None
     return summary

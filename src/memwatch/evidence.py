@@ -38,7 +38,7 @@ class EvidencePair:
 def regurgitation_pairs(matches: Sequence[dict[str, Any]]) -> list[EvidencePair]:
     """Every sample with its nearest training image, ranked by d1/d2 ratio."""
     return [
-        EvidencePair(i, m["nn1"], _nan_last(m["ratio"]), f"seed {m['seed']} r={m['ratio']:.2f}", bool(m["memorized"]))
+        EvidencePair(i, m["nn1"], nan_last(m["ratio"]), f"seed {m['seed']} r={m['ratio']:.2f}", bool(m["memorized"]))
         for i, m in enumerate(matches)
     ]
 
@@ -94,5 +94,6 @@ def save_evidence_grid(
     return path
 
 
-def _nan_last(x: float) -> float:
-    return float("inf") if x != x else x
+def nan_last(x: float | None) -> float:
+    """Sort key that puts undefined values (None, NaN) after every number."""
+    return float("inf") if x is None or x != x else float(x)

@@ -38,10 +38,10 @@ from memwatch.errors import MemwatchError
 from memwatch.rules import severity_at_least
 from memwatch.session import PROBES, ProbeSession, as_refset
 from memwatch.snapshots import denoiser_class, detect_layout, load_snapshot, snapshot_complete
+from memwatch.store import OUTPUT_SUBDIR
 
 log = logging.getLogger("memwatch")
 
-OUTPUT_SUBDIR = "memwatch"
 LOCK_NAME = "probe.lock"
 
 

@@ -35,6 +35,7 @@ from memwatch.modes import unwrap_model
 from memwatch.refset import ReferenceSet
 from memwatch.rules import Event
 from memwatch.session import PROBES, ProbeSession, Workers, as_refset
+from memwatch.store import OUTPUT_SUBDIR
 
 
 class MemorizationMonitor:
@@ -189,7 +190,7 @@ class MemorizationMonitor:
 
 def _default_output_dir(accelerator: Any) -> Path:
     project = getattr(getattr(accelerator, "project_configuration", None), "project_dir", None)
-    return Path(project) / "memwatch" if project else Path("memwatch")
+    return Path(project) / OUTPUT_SUBDIR if project else Path(OUTPUT_SUBDIR)
 
 
 class _probe_weights:

@@ -12,6 +12,7 @@ from typing import Any
 
 from memwatch.embed_cache import EmbeddingCache, embed_reference
 from memwatch.embedders.base import Embedder
+from memwatch.evidence import nan_last
 from memwatch.probes.regurgitation import ReferenceIndex, RegurgitationConfig, regurgitation_from_embeddings
 from memwatch.refset import load_reference_set
 
@@ -53,7 +54,7 @@ def score_folders(
     result = regurgitation_from_embeddings(sample_emb, index, config, names=samples.ids)
     keys = ("sample", "nn1", "d1", "d2", "ratio", "similarity", "extraction", "memorized", "copied", "extracted")
     matches = [{k: m[k] for k in keys} for m in result.matches]
-    matches.sort(key=lambda m: (_nan_last(m["ratio"]), m["sample"]))
+    matches.sort(key=lambda m: (nan_last(m["ratio"]), m["sample"]))
     threshold = embedder.default_copy_threshold if config.copy_threshold is None else config.copy_threshold
     return {
         "metrics": result.metrics,
@@ -112,10 +113,6 @@ def score_identities(
     images = torch.stack([load_image(it.path, resolution) for it in samples.items])
     result = identity_probe(images, gallery, config, names=samples.ids)
     return {"metrics": result.metrics, "items": result.items, "gallery": gallery.assignments}
-
-
-def _nan_last(x: float) -> float:
-    return float("inf") if x != x else x
 
 
 def format_summary(doc: dict[str, Any], top: int = 10) -> str:

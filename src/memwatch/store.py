@@ -44,6 +44,8 @@ from memwatch.probes.base import ProbeResult
 SCHEMA_VERSION = 1
 #: file name of the store inside a run's memwatch folder (every front-end writes and reads this name)
 STORE_NAME = "memwatch.sqlite"
+#: memwatch's folder inside a training output dir (DESIGN.md: OUTPUT_DIR/memwatch/)
+OUTPUT_SUBDIR = "memwatch"
 
 # Seconds a connection waits for another writer's lock before giving up. Probe results are small
 # transactions (milliseconds); 30 s covers a slow disk or a reader checkpointing the WAL.

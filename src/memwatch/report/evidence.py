@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,10 +213,6 @@ def _same_picture(cell: Any, refs: ReferenceFiles, item_id: str) -> bool:
         return True
     a, b = (np.asarray(x.resize((CHECK_PX, CHECK_PX), Image.Resampling.BOX), dtype=np.float32) for x in (cell, ref))
     return float(np.abs(a - b).mean()) <= CHECK_TOLERANCE
-
-
-def _nan_last(x: Any) -> float:
-    return math.inf if x is None or x != x else float(x)
 
 
 def collect_evidence(
