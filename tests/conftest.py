@@ -1,4 +1,4 @@
-"""Shared test fixtures: small image sets written to temporary folders."""
+"""Shared test fixtures: small image sets written to temporary folders, an isolated cache, seeds."""
 
 from __future__ import annotations
 
@@ -6,7 +6,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagegen import write_images
+from diffusers import UNet2DModel
+from support.images import write_images
+from support.models import text_to_image_parts, tiny_unet
+
+from memwatch.model_parts import ModelParts
+
+# A script run by tests under `accelerate launch`, not a module to import.
+collect_ignore = ["support/mp_monitor_job.py"]
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DModel:
+    """A tiny unconditional UNet at a fixed random init (read-only in the tests that share it)."""
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def snap() -> ModelParts:
+    """Tiny text-to-image parts: UNet2DConditionModel, CLIP tokenizer and text encoder, VAE."""
+    return text_to_image_parts()
+
+
+@pytest.fixture
+def train_holdout(tmp_path: Path) -> tuple[Path, Path]:
+    """Eight 16 px training images and eight holdout images of the same kind."""
+    write_images(tmp_path / "train", list(range(8)), size=16)
+    write_images(tmp_path / "holdout", list(range(100, 108)), size=16)
+    return tmp_path / "train", tmp_path / "holdout"
 
 
 @pytest.fixture

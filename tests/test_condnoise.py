@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from diffusers_layouts import t2i_snapshot
 
 from memwatch.errors import MemwatchError
+from memwatch.model_parts import ModelParts
 from memwatch.probes.condnoise import (
     CondNoiseConfig,
     condnoise_evidence,
@@ -16,27 +16,21 @@ from memwatch.probes.condnoise import (
     condnoise_probe,
     condnoise_scores,
 )
-from memwatch.probes.membership import roc_auc
 from memwatch.sampling import ddim_from, seed_noise
-from memwatch.snapshots import Snapshot
-from memwatch.t2i import encode_prompts
+from memwatch.stats import roc_auc
+from memwatch.text_to_image import encode_prompts
 
 FAST = {"num_inference_steps": 10, "num_generations": 2}
 
 
-@pytest.fixture(scope="module")
-def snap() -> Snapshot:
-    return t2i_snapshot()
-
-
-def test_first_step_score_is_the_norm_of_the_prediction_difference(snap: Snapshot) -> None:
+def test_first_step_score_is_the_norm_of_the_prediction_difference(snap: ModelParts) -> None:
     prompts = ["a red fox", "a blue car"]
     got = condnoise_scores(snap, prompts, num_steps=1, **FAST)
     # reference: UNet called directly at the first DDIM timestep on each generation's seed noise
     ddim = ddim_from(snap.scheduler)
     ddim.set_timesteps(FAST["num_inference_steps"])
     t = ddim.timesteps[0]
-    text = snap.text
+    text = snap
     with torch.no_grad():
         cond = encode_prompts(text.tokenizer, text.text_encoder, prompts)
         empty = encode_prompts(text.tokenizer, text.text_encoder, [""])
@@ -51,7 +45,7 @@ def test_first_step_score_is_the_norm_of_the_prediction_difference(snap: Snapsho
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: Snapshot) -> None:
+def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: ModelParts) -> None:
     prompts = ["a red fox", "", "a blue car", "a red fox on grass"]
     together = condnoise_scores(snap, prompts, num_steps=2, batch_size=3, **FAST)
     # The empty prompt's conditional and unconditional predictions are equal up to float rounding
@@ -62,7 +56,7 @@ def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: Sn
     assert torch.equal(condnoise_scores(snap, prompts, num_steps=2, batch_size=3, **FAST), together)
 
 
-def test_guidance_only_matters_after_the_first_step(snap: Snapshot) -> None:
+def test_guidance_only_matters_after_the_first_step(snap: ModelParts) -> None:
     prompts = ["a red fox", "a blue car"]
 
     def score(steps: int, scale: float) -> torch.Tensor:
@@ -72,7 +66,7 @@ def test_guidance_only_matters_after_the_first_step(snap: Snapshot) -> None:
     assert not torch.allclose(score(3, 1.0), score(3, 7.5))  # later x_t follow the guided trajectory
 
 
-def test_probe_rows_metrics_and_evidence(snap: Snapshot) -> None:
+def test_probe_rows_metrics_and_evidence(snap: ModelParts) -> None:
     members, holdout = ["a red fox", "a red fox on grass", "a fox"], ["a blue car", "a green boat"]
     cfg = CondNoiseConfig(num_steps=1, num_generations=1, num_inference_steps=10, batch_size=2, top_k=2)
     result = condnoise_probe(snap, members, holdout, cfg)
@@ -111,7 +105,7 @@ def test_metrics_from_items() -> None:
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(MemwatchError, match=r"condnoise.num_steps=0"):
+    with pytest.raises(MemwatchError, match=r"setting 'probes.condnoise.num_steps' must be >= 1, got 0"):
         CondNoiseConfig(num_steps=0)
-    with pytest.raises(MemwatchError, match=r"exceeds num_inference_steps"):
+    with pytest.raises(MemwatchError, match=r"num_steps' \(5\) must not exceed num_inference_steps \(4\)"):
         CondNoiseConfig(num_steps=5, num_inference_steps=4)

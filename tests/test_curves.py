@@ -10,16 +10,9 @@ import pytest
 from PIL import Image
 
 from memwatch import curves
-from memwatch.curves import (
-    curves_figure,
-    find_store,
-    format_written,
-    load_run_curves,
-    seeds_figure,
-    training_images,
-    write_curves,
-)
+from memwatch.curves import curves_figure, format_written, seeds_figure, write_curves
 from memwatch.errors import MemwatchError
+from memwatch.history import find_store, load_history, training_images
 from memwatch.probes.base import ProbeResult
 from memwatch.store import Store
 
@@ -234,7 +227,7 @@ def test_curves_figure_draws_thresholds_events_and_forecast(run_dir: Path) -> No
     from matplotlib.colors import to_rgba
 
     with Store(find_store(run_dir)) as store:
-        data = load_run_curves(store)
+        data = load_history(store)
     fig = curves_figure(data)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["membership/mia_auc", "regurgitation/distinct_memorized", "regurgitation/mem_fraction"]
@@ -264,7 +257,7 @@ def test_seeds_figure_marks_memorized_cells_and_first_copy(run_dir: Path) -> Non
     from matplotlib.patches import Rectangle
 
     with Store(find_store(run_dir)) as store:
-        data = load_run_curves(store)
+        data = load_history(store)
     assert data.mem_ratio == MEM_RATIO
     fig = seeds_figure(data)
     heat = fig.axes[0]
@@ -324,7 +317,7 @@ def test_run_without_regurgitation_single_point_and_nan(tmp_path: Path) -> None:
             round(2 * curves.PANEL_SIZE_IN[1] * curves.DPI),
         )
     with Store(tmp_path / "memwatch.sqlite") as store:
-        data = load_run_curves(store)
+        data = load_history(store)
     # The two unused grid cells are removed: the figure's axes are exactly the four panels.
     assert [ax.get_title() for ax in curves_figure(data).axes] == [f"membership/{m}" for m in sorted(metrics)]
     assert [ax.get_title() for ax in seeds_figure(data).axes] == ["regurgitation: d1/d2 per seed"]

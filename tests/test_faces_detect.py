@@ -7,27 +7,12 @@ weights ship inside facenet-pytorch, so nothing is downloaded.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from skimage import data
+from support.faces import resize_square, rgb_tensor
 
 from memwatch.faces import FaceDetector, IdentityConfig
-
-
-def _to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """HxW(x3) uint8 or float image -> (3, H, W) float in [0, 1]."""
-    x = torch.from_numpy(np.asarray(arr)).float()
-    if x.max() > 1.0:
-        x = x / 255.0
-    if x.ndim == 2:
-        x = x.unsqueeze(-1).repeat(1, 1, 3)
-    return x[..., :3].permute(2, 0, 1).contiguous()
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)[0]
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -51,7 +36,7 @@ def portrait(detector: FaceDetector) -> tuple[torch.Tensor, tuple[float, float, 
     """A square portrait crop of `astronaut` and the face box found at full resolution, in the crop's
     pixel coordinates. The face's longer side is 2/3 of the frame, as in aligned face data sets
     (CelebA, FFHQ) and the samples of models trained on them."""
-    photo = _resize(_to_tensor(data.astronaut()), 256)  # half size: a cheaper reference detection
+    photo = resize_square(rgb_tensor(data.astronaut()), 256)  # half size: a cheaper reference detection
     (det,), _ = detector.detect(photo[None])
     assert det is not None, "MTCNN must find the astronaut's face in the full 512 px photo"
     x1, y1, x2, y2 = det.box
@@ -66,7 +51,7 @@ def portrait(detector: FaceDetector) -> tuple[torch.Tensor, tuple[float, float, 
 @pytest.mark.parametrize("size", [160, 64, 32, 16])
 def test_finds_astronaut_face_at_small_sizes(detector: FaceDetector, portrait, size: int) -> None:
     crop, ref_box = portrait
-    image = _resize(crop, size)
+    image = resize_square(crop, size)
     out = detector.detect_and_crop(image[None])
     assert out.found == [True], f"no face found at {size} px"
     assert out.errors == 0
@@ -83,16 +68,16 @@ def test_small_faces_without_the_canvas_are_missed_or_raise(portrait) -> None:
     from facenet_pytorch import MTCNN
 
     crop, _ = portrait
-    raw = (_resize(crop, 16) * 255).round().byte().permute(1, 2, 0)
+    raw = (resize_square(crop, 16) * 255).round().byte().permute(1, 2, 0)
     with pytest.raises(Exception):  # noqa: B017 - facenet-pytorch raises a bare RuntimeError here
         MTCNN().detect(raw)
 
 
 def test_no_face_images_return_none_without_error(detector: FaceDetector) -> None:
-    coffee = _to_tensor(data.coffee())
+    coffee = rgb_tensor(data.coffee())
     images = [
         coffee,  # 400 x 600 photo of a coffee cup
-        _resize(coffee, 64),
+        resize_square(coffee, 64),
         torch.full((3, 1, 1), 0.5),  # smaller than any face MTCNN can search for
         torch.zeros(3, 8, 8),
         torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)),
@@ -101,13 +86,13 @@ def test_no_face_images_return_none_without_error(detector: FaceDetector) -> Non
     dets, errors = detector.detect(images)
     assert dets == [None] * len(images)
     assert errors == 0
-    out = detector.detect_and_crop(torch.stack([_resize(coffee, 64), _resize(coffee.flip(-1), 64)]))
+    out = detector.detect_and_crop(torch.stack([resize_square(coffee, 64), resize_square(coffee.flip(-1), 64)]))
     assert out.found == [False, False] and out.crops.shape == (0, 3, 160, 160)
 
 
 def test_batch_keeps_order_and_matches_single_images(detector: FaceDetector, portrait) -> None:
     crop, _ = portrait
-    face, other = _resize(crop, 64), _resize(_to_tensor(data.coffee()), 64)
+    face, other = resize_square(crop, 64), resize_square(rgb_tensor(data.coffee()), 64)
     batch = torch.stack([other, face, face.flip(-1), other])
     out = detector.detect_and_crop(batch)
     assert out.found == [False, True, True, False]
@@ -119,7 +104,7 @@ def test_batch_keeps_order_and_matches_single_images(detector: FaceDetector, por
 def test_lfw_faces_found_and_non_faces_rejected(detector: FaceDetector) -> None:
     """25 x 25 grey LFW faces are found; the subset's 25 x 25 non-face patches are not."""
     lfw = data.lfw_subset()  # 100 faces, then 100 non-faces
-    faces = torch.stack([_to_tensor(lfw[i]) for i in range(0, 100, 5)])
-    non_faces = torch.stack([_to_tensor(lfw[i]) for i in range(100, 200, 5)])
+    faces = torch.stack([rgb_tensor(lfw[i]) for i in range(0, 100, 5)])
+    non_faces = torch.stack([rgb_tensor(lfw[i]) for i in range(100, 200, 5)])
     assert sum(detector.detect_and_crop(faces).found) >= 18
     assert sum(detector.detect_and_crop(non_faces).found) <= 2

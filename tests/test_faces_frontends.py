@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate import Accelerator
-from facemodels import _resize, _rgb, face_state_dict
 from safetensors.torch import save_file
 from skimage import data
-from tinymodels import train, train_unconditional_like
+from support.faces import face_state_dict, resize_square, rgb_tensor
+from support.models import train, train_unconditional_like
 
 from memwatch.cli import main
 from memwatch.config import load_config
@@ -30,13 +30,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def faces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("faces")
     save_file(face_state_dict(), str(root / "irv1.safetensors"))
-    photo = _resize(_rgb(data.astronaut()), 256)
+    photo = resize_square(rgb_tensor(data.astronaut()), 256)
     lfw = data.lfw_subset()
     images = {
-        "eileen/portrait.png": (_resize(photo[:, 5:95, 68:158], 32), "eileen"),
-        "eileen/wide.png": (_resize(photo[:, 0:110, 58:168], 32), "eileen"),
-        "lfw/00.png": (_resize(_rgb(lfw[0]), 32), "lfw-00"),
-        "lfw/05.png": (_resize(_rgb(lfw[5]), 32), "lfw-05"),
+        "eileen/portrait.png": (resize_square(photo[:, 5:95, 68:158], 32), "eileen"),
+        "eileen/wide.png": (resize_square(photo[:, 0:110, 58:168], 32), "eileen"),
+        "lfw/00.png": (resize_square(rgb_tensor(lfw[0]), 32), "lfw-00"),
+        "lfw/05.png": (resize_square(rgb_tensor(lfw[5]), 32), "lfw-05"),
     }
     lines = []
     for rel, (img, identity) in images.items():
@@ -46,7 +46,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     (root / "samples").mkdir()
     (root / "samples" / "copy_of_portrait.png").write_bytes((root / "eileen/portrait.png").read_bytes())
-    tensor_to_pil(_resize(_rgb(data.coffee()), 32)).save(root / "samples" / "cup.png")
+    tensor_to_pil(resize_square(rgb_tensor(data.coffee()), 32)).save(root / "samples" / "cup.png")
     cfg = {
         "reference": "train.jsonl",
         "run_name": "faces",

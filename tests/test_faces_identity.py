@@ -29,13 +29,8 @@ from memwatch.faces import (
 DIM = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small matrix products run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small matrix products run faster on one thread than on two contended ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NOISE = 0.5  # noise norm relative to the centroid: a face's cosine to its centroid is about 0.89

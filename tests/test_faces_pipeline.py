@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from facemodels import _resize, _rgb, face_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
+from support.faces import face_state_dict, resize_square, rgb_tensor
 
 from memwatch.embed_cache import EmbeddingCache
 from memwatch.errors import MemwatchError
@@ -44,17 +44,17 @@ def weights(state_dict: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="module")
 def images() -> dict[str, torch.Tensor]:
     """64 px test images: astronaut portraits (two framings, one mirrored), LFW faces, a coffee cup."""
-    photo = _resize(_rgb(data.astronaut()), 256)
+    photo = resize_square(rgb_tensor(data.astronaut()), 256)
     lfw = data.lfw_subset()
     return {
-        "portrait": _resize(photo[:, 5:95, 68:158], 64),
-        "wide": _resize(photo[:, 0:110, 58:168], 64),
-        "mirrored": _resize(photo[:, 5:95, 68:158].flip(-1), 64),
-        "lfw00": _resize(_rgb(lfw[0]), 64),
-        "lfw05": _resize(_rgb(lfw[5]), 64),
-        "lfw50": _resize(_rgb(lfw[50]), 64),
-        "lfw60": _resize(_rgb(lfw[60]), 64),
-        "coffee": _resize(_rgb(data.coffee()), 64),
+        "portrait": resize_square(photo[:, 5:95, 68:158], 64),
+        "wide": resize_square(photo[:, 0:110, 58:168], 64),
+        "mirrored": resize_square(photo[:, 5:95, 68:158].flip(-1), 64),
+        "lfw00": resize_square(rgb_tensor(lfw[0]), 64),
+        "lfw05": resize_square(rgb_tensor(lfw[5]), 64),
+        "lfw50": resize_square(rgb_tensor(lfw[50]), 64),
+        "lfw60": resize_square(rgb_tensor(lfw[60]), 64),
+        "coffee": resize_square(rgb_tensor(data.coffee()), 64),
     }
 
 

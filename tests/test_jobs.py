@@ -5,18 +5,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from imagegen import write_images
-from tinymodels import train_unconditional_like
+from support.clock import ScriptedClock, copy_save, delete
+from support.images import write_images
+from support.models import train_unconditional_like
 
 from memwatch.cli import main
 from memwatch.config import load_config
-from memwatch.jobs import discover_snapshots, probe_run_dir, watch_run_dir
+from memwatch.jobs import discover_snapshots, probe_run_dir, run_lock, watch_run_dir
 from memwatch.store import Store
 
 
@@ -54,44 +54,64 @@ def _ok_results(run_dir: Path) -> list[tuple]:
     return sorted((r["step"], r["kind"], r["probe"]) for r in rows if r["status"] == "ok")
 
 
-def test_probe_twice_and_watch_give_the_same_metrics(data, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run trained once (checkpoints every 2 steps to 8, then the final pipeline), copied into watched
+    folders by the scripted saves of each watch test."""
+    root = tmp_path_factory.mktemp("staged")
+    write_images(root / "train", list(range(6)), size=16)
+    train_unconditional_like(root / "run", root / "train", steps=8, every=2)
+    return {"run": root / "run", "train": root / "train"}
+
+
+def _watch(run_dir: Path, config, clock: ScriptedClock, **kw):
+    report = watch_run_dir(run_dir, config, clock=clock.clock, sleep=clock.sleep, **kw)
+    assert clock.done, "the watch ended before training did"
+    return report
+
+
+def test_probe_twice_and_watch_give_the_same_metrics(data, staged, tmp_path: Path) -> None:
     watched = tmp_path / "watched"
     config = load_config(data["config"])
-    reports = []
-    watcher = threading.Thread(
-        target=lambda: reports.append(watch_run_dir(watched, config, quiet_period=0.3, poll=0.1, idle_timeout=60))
-    )
-    watcher.start()  # started before training, ends on its own after the final model
-    train_unconditional_like(watched, data["train"], steps=6, every=2)
-    watcher.join(timeout=120)
-    assert not watcher.is_alive()
-    assert sorted(reports[0].probed) == [2, 4, 6, 6]
+    saves = [(10.0 * k, copy_save(staged["run"], watched, f"checkpoint-{2 * k}")) for k in (1, 2, 3, 4)]
+    clock = ScriptedClock([*saves, (50.0, copy_save(staged["run"], watched))])
+    # started before training created its folder; ends on its own after the final model
+    report = _watch(watched, config, clock, quiet_period=3.0, poll=1.0, idle_timeout=60)
+    assert sorted(report.probed) == [2, 4, 6, 8, 8] and clock.now < 60
 
     probed = tmp_path / "probed"
     shutil.copytree(watched, probed, ignore=shutil.ignore_patterns("memwatch"))
     assert main(["probe", str(probed), "--config", str(data["config"])]) == 0
     first = _metrics(probed)
-    assert {k[:2] for k in first} == {(2, "checkpoint"), (4, "checkpoint"), (6, "checkpoint"), (6, "final")}
+    assert {k[:2] for k in first} == {(s, "checkpoint") for s in (2, 4, 6, 8)} | {(8, "final")}
     report = probe_run_dir(probed, config)  # second run is a no-op
-    assert report.probed == [] and report.already_done == 4
+    assert report.probed == [] and report.already_done == 5
     assert _metrics(probed) == first
     assert _metrics(watched) == first  # watch and probe record the same metrics
     assert not any(p.name.startswith("checkpoint") for p in (probed / "memwatch").rglob("*"))
 
 
-def test_rotation_while_watching(data, tmp_path: Path) -> None:
+def test_rotation_while_watching(data, staged, tmp_path: Path) -> None:
     run_dir = tmp_path / "rot"
     config = load_config(data["config"])
-    reports = []
-    watcher = threading.Thread(
-        target=lambda: reports.append(watch_run_dir(run_dir, config, quiet_period=0.2, poll=0.05, idle_timeout=60))
-    )
-    watcher.start()
-    train_unconditional_like(run_dir, data["train"], steps=8, every=2, total_limit=1, pause=0.6)
-    watcher.join(timeout=120)
-    assert not watcher.is_alive() and reports, "the watch crashed or hung"
+    # --checkpoints_total_limit 1: each save deletes the one before. checkpoint-4 lives 1 s, less than the
+    # quiet period, so it is deleted before it could be probed; the others are probed.
+    actions = [(10.0, copy_save(staged["run"], run_dir, "checkpoint-2"))]
+    for t, old, new in ((20.0, 2, 4), (21.0, 4, 6), (30.0, 6, 8)):
+        actions += [
+            (t, delete(run_dir / f"checkpoint-{old}")),
+            (t, copy_save(staged["run"], run_dir, f"checkpoint-{new}")),
+        ]
+    clock = ScriptedClock([*actions, (40.0, copy_save(staged["run"], run_dir))])
+    report = _watch(run_dir, config, clock, quiet_period=3.0, poll=1.0, idle_timeout=60)
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-8"]
-    assert 6 in reports[0].probed and reports[0].failed == []
+    assert sorted(report.probed) == [2, 6, 8, 8] and report.failed == []
+
+
+def test_watch_stops_after_the_idle_timeout(data, tmp_path: Path) -> None:
+    clock = ScriptedClock([(0.0, lambda: (tmp_path / "idle").mkdir())])
+    report = _watch(tmp_path / "idle", load_config(data["config"]), clock, quiet_period=3.0, poll=1.0, idle_timeout=30)
+    assert report.probed == [] and 30 <= clock.now <= 32
 
 
 def test_odd_names_are_left_alone_and_corrupt_snapshots_fail_alone(data, tmp_path: Path) -> None:
@@ -121,7 +141,7 @@ def _probe_cmd(run_dir: Path, config: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_probe_resumes_without_duplicates_and_concurrent_jobs_lock(data, tmp_path: Path) -> None:
+def test_killed_probe_resumes_without_duplicates(data, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train_unconditional_like(run_dir, data["train"], steps=8, every=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -137,13 +157,7 @@ def test_killed_probe_resumes_without_duplicates_and_concurrent_jobs_lock(data, 
     partial = _ok_results(run_dir)
     assert 2 <= len(partial) < 10, partial  # killed mid-way
 
-    # Two jobs at once: one probes what is missing, the other finds the lock and exits cleanly.
-    a = subprocess.Popen(_probe_cmd(run_dir, data["config"]), env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    b = subprocess.run(_probe_cmd(run_dir, data["config"]), env=env, capture_output=True, text=True, timeout=120)
-    out_a, _ = a.communicate(timeout=300)
-    assert a.returncode == 0 and b.returncode == 0, (out_a, b.stdout, b.stderr)
-    assert "locked by another job" in b.stdout or "already done" in b.stdout
+    assert main(["probe", str(run_dir), "--config", str(data["config"])]) == 0
     final = _ok_results(run_dir)
     expected = sorted(
         (s, k, p)
@@ -153,6 +167,22 @@ def test_killed_probe_resumes_without_duplicates_and_concurrent_jobs_lock(data, 
     assert final == expected  # nothing missing, nothing twice
     with Store(store_path) as store:
         assert store._query("PRAGMA integrity_check")[0][0] == "ok"
+
+
+def test_a_second_job_finds_the_lock(data, staged, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(staged["run"], run_dir)
+    config = load_config(data["config"])
+    with run_lock(run_dir / "memwatch", wait=False) as held:  # another job holds the lock
+        assert held
+        assert main(["probe", str(run_dir), "--config", str(data["config"])]) == 0
+        assert "locked by another job: nothing done" in capsys.readouterr().out
+        report = probe_run_dir(run_dir, config)
+        assert report.locked and report.probed == [] and _ok_results(run_dir) == []
+        with run_lock(run_dir / "memwatch", wait=False) as again:  # flock: a second holder is refused
+            assert not again
+    report = probe_run_dir(run_dir, config)  # released: this job probes
+    assert not report.locked and len(report.probed) == 5
 
 
 def test_probe_errors_are_one_line(tmp_path: Path, capsys) -> None:

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from sklearn.metrics import roc_auc_score, roc_curve
-from tinymodels import tiny_unet
+from support.models import tiny_unet
 
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import (
@@ -18,9 +18,8 @@ from memwatch.probes.membership import (
     denoising_losses,
     membership_probe,
     noise_seed_for,
-    roc_auc,
-    tpr_at_fpr,
 )
+from memwatch.stats import roc_auc, tpr_at_fpr
 
 TIMESTEPS = [50, 150, 300, 500]
 # Overfitting run for the end-to-end check: ~1-2 s on 2 idle cores; 100 Adam steps on 4 random
@@ -31,11 +30,6 @@ OVERFIT_LR = 2e-3
 
 def images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def unet() -> UNet2DModel:
-    return tiny_unet()
 
 
 @pytest.fixture(scope="module")

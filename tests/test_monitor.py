@@ -9,25 +9,11 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
-from imagegen import write_images
-from tinymodels import accelerate_launch, tiny_unet, train
+from support.models import FAST_MONITOR as FAST
+from support.models import accelerate_launch, tiny_unet, train
 
 from memwatch.monitor import MemorizationMonitor
 from memwatch.store import Store
-
-FAST = {
-    "probes": {
-        "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
-        "regurgitation": {"every": 4, "num_samples": 6, "inference_steps": 4, "batch_size": 4},
-    }
-}
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> tuple[Path, Path]:
-    write_images(tmp_path / "train", list(range(8)), size=16)
-    write_images(tmp_path / "holdout", list(range(100, 108)), size=16)
-    return tmp_path / "train", tmp_path / "holdout"
 
 
 class ListTracker(GeneralTracker):
@@ -51,20 +37,20 @@ class ListTracker(GeneralTracker):
         self.logged.append((step, dict(values)))
 
 
-def test_probing_does_not_change_the_loss_trajectory(data, tmp_path: Path) -> None:
-    train_dir, holdout_dir = data
+def test_probing_does_not_change_the_loss_trajectory(train_holdout, tmp_path: Path) -> None:
+    train_dir, holdout_dir = train_holdout
     plain = train(Accelerator(cpu=True), train_dir, 9)
     acc = Accelerator(cpu=True)
     monitor = MemorizationMonitor(acc, FAST, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "mw")
     watched = train(acc, train_dir, 9, monitor=monitor)
-    assert monitor._probed == {"membership": 9, "regurgitation": 8}  # probes really ran in between
+    assert monitor.session.probed_at == {"membership": 9, "regurgitation": 8}  # probes really ran in between
     monitor.close()
-    assert monitor._probed == {"membership": 9, "regurgitation": 9}  # close() probes the last step
+    assert monitor.session.probed_at == {"membership": 9, "regurgitation": 9}  # close() probes the last step
     assert watched == plain  # bit-identical losses: RNG streams, modes and gradients were restored
 
 
-def test_results_events_and_tracker_logs(data, tmp_path: Path) -> None:
-    train_dir, holdout_dir = data
+def test_results_events_and_tracker_logs(train_holdout, tmp_path: Path) -> None:
+    train_dir, holdout_dir = train_holdout
     tracker = ListTracker()
     acc = Accelerator(cpu=True, log_with=[tracker])
     acc.init_trackers("t")
@@ -110,8 +96,8 @@ def test_results_events_and_tracker_logs(data, tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["first_alarm_step"] == 3
 
 
-def test_stop_on_critical_ends_the_loop(data, tmp_path: Path) -> None:
-    train_dir, holdout_dir = data
+def test_stop_on_critical_ends_the_loop(train_holdout, tmp_path: Path) -> None:
+    train_dir, holdout_dir = train_holdout
     cfg = {
         **FAST,
         "stop_on": "critical",
@@ -133,8 +119,8 @@ def test_stop_on_critical_ends_the_loop(data, tmp_path: Path) -> None:
     assert mon.should_stop and len(losses) == 3
 
 
-def test_ema_weights_are_probed_and_restored(data, tmp_path: Path) -> None:
-    train_dir, holdout_dir = data
+def test_ema_weights_are_probed_and_restored(train_holdout, tmp_path: Path) -> None:
+    train_dir, holdout_dir = train_holdout
     model = tiny_unet()
     ema = EMAModel(tiny_unet(seed=1).parameters())  # deliberately different weights
     before = [p.detach().clone() for p in model.parameters()]
@@ -162,12 +148,12 @@ def test_ema_weights_are_probed_and_restored(data, tmp_path: Path) -> None:
         ).step(3, model, sched)
 
 
-MP_SCRIPT = Path(__file__).with_name("mp_monitor_job.py")
+MP_SCRIPT = Path(__file__).parent / "support" / "mp_monitor_job.py"
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_metrics_as_one(data, tmp_path: Path) -> None:
-    train_dir, holdout_dir = data
+def test_two_processes_give_the_same_metrics_as_one(train_holdout, tmp_path: Path) -> None:
+    train_dir, holdout_dir = train_holdout
     results = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"

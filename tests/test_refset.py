@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
-from imagegen import smooth_image, write_images
 from PIL import Image
+from support.images import smooth_image, write_images
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file

@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from imagegen import smooth_image, write_images
 from PIL import Image
+from support.images import smooth_image, write_images
 
 from memwatch.embed_cache import EmbeddingCache
 from memwatch.embedders.pixel import PixelEmbedder

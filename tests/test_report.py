@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import html
 import io
 import json
 import math
@@ -29,9 +30,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from imagegen import smooth_image, write_images
 from PIL import Image
-from tinymodels import train
+from support.images import smooth_image, write_images
+from support.models import train
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
@@ -278,7 +279,7 @@ def test_demo_report_escapes_the_planted_name_and_forbids_scripts(demo_report: d
     assert "demo-&lt;b&gt;report&lt;/b&gt;" in page and "<b>report" not in page
     head = page.split("<head>", 1)[1]
     assert head.lstrip().startswith('<meta http-equiv="Content-Security-Policy"')
-    csp = re.search(r'Content-Security-Policy" content="([^"]*)"', page).group(1).replace("&#x27;", "'")
+    csp = html.unescape(re.search(r'Content-Security-Policy" content="([^"]*)"', page).group(1))
     for directive in ("default-src 'none'", "img-src data:", "style-src 'unsafe-inline'"):
         assert directive in csp
     # Self-contained: every src is a data: URI and nothing names another origin.
@@ -582,9 +583,10 @@ def test_every_string_from_data_is_escaped(hand_report: dict[str, Any]) -> None:
 
 
 def html_escaped(text: str) -> str:
-    import html
+    """What the page must show for ``text``: the template engine's escaping (quotes included)."""
+    from markupsafe import escape
 
-    return html.escape(text, quote=True)
+    return str(escape(text))
 
 
 def test_render_refuses_images_that_are_not_inline_data(hand_report: dict[str, Any]) -> None:
@@ -617,11 +619,13 @@ def test_schema_rejects_a_broken_report(hand_report: dict[str, Any]) -> None:
 
 def test_thresholds_cite_sources_only_for_packaged_defaults(tmp_path: Path) -> None:
     defaults = sources.packaged_defaults()
-    # Every threshold the packaged config sets has a source here (kept in step with default.yaml).
-    assert {r["name"] for r in defaults["rules"]} <= set(sources.RULE_SOURCES)
-    for path in sources.SETTING_SOURCES:
+    # Every default rule and every threshold setting declares its source.
+    assert all(r.get("source") for r in defaults["rules"])
+    thresholds = sources.threshold_settings(defaults)
+    assert {p for p, _ in thresholds} >= {"probes.regurgitation.mem_ratio", "probes.identity.target_fmr"}
+    for path, source in thresholds:
         *parents, key = path.split(".")
-        assert key in sources.dig(defaults, ".".join(parents)), path
+        assert key in sources.dig(defaults, ".".join(parents)) and source != sources.CUSTOM, path
     changed = copy.deepcopy(defaults)
     changed["rules"][2]["value"] = 0.3  # mem-fraction-high made stricter
     changed["probes"]["regurgitation"]["mem_ratio"] = 0.25
@@ -633,7 +637,7 @@ def test_thresholds_cite_sources_only_for_packaged_defaults(tmp_path: Path) -> N
         for name in ("defaults", "changed")
     }
     for name in (r["name"] for r in defaults["rules"]):
-        text = sources.RULE_SOURCES[name]
+        text = next(r["source"] for r in defaults["rules"] if r["name"] == name)
         assert by_run["defaults"][name]["source"] == text and by_run["defaults"][name]["packaged_default"]
     assert by_run["defaults"]["probes.regurgitation.mem_ratio"]["packaged_default"]
     assert by_run["defaults"]["embedder.copy_threshold (pixel default)"]["packaged_default"]

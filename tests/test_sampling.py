@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from tinymodels import tiny_unet
+from diffusers import DDPMScheduler
+from support.models import tiny_unet
 
 from memwatch.errors import MemwatchError
 from memwatch.modes import eval_mode, unwrap_model
 from memwatch.sampling import generate_samples, seed_noise, split_for_process
 
 STEPS = 10  # DDIM steps in these tests: enough to exercise the loop, cheap on 2 cores
-
-
-@pytest.fixture(scope="module")
-def unet() -> UNet2DModel:
-    return tiny_unet()
 
 
 @pytest.fixture
@@ -46,10 +41,11 @@ def test_batching_and_process_split_do_not_change_a_seeds_sample(unet, scheduler
         generate_samples(unet, scheduler, split_for_process(seeds, i, 2), num_inference_steps=STEPS) for i in range(2)
     ]
     alone = generate_samples(unet, scheduler, [9], num_inference_steps=STEPS)
-    # Batched convolutions round differently (~1e-6); anything larger would mean different noise.
-    torch.testing.assert_close(small, whole, atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-4, rtol=0)
-    torch.testing.assert_close(alone[0], whole[2], atol=1e-4, rtol=0)
+    # Batched convolutions round differently (seen up to ~1e-4 after 5 DDIM steps); different noise would
+    # differ by O(1).
+    torch.testing.assert_close(small, whole, atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-3, rtol=0)
+    torch.testing.assert_close(alone[0], whole[2], atol=1e-3, rtol=0)
 
 
 def test_different_seeds_differ(unet, scheduler):

@@ -3,8 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imagegen import smooth_image, write_images
 from PIL import Image
+from support.images import smooth_image, write_images
 
 from memwatch.cli import main
 

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, PNDMScheduler
-from diffusers_layouts import (
+from support.layouts import (
     save_ddpm_pipeline,
     save_full_checkpoint,
     save_lora_checkpoint,
     save_sd_pipeline,
-    tiny_cond_unet,
 )
-from tinymodels import tiny_unet
+from support.models import tiny_cond_unet, tiny_unet
 
 from memwatch.checkpoints import list_checkpoints
 from memwatch.errors import MemwatchError
@@ -71,9 +70,9 @@ def test_ddpm_pipeline_loads_with_its_scheduler(layouts: dict) -> None:
     assert detect_layout(folder) == "pipeline"
     assert snapshot_complete(folder)
     snap = load_snapshot(folder)
-    assert (snap.kind, snap.step, snap.weights, snap.text) == ("pipeline", None, "raw", None)
-    assert_same_weights(snap.unet, layouts["ddpm_unet"].state_dict())
-    assert isinstance(snap.scheduler, DDPMScheduler) and snap.notes == []
+    assert (snap.layout, snap.step, snap.weights, snap.parts.text_encoder) == ("pipeline", None, "raw", None)
+    assert_same_weights(snap.parts.unet, layouts["ddpm_unet"].state_dict())
+    assert isinstance(snap.parts.scheduler, DDPMScheduler) and snap.notes == []
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     assert snap.weights_files == {"unet/diffusion_pytorch_model.safetensors": sha256_file(weights)}
     assert snap.weights_sha256 == sha256_file(weights)
@@ -85,9 +84,12 @@ def test_model_folder_loads_with_default_scheduler_and_a_note(layouts: dict) -> 
     folder = layouts["root"] / "model"
     assert detect_layout(folder) == "model" and snapshot_complete(folder)
     snap = load_snapshot(folder)
-    assert snap.kind == "model" and snap.step is None
-    assert_same_weights(snap.unet, tiny_unet(16, seed=2).state_dict())
-    assert snap.scheduler.config.num_train_timesteps == 1000 and snap.scheduler.config.beta_schedule == "linear"
+    assert snap.layout == "model" and snap.step is None
+    assert_same_weights(snap.parts.unet, tiny_unet(16, seed=2).state_dict())
+    assert (
+        snap.parts.scheduler.config.num_train_timesteps == 1000
+        and snap.parts.scheduler.config.beta_schedule == "linear"
+    )
     assert any("DDPMScheduler" in n for n in snap.notes)
     assert snap.weights_sha256 == sha256_file(folder / "diffusion_pytorch_model.safetensors")
 
@@ -102,15 +104,15 @@ def test_unconditional_checkpoint_raw_and_ema(layouts: dict) -> None:
 
     raw = load_snapshot(folder)
     ema = load_snapshot(folder, weights="ema")
-    assert (raw.step, raw.kind, ema.weights) == (200, "checkpoint", "ema")
-    assert_same_weights(raw.unet, layouts["uncond"]["raw"])
-    assert_same_weights(ema.unet, layouts["uncond"]["ema"])
-    assert differs(raw.unet, layouts["uncond"]["ema"])
+    assert (raw.step, raw.layout, ema.weights) == (200, "checkpoint", "ema")
+    assert_same_weights(raw.parts.unet, layouts["uncond"]["raw"])
+    assert_same_weights(ema.parts.unet, layouts["uncond"]["ema"])
+    assert differs(raw.parts.unet, layouts["uncond"]["ema"])
     assert raw.weights_sha256 == sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert ema.weights_sha256 == sha256_file(folder / "unet_ema" / "diffusion_pytorch_model.safetensors")
     assert raw.weights_sha256 != ema.weights_sha256
     assert load_snapshot(folder).weights_sha256 == raw.weights_sha256  # stable across loads
-    assert isinstance(raw.scheduler, DDPMScheduler) and raw.notes
+    assert isinstance(raw.parts.scheduler, DDPMScheduler) and raw.notes
 
     no_ema = run / "checkpoint-400"
     assert load_snapshot(no_ema).step == 400
@@ -122,15 +124,17 @@ def test_text_to_image_checkpoint_takes_scheduler_from_base_model(layouts: dict)
     root = layouts["root"]
     folder = root / "t2i-run" / "checkpoint-300"
     snap = load_snapshot(folder, weights="ema", base_model=root / "sd-base", load_text=False)
-    assert snap.conditional and snap.step == 300 and snap.base_model == root / "sd-base"
-    assert_same_weights(snap.unet, layouts["t2i"]["ema"])
-    assert isinstance(snap.scheduler, PNDMScheduler) and snap.scheduler.config.beta_schedule == "scaled_linear"
+    assert snap.parts.text_to_image and snap.step == 300 and snap.base_model == root / "sd-base"
+    assert_same_weights(snap.parts.unet, layouts["t2i"]["ema"])
+    assert (
+        isinstance(snap.parts.scheduler, PNDMScheduler) and snap.parts.scheduler.config.beta_schedule == "scaled_linear"
+    )
     assert snap.notes == []
     # an explicit scheduler wins over the base model's; without either, the default with a note
     override = load_snapshot(folder, base_model=root / "sd-base", scheduler=DDPMScheduler(500), load_text=False)
-    assert override.scheduler.config.num_train_timesteps == 500
+    assert override.parts.scheduler.config.num_train_timesteps == 500
     alone = load_snapshot(folder, load_text=False)
-    assert isinstance(alone.scheduler, DDPMScheduler) and alone.notes
+    assert isinstance(alone.parts.scheduler, DDPMScheduler) and alone.notes
 
 
 @pytest.mark.parametrize("script", ["text_to_image_lora", "dreambooth_lora"])
@@ -140,12 +144,12 @@ def test_lora_checkpoint_is_merged_into_the_base_unet(layouts: dict, script: str
     assert detect_layout(folder) == "lora" and snapshot_complete(folder)
     snap = load_snapshot(folder, base_model=root / "sd-base", load_text=False)
     base = load_snapshot(root / "sd-base", load_text=False)
-    assert (snap.kind, snap.step) == ("lora", 500)
-    assert isinstance(snap.scheduler, PNDMScheduler)
+    assert (snap.layout, snap.step) == ("lora", 500)
+    assert isinstance(snap.parts.scheduler, PNDMScheduler)
 
     # every targeted layer is W + B @ A (scale 1: the scripts use lora_alpha = rank); the rest untouched
     lora = layouts["loras"][script]
-    merged, original = snap.unet.state_dict(), base.unet.state_dict()
+    merged, original = snap.parts.unet.state_dict(), base.parts.unet.state_dict()
     targeted = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
     assert len(targeted) == 4 * 2 * 4  # transformer blocks (down 1, mid 1, up 2) x (attn1, attn2) x 4 projections
     for name in targeted:
@@ -156,7 +160,7 @@ def test_lora_checkpoint_is_merged_into_the_base_unet(layouts: dict, script: str
 
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, 8, 32)
     with torch.no_grad():
-        assert not torch.allclose(snap.unet(x, t, text).sample, base.unet(x, t, text).sample)
+        assert not torch.allclose(snap.parts.unet(x, t, text).sample, base.parts.unet(x, t, text).sample)
 
     lora_file = folder / "pytorch_lora_weights.safetensors"
     base_file = root / "sd-base" / "unet" / "diffusion_pytorch_model.safetensors"
@@ -270,10 +274,10 @@ def test_stable_diffusion_pipeline_loads_its_text_components(layouts: dict) -> N
 
     folder = layouts["root"] / "sd-base"
     snap = load_snapshot(folder)
-    assert snap.conditional and isinstance(snap.text.tokenizer, CLIPTokenizer)
-    assert snap.text.tokenizer.model_max_length == 16 and snap.text.vae is not None
+    assert snap.parts.text_to_image and isinstance(snap.parts.tokenizer, CLIPTokenizer)
+    assert snap.parts.tokenizer.model_max_length == 16 and snap.parts.vae is not None
     saved = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    assert_same_weights(snap.text.text_encoder, saved.state_dict())
+    assert_same_weights(snap.parts.text_encoder, saved.state_dict())
     # only the denoiser's weights make up the snapshot's hash (the fixed text encoder and VAE do not)
     assert snap.weights_files == {
         "unet/diffusion_pytorch_model.safetensors": sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -283,9 +287,9 @@ def test_stable_diffusion_pipeline_loads_its_text_components(layouts: dict) -> N
 def test_scheduler_argument_accepts_a_folder_or_config(layouts: dict) -> None:
     folder = layouts["root"] / "ddpm-run" / "checkpoint-200"
     from_folder = load_snapshot(folder, scheduler=layouts["root"] / "sd-base")
-    assert isinstance(from_folder.scheduler, PNDMScheduler) and from_folder.notes == []
+    assert isinstance(from_folder.parts.scheduler, PNDMScheduler) and from_folder.notes == []
     config = json.loads((layouts["root"] / "sd-base" / "scheduler" / "scheduler_config.json").read_text())
-    assert load_snapshot(folder, scheduler=config).scheduler.config.beta_end == 0.012
+    assert load_snapshot(folder, scheduler=config).parts.scheduler.config.beta_end == 0.012
     with pytest.raises(MemwatchError, match=r"no scheduler_config.json"):
         load_snapshot(folder, scheduler=layouts["root"] / "model")
 
@@ -296,4 +300,4 @@ def test_text_components_without_transformers_name_the_package(layouts: dict) ->
     with pytest.raises(MemwatchError, match=r"sd-base: .*needs the 'transformers' package"):
         load_snapshot(folder)
     snap = load_snapshot(folder, load_text=False)
-    assert snap.conditional and snap.text is None
+    assert snap.parts.text_to_image and snap.parts.text_encoder is None

@@ -6,36 +6,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers_layouts import TOKENS, t2i_snapshot, tiny_clip_text_encoder, tiny_clip_tokenizer
+from support.models import TOKENS, text_to_image_parts, tiny_clip_text_encoder, tiny_clip_tokenizer
 
 from memwatch.errors import MemwatchError
+from memwatch.model_parts import ModelParts
 from memwatch.sampling import seed_noise
 from memwatch.snapshots import Snapshot
-from memwatch.t2i import encode_prompts, generate_t2i_samples, initial_latents
+from memwatch.text_to_image import encode_prompts, generate_text_to_image_samples, initial_latents
 
 STEPS = 3  # few DDIM steps keep the tests fast; every property below holds for any number
 
 
-@pytest.fixture(scope="module")
-def snap() -> Snapshot:
-    return t2i_snapshot()
-
-
-def test_shape_range_and_vae_scale(snap: Snapshot) -> None:
-    imgs = generate_t2i_samples(snap, ["a red fox", "a blue car"], [0, 1], num_inference_steps=STEPS)
+def test_shape_range_and_vae_scale(snap: ModelParts) -> None:
+    imgs = generate_text_to_image_samples(snap, ["a red fox", "a blue car"], [0, 1], num_inference_steps=STEPS)
     assert imgs.shape == (2, 3, 16, 16) and imgs.dtype == torch.float32  # 8 latent px x VAE factor 2
     assert imgs.min() >= 0 and imgs.max() <= 1 and imgs.std() > 0
-    assert generate_t2i_samples(snap, [], [], num_inference_steps=STEPS).shape == (0, 3, 16, 16)
+    assert generate_text_to_image_samples(snap, [], [], num_inference_steps=STEPS).shape == (0, 3, 16, 16)
 
 
-def test_a_seed_gives_the_same_image_in_any_batch(snap: Snapshot) -> None:
+def test_a_seed_gives_the_same_image_in_any_batch(snap: ModelParts) -> None:
     prompts, seeds = ["a red fox", "a blue car", "a red fox"], [5, 6, 7]
-    together = generate_t2i_samples(snap, prompts, seeds, num_inference_steps=STEPS, batch_size=2)
-    alone = generate_t2i_samples(snap, prompts[1:2], seeds[1:2], num_inference_steps=STEPS, batch_size=1)
+    together = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=STEPS, batch_size=2)
+    alone = generate_text_to_image_samples(snap, prompts[1:2], seeds[1:2], num_inference_steps=STEPS, batch_size=1)
     torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=0)
     # same prompt, other seed: another image; same seed, other prompt: another image
     assert not torch.allclose(together[0], together[2], atol=1e-3)
-    again = generate_t2i_samples(snap, ["a blue car"], [5], num_inference_steps=STEPS)
+    again = generate_text_to_image_samples(snap, ["a blue car"], [5], num_inference_steps=STEPS)
     assert not torch.allclose(together[0], again[0], atol=1e-3)
 
 
@@ -44,19 +40,19 @@ def test_initial_latents_are_the_seeds_cpu_noise() -> None:
     assert torch.equal(x[1], seed_noise(4, (4, 8, 8)) * 2.0)
 
 
-def test_global_rng_is_neither_used_nor_changed(snap: Snapshot) -> None:
+def test_global_rng_is_neither_used_nor_changed(snap: ModelParts) -> None:
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = generate_t2i_samples(snap, ["a red fox"], [0], num_inference_steps=STEPS)
+    a = generate_text_to_image_samples(snap, ["a red fox"], [0], num_inference_steps=STEPS)
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(999)
-    b = generate_t2i_samples(snap, ["a red fox"], [0], num_inference_steps=STEPS)
+    b = generate_text_to_image_samples(snap, ["a red fox"], [0], num_inference_steps=STEPS)
     assert torch.equal(a, b)
 
 
-def test_guidance_combines_conditional_and_empty_prompt(snap: Snapshot) -> None:
+def test_guidance_combines_conditional_and_empty_prompt(snap: ModelParts) -> None:
     def run(prompt: str, scale: float) -> torch.Tensor:
-        return generate_t2i_samples(snap, [prompt], [0], guidance_scale=scale, num_inference_steps=STEPS)
+        return generate_text_to_image_samples(snap, [prompt], [0], guidance_scale=scale, num_inference_steps=STEPS)
 
     # w = 0 is the unconditional (empty-prompt) prediction alone, whatever the prompt
     torch.testing.assert_close(run("a red fox", 0.0), run("", 1.0), atol=1e-5, rtol=0)
@@ -66,7 +62,7 @@ def test_guidance_combines_conditional_and_empty_prompt(snap: Snapshot) -> None:
 
 
 def test_pixel_space_conditional_unet_needs_no_vae() -> None:
-    imgs = generate_t2i_samples(t2i_snapshot(vae=False), ["a red fox"], [0], num_inference_steps=STEPS)
+    imgs = generate_text_to_image_samples(text_to_image_parts(vae=False), ["a red fox"], [0], num_inference_steps=STEPS)
     assert imgs.shape == (1, 3, 8, 8) and imgs.min() >= 0 and imgs.max() <= 1
 
 
@@ -75,13 +71,12 @@ def test_encode_prompts_pads_like_clip() -> None:
     assert hidden.shape == (2, TOKENS, 32)
 
 
-def test_bad_input_is_reported(snap: Snapshot) -> None:
+def test_bad_input_is_reported(snap: ModelParts) -> None:
     with pytest.raises(MemwatchError, match=r"2 prompts but 1 seeds"):
-        generate_t2i_samples(snap, ["a", "b"], [0])
-    no_text = Snapshot(
-        step=1, path=Path("ckpt"), kind="checkpoint", unet=snap.unet, scheduler=snap.scheduler, weights_sha256=""
-    )
-    with pytest.raises(MemwatchError, match=r"snapshot ckpt has no text encoder.*base_model"):
-        generate_t2i_samples(no_text, ["a"], [0])
+        generate_text_to_image_samples(snap, ["a", "b"], [0])
+    no_text = Snapshot(step=1, path=Path("ckpt"), layout="checkpoint", parts=ModelParts(snap.unet, snap.scheduler),
+                       weights_sha256="")  # fmt: skip
+    with pytest.raises(MemwatchError, match=r"snapshot ckpt has none: load it with 'base_model'"):
+        generate_text_to_image_samples(no_text, ["a"], [0])
     with pytest.raises(MemwatchError, match=r"multiples of the VAE scale factor"):
-        generate_t2i_samples(snap, ["a"], [0], height=15, num_inference_steps=1)
+        generate_text_to_image_samples(snap, ["a"], [0], height=15, num_inference_steps=1)

@@ -15,31 +15,33 @@ import pytest
 import torch
 import yaml
 from diffusers import DDPMScheduler
-from diffusers_layouts import (
+from support.clock import ScriptedClock
+from support.images import write_images
+from support.layouts import (
     save_final_lora,
     save_final_sd_pipeline,
     save_full_checkpoint,
     save_lora_checkpoint,
     save_sd_pipeline,
     sd_scheduler,
-    t2i_snapshot,
     tiny_cond_unet,
 )
-from imagegen import write_images
-from tinymodels import tiny_unet
+from support.models import text_to_image_parts, tiny_unet
 
 from memwatch.cli import main
 from memwatch.config import load_config
 from memwatch.errors import MemwatchError
 from memwatch.images import load_image
 from memwatch.jobs import probe_run_dir, watch_run_dir
+from memwatch.model_parts import ModelParts
 from memwatch.probes.condnoise import condnoise_scores
-from memwatch.probes.membership import denoising_losses, noise_seed_for, roc_auc
+from memwatch.probes.membership import denoising_losses, noise_seed_for
 from memwatch.refset import load_reference_set
-from memwatch.session import ProbeSession, model_bundle
+from memwatch.session import ProbeSession
 from memwatch.snapshots import load_snapshot
+from memwatch.stats import roc_auc
 from memwatch.store import Store
-from memwatch.t2i import encode_images, encode_prompts
+from memwatch.text_to_image import encode_images, encode_prompts
 
 TRAIN_CAPTIONS = {"img000.png": "a red fox", "img001.png": "a red fox", "img002.png": "a blue car"}  # img003: none
 HOLDOUT_CAPTIONS = {"img040.png": "a green boat", "img041.png": "a red fox"}  # a training caption: not held out
@@ -172,8 +174,8 @@ def _check_membership(data: dict, kind: str, snapshot_dir: Path, base_model: Pat
     assert {r["item"] for r in rows if r["group"] == "member"} == set(TRAIN_CAPTIONS)
     assert {r["item"] for r in rows if r["group"] == "holdout"} == set(HOLDOUT_CAPTIONS)
     assert data["metrics"][(rows[0]["step"], kind, "membership", "uncaptioned_member")] == 1
-    snap = load_snapshot(snapshot_dir, base_model=base_model)
-    text = snap.text
+    snap = load_snapshot(snapshot_dir, base_model=base_model).parts
+    text = snap
     item = "img002.png"
     image = load_image(root / "train" / item, 16)[None]
 
@@ -226,8 +228,10 @@ def test_full_fine_tune_run_is_watched_end_to_end(world: dict, tmp_path: Path) -
     trained = tiny_cond_unet(0)
     trained.load_state_dict(state["raw"])
     save_final_sd_pipeline(run_dir, base, trained)  # train_text_to_image.py's pipeline.save_pretrained
-    report = watch_run_dir(run_dir, load_config(world["config"]), quiet_period=0.0, poll=0.01, idle_timeout=60)
-    assert sorted(report.probed) == [2, 2] and report.failed == []
+    clock = ScriptedClock([])  # the run is already saved: no wall-clock waiting
+    report = watch_run_dir(run_dir, load_config(world["config"]), quiet_period=1.0, poll=1.0, idle_timeout=60,
+                           clock=clock.clock, sleep=clock.sleep)  # fmt: skip
+    assert sorted(report.probed) == [2, 2] and report.failed == [] and clock.now < 10
     data = _store(run_dir)
     assert _ok(data) == {(2, kind, p) for kind in ("checkpoint", "final") for p in PROBES}
     for kind, folder in (("checkpoint", run_dir / "checkpoint-2"), ("final", run_dir)):
@@ -268,11 +272,13 @@ def test_training_set_without_captions_is_recorded_not_dropped(world: dict, tmp_
 def test_session_picks_the_sampling_from_what_it_is_given(world: dict, tmp_path: Path) -> None:
     config = load_config(world["settings"])
     session = ProbeSession(config, load_reference_set(world["root"] / "train"), None, tmp_path / "out")
-    assert session.enabled("condnoise", text_to_image=True) and not session.enabled("condnoise")
+    applicable = {p.name for p in session.applicable(text_to_image=True)}
+    assert "condnoise" in applicable and "condnoise" not in {p.name for p in session.applicable()}
     # condnoise does not apply to an unconditional UNet: nothing is probed, nothing recorded
     assert session.probe(1, tiny_unet(16), DDPMScheduler(1000), ["condnoise"]) == []
     assert session.store.snapshots(session.run_id) == []
     with pytest.raises(MemwatchError, match=r"is text-conditioned: .*pass the loaded snapshot"):
         session.probe(1, tiny_cond_unet(), sd_scheduler(), ["condnoise"])
-    assert model_bundle(t2i_snapshot()).text_to_image and not model_bundle(tiny_unet(16), DDPMScheduler()).text_to_image
+    assert ModelParts.of(text_to_image_parts()).text_to_image
+    assert not ModelParts.of(tiny_unet(16), DDPMScheduler()).text_to_image
     session.close()

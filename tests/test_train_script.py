@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from imagegen import write_images
-from tinymodels import accelerate_launch
+from support.images import write_images
+from support.models import accelerate_launch
 
 from memwatch.checkpoints import list_checkpoints
 from memwatch.store import Store

@@ -1,86 +1,118 @@
-"""Monitor configuration: ``configs/default.yaml`` merged with the user's YAML file or dict.
+"""The run configuration: the user's YAML file (or dict) validated against every declared setting.
 
-Every setting has its default, and the reason for it, in ``configs/default.yaml``. A user config
-is merged over the defaults dictionary by dictionary; a user ``rules:`` list replaces the default
-rules as a whole. Unknown settings are errors (a typo must not silently fall back to a default).
+Every setting is declared once, in the section that owns it (:mod:`memwatch.settings`): the top-level
+ones in :class:`MonitorConfig`, the embedder's in :class:`~memwatch.embedders.EmbedderConfig`, and
+each probe's in its ``Settings`` class (``probes.<name>``). Each probe also ships its default rules.
+A user config sets only what differs; a user ``rules:`` list replaces the default rules as a whole.
+Unknown settings are errors (a typo must not silently fall back to a default).
+
+``configs/default.yaml`` is :func:`defaults_yaml`'s output, every setting with its default and the
+source of that default; ``tests/test_config.py`` checks that the file equals it. Regenerate it with
+``memwatch config --defaults > configs/default.yaml``.
+
+Your own probes: list their import paths under ``custom_probes`` and set them under
+``probes.<name>`` like the built-in ones.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from memwatch.embedders import EmbedderConfig
 from memwatch.errors import MemwatchError
-from memwatch.faces.config import IdentityConfig
 from memwatch.hashing import config_hash
-from memwatch.probes.condnoise import CondNoiseConfig
-from memwatch.probes.membership import MembershipConfig
-from memwatch.probes.regurgitation import RegurgitationConfig
+from memwatch.probes.base import BUILTIN_PROBES, Probe, ProbeSettings, probe_class
 from memwatch.rules import SEVERITIES, Rule, parse_rules
+from memwatch.settings import SettingError, Settings, build_section, declarations, setting
 
-DEFAULTS_PATH = Path(__file__).parent / "configs" / "default.yaml"
-#: settings holding paths; in a config file they are relative to that file's folder
-PATH_SETTINGS = ("output_dir", "reference", "holdout", "cache_dir", "base_model", "probes.identity.weights")
-
-
-@dataclass
-class EmbedderConfig:
-    """Which embedder the probes compare images with (see ``configs/default.yaml``)."""
-
-    name: str = "pixel"
-    resolution: int | None = None
-    tiled: bool = False
-    model: str = "ViT-B-32"
-    pretrained: str = "openai"
-    copy_threshold: float | None = None
-
-    def options(self, default_resolution: int | None = None) -> dict[str, Any]:
-        """Constructor options for :func:`memwatch.embedders.make_embedder`."""
-        if self.name == "pixel":
-            return {
-                "resolution": self.resolution or default_resolution,
-                "tiled": self.tiled,
-                "copy_threshold": self.copy_threshold,
-            }
-        if self.resolution is not None:
-            raise MemwatchError("setting 'embedder.resolution' applies to pixel only: clip uses its model's input size")
-        return {"model": self.model, "pretrained": self.pretrained, "copy_threshold": self.copy_threshold}
+#: Probe settings that hold the shared sample plan's settings (config files keep them there).
+SAMPLING_SECTION = "regurgitation"
+#: Sections that are not plain settings.
+_SECTIONS = ("embedder", "probes", "rules")
 
 
 @dataclass
-class MonitorConfig:
+class MonitorConfig(Settings):
     """Everything the monitor and the checkpoint front-ends need to know.
 
-    Build it with :func:`load_config`; ``raw`` keeps the merged dictionary (stored with each run
-    and hashed into result keys).
+    Build it with :func:`load_config`; ``raw`` is the whole validated config as plain data (stored
+    with each run; its probe sections key stored results).
     """
 
-    run_name: str | None = None
-    output_dir: str | None = None
-    reference: str | None = None
-    holdout: str | None = None
-    cache_dir: str | None = None
-    weights: str = "raw"
-    base_model: str | None = None
-    stop_on: str | None = None
-    evidence_top: int = 8
+    run_name: str | None = setting(None, "name of the run in the store; null: 'run-<UTC time>' when probing starts")
+    output_dir: str | None = setting(
+        None, "where the store, events and evidence go; null: <accelerator project_dir>/memwatch, else ./memwatch",
+        path=True,
+    )  # fmt: skip
+    reference: str | None = setting(
+        None, "training images (folder, diffusers imagefolder or .jsonl manifest)", path=True
+    )
+    holdout: str | None = setting(
+        None, "non-members of the same distribution (enables the membership probe)", path=True
+    )
+    cache_dir: str | None = setting(
+        None, "reference-embedding cache; null: $MEMWATCH_CACHE_DIR or ~/.cache/memwatch", path=True
+    )
+    weights: str = setting(
+        "raw",
+        "raw | ema: probe the trained weights, or the EMA weights (monitor: pass ema= to step(); checkpoint "
+        "folders: unet_ema/)",
+        choices=("raw", "ema"),
+    )
+    base_model: str | None = setting(
+        None,
+        "checkpoint front-ends: local pipeline folder a LoRA is applied to; it also supplies the noise scheduler "
+        "of bare checkpoint-<step> folders",
+        path=True,
+    )
+    stop_on: str | None = setting(
+        None, "null | warning | critical: monitor.should_stop turns true on such an event", choices=SEVERITIES
+    )
+    evidence_top: int = setting(8, "sample/training pairs in each sample probe's evidence grid", min=0)
+    custom_probes: list[str] = setting(
+        [], "your own probes: import paths module:Class of Probe subclasses; set them under probes.<name>"
+    )
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
-    membership: MembershipConfig = field(default_factory=MembershipConfig)
-    regurgitation: RegurgitationConfig = field(default_factory=RegurgitationConfig)
-    identity: IdentityConfig = field(default_factory=IdentityConfig)
-    condnoise: CondNoiseConfig = field(default_factory=CondNoiseConfig)
+    probes: dict[str, ProbeSettings] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
+    #: whether ``rules`` are the probes' default rules (no ``rules:`` in the user's config)
+    default_rules: bool = True
     source: str = "defaults"
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def probe_hash(self, probe: str) -> str:
+    @property
+    def sampling(self) -> Any:
+        """The settings of the samples every sample probe shares (:class:`memwatch.samples.SamplingSettings`)."""
+        return self.probes[SAMPLING_SECTION]
+
+    def probe_classes(self) -> list[type[Probe]]:
+        """The built-in probe classes, then the ``custom_probes``, in order."""
+        return [probe_class(spec) for spec in [*BUILTIN_PROBES, *self.custom_probes]]
+
+    def make_probes(self) -> list[Probe]:
+        """One probe per configured probe section, with its settings."""
+        return [cls(self.probes[cls.name]) for cls in self.probe_classes()]
+
+    def probe_hash(self, probe: Probe) -> str:
         """Key of a probe's results: its settings plus the embedder's (so changed settings re-probe)."""
-        return config_hash({"probe": probe, "settings": self.raw["probes"][probe], "embedder": self.raw["embedder"]})
+        return config_hash(
+            {"probe": probe.name, "settings": probe.settings.to_dict(), "embedder": self.raw["embedder"]}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML/JSON data (what ``raw`` holds)."""
+        out = Settings.to_dict(self)
+        out["embedder"] = self.embedder.to_dict()
+        out["probes"] = {name: s.to_dict() for name, s in self.probes.items()}
+        out["rules"] = [r.to_dict() for r in self.rules]
+        return out
 
 
 def load_config(source: str | Path | dict[str, Any] | MonitorConfig | None = None) -> MonitorConfig:
@@ -99,12 +131,11 @@ def load_config(source: str | Path | dict[str, Any] | MonitorConfig | None = Non
 
     Example:
         >>> cfg = load_config({"probes": {"regurgitation": {"every": 100}}})
-        >>> cfg.regurgitation.every, cfg.membership.every
+        >>> cfg.probes["regurgitation"].every, cfg.probes["membership"].every
         (100, 50)
     """
     if isinstance(source, MonitorConfig):
         return source
-    defaults = _read_yaml(DEFAULTS_PATH)
     name = "defaults"
     user: dict[str, Any] = {}
     if isinstance(source, str | Path):
@@ -115,18 +146,60 @@ def load_config(source: str | Path | dict[str, Any] | MonitorConfig | None = Non
         user = copy.deepcopy(source)
     elif source is not None:
         raise MemwatchError(f"config must be a YAML path, a dict or a MonitorConfig, not {type(source).__name__}")
-    merged = _merge(defaults, user, name, "")
+    config = _build(user, name)
     if isinstance(source, str | Path):
         # Paths in a config file are relative to the file, so cron jobs work from any folder.
-        base = Path(source).resolve().parent
-        for dotted in PATH_SETTINGS:
-            *parents, key = dotted.split(".")
-            holder = merged
-            for part in parents:
-                holder = holder[part]
-            if holder[key] is not None and not Path(str(holder[key])).expanduser().is_absolute():
-                holder[key] = str(base / str(holder[key]))
-    return _build(merged, name)
+        _resolve_paths(config, Path(source).resolve().parent)
+    config.raw = config.to_dict()
+    return config
+
+
+def default_rules(classes: list[type[Probe]]) -> list[dict[str, Any]]:
+    """The rules the probes ship with, in probe order (what ``rules:`` is when a config omits it)."""
+    return [copy.deepcopy(rule) for cls in classes for rule in cls.default_rules]
+
+
+def defaults_yaml() -> str:
+    """``configs/default.yaml``: every setting with its default, what it does and where the default comes from.
+
+    Example:
+        >>> "mem_ratio: 0.3333333333333333" in defaults_yaml()
+        True
+    """
+    config = load_config(None)
+    lines = [
+        "# memwatch defaults: every setting a config file may set, with the value used when it does not.",
+        "# Generated from the settings' declarations by `memwatch config --defaults`; do not edit by hand.",
+        "# A user config is merged over these (sections key by key); a user `rules:` list replaces the",
+        "# default rules as a whole. Relative paths in a config file are relative to that file's folder.",
+        "",
+    ]
+    lines += _section_lines(config, "")
+    lines += ["", "embedder:"] + _section_lines(config.embedder, "  ")
+    lines += ["", "probes:"]
+    for cls in config.probe_classes():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines += [f"  {cls.name}:  # {doc}"] + _section_lines(config.probes[cls.name], "    ")
+    rules = yaml.safe_dump([r.to_dict() for r in config.rules], sort_keys=False, allow_unicode=True, width=100)
+    lines += ["", "# Each default rule names the source of its threshold.", "rules:"]
+    lines += ["  " + line if line else line for line in rules.rstrip("\n").splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _section_lines(section: Settings, indent: str) -> list[str]:
+    lines = []
+    for name, _, info in declarations(type(section)):
+        comment = info.help + (f" [{info.unit}]" if info.unit else "")
+        lines.append(f"{indent}# {comment}")
+        if info.source:
+            lines.append(f"{indent}#   source: {info.source}")
+        value = yaml.safe_dump(Settings.to_dict(section)[name], default_flow_style=True, width=1000).strip()
+        value = value.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"{indent}{name}: {value}")
+    return lines
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -134,8 +207,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MemwatchError(f"config file {path} does not exist: pass a YAML file (see configs/default.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MemwatchError(f"config file {path} is not UTF-8 text: save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         raise MemwatchError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise MemwatchError(f"config file {path} cannot be read ({e.strerror}): check its permissions") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -143,57 +220,55 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        where = f"{prefix}{key}"
-        if key not in base:
-            known = ", ".join(sorted(base))
-            raise MemwatchError(f"{source}: setting '{where}' is unknown; known settings here: {known}")
-        if isinstance(base[key], dict) and key != "rules":
-            if not isinstance(value, dict):
-                raise MemwatchError(f"{source}: setting '{where}' must be a mapping")
-            out[key] = _merge(base[key], value, source, where + ".")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def _build(user: dict[str, Any], source: str) -> MonitorConfig:
+    def mapping(key: str) -> dict[str, Any]:
+        value = user.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise SettingError(f"{source}: setting '{key}' must be a mapping, got {value!r}")
+        return dict(value)
 
-
-def _build(raw: dict[str, Any], source: str) -> MonitorConfig:
-    def section(cls: type, data: dict[str, Any], where: str) -> Any:
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise MemwatchError(f"{source}: settings under '{where}' are invalid ({e})") from None
-
-    if raw["weights"] not in ("raw", "ema"):
-        raise MemwatchError(f"{source}: setting 'weights' must be raw or ema, not {raw['weights']!r}")
-    if raw["stop_on"] is not None and raw["stop_on"] not in SEVERITIES:
-        raise MemwatchError(f"{source}: setting 'stop_on' must be null or one of {', '.join(SEVERITIES)}")
-    if raw["embedder"]["name"] not in ("pixel", "clip"):
-        raise MemwatchError(f"{source}: setting 'embedder.name' must be pixel or clip, not {raw['embedder']['name']!r}")
-    for probe in ("membership", "regurgitation", "identity", "condnoise"):
-        every = raw["probes"][probe]["every"]
-        if not isinstance(every, int) or every < 0:
-            raise MemwatchError(f"{source}: setting 'probes.{probe}.every' must be a whole number >= 0 (0 disables)")
-    scalars = {f.name for f in dataclasses.fields(MonitorConfig)} - {
-        "embedder",
-        "membership",
-        "regurgitation",
-        "identity",
-        "condnoise",
-        "rules",
-        "source",
-        "raw",
-    }
-    return MonitorConfig(
-        **{k: raw[k] for k in scalars},
-        embedder=section(EmbedderConfig, raw["embedder"], "embedder"),
-        membership=section(MembershipConfig, raw["probes"]["membership"], "probes.membership"),
-        regurgitation=section(RegurgitationConfig, raw["probes"]["regurgitation"], "probes.regurgitation"),
-        identity=section(IdentityConfig, raw["probes"]["identity"], "probes.identity"),
-        condnoise=section(CondNoiseConfig, raw["probes"]["condnoise"], "probes.condnoise"),
-        rules=parse_rules(raw["rules"], source),
+    top = {k: v for k, v in user.items() if k not in _SECTIONS}
+    known = [n for n, _, _ in declarations(MonitorConfig)]
+    for key in top:
+        if key not in known:
+            listed = ", ".join([*known, *_SECTIONS])
+            raise SettingError(f"{source}: setting '{key}' is unknown; known settings here: {listed}")
+    try:
+        general = MonitorConfig(**top)
+    except SettingError as e:
+        raise SettingError(f"{source}: {e}") from None
+    classes = general.probe_classes()
+    names = [cls.name for cls in classes]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MemwatchError(f"{source}: setting 'custom_probes': probe name(s) {twice} are used twice")
+    probes_in = mapping("probes")
+    for key in probes_in:
+        if key not in names:
+            raise SettingError(
+                f"{source}: setting 'probes.{key}' is unknown; known probes: {', '.join(names)} "
+                "(list your own probes' import paths under custom_probes)"
+            )
+    for key in probes_in:
+        if probes_in[key] is not None and not isinstance(probes_in[key], Mapping):
+            raise SettingError(f"{source}: setting 'probes.{key}' must be a mapping, got {probes_in[key]!r}")
+    probes = {cls.name: build_section(cls.Settings, probes_in.get(cls.name), source=source) for cls in classes}
+    rules_raw = user["rules"] if "rules" in user else default_rules(classes)
+    return dataclasses.replace(
+        general,
+        embedder=build_section(EmbedderConfig, mapping("embedder"), source=source),
+        probes=probes,
+        rules=parse_rules(rules_raw, source),
+        default_rules="rules" not in user,
         source=source,
-        raw=raw,
     )
+
+
+def _resolve_paths(config: MonitorConfig, base: Path) -> None:
+    for section in (config, config.embedder, *config.probes.values()):
+        for name, _, info in declarations(type(section)):
+            value = getattr(section, name)
+            if info.path and value is not None and not Path(str(value)).expanduser().is_absolute():
+                setattr(section, name, str(base / str(value)))

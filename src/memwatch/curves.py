@@ -1,7 +1,8 @@
-"""Memorization curves: CSV tables and plots drawn from a run's store.
+"""Memorization curves: CSV tables and plots drawn from a run's history (:mod:`memwatch.history`).
 
 Everything here is a view over the store (DESIGN.md: "curves, warnings and reports are views over
-it"), so the files can be rebuilt at any time, also while training still writes the store:
+it"), so the files can be rebuilt at any time, also while training still writes the store. This
+module only draws and writes:
 
 * ``metrics.csv`` / ``curves.png``: every ``probe/metric`` against training step, with each rule's
   threshold and the alert events (vertical lines by severity; trend forecasts as dotted lines);
@@ -27,23 +28,18 @@ import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from memwatch.errors import MemwatchError
+from memwatch.history import RunHistory, find_store, load_history, training_images
 from memwatch.rules import SEVERITIES
-from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
+from memwatch.store import Store
 
 if TYPE_CHECKING:  # matplotlib is imported inside the functions that draw: `import memwatch` stays light
     from matplotlib.figure import Figure
 
 CURVES_SUBDIR = "curves"
-REGURGITATION = "regurgitation"
-# Packaged defaults: the mem_ratio threshold of runs whose stored config does not carry one.
-_DEFAULTS_YAML = Path(__file__).parent / "configs" / "default.yaml"
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -69,206 +65,6 @@ MAX_SEED_LABELS = 40
 MAX_STEP_LABELS = 15
 SEVERITY_COLOURS = {"info": "tab:gray", "warning": "tab:orange", "critical": "tab:red"}
 PNG_METADATA = {"Software": None}  # no matplotlib version in the file: identical bytes across installs
-
-
-@dataclass
-class RunCurves:
-    """Everything the curve files show for one run, read from the store.
-
-    Attributes:
-        run: the run's name.
-        metrics: ``"probe/metric"`` -> {step: value}; NaN where the probe ran but the value is undefined.
-        rules: the rule dicts of the run's config (``name, type, metric, op, value, severity``).
-        events: event dicts (the store's ``events`` rows).
-        seeds: per-sample regurgitation rows (:data:`SEED_COLUMNS` plus ``sample``), by seed then step.
-        mem_ratio: the d1/d2 threshold below which a sample counts as memorized.
-    """
-
-    run: str
-    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
-    rules: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    seeds: list[dict[str, Any]] = field(default_factory=list)
-    mem_ratio: float = 1 / 3
-
-    @property
-    def steps(self) -> list[int]:
-        """Every step at which any metric was recorded, ascending."""
-        return sorted({s for values in self.metrics.values() for s in values})
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and reading the store
-
-
-def find_store(run_dir: str | Path) -> Path:
-    """The store file of a run folder.
-
-    Args:
-        run_dir: the folder holding ``memwatch.sqlite``, a training output dir with
-            ``memwatch/memwatch.sqlite`` inside, or the store file itself.
-
-    Returns:
-        Path of the store file.
-
-    Raises:
-        MemwatchError: no store in either place.
-
-    Example:
-        >>> find_store("out/")  # doctest: +SKIP
-        PosixPath('out/memwatch/memwatch.sqlite')
-    """
-    root = Path(run_dir)
-    if root.is_file():
-        return root
-    candidates = (root / STORE_NAME, root / OUTPUT_SUBDIR / STORE_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path
-    if not root.is_dir():
-        raise MemwatchError(f"run folder {root} does not exist: pass the training output dir or its memwatch/ folder")
-    raise MemwatchError(
-        f"no memwatch store in {root}: looked for {candidates[0]} and {candidates[1]}; "
-        "pass the training output dir or the folder holding memwatch.sqlite"
-    )
-
-
-def load_run_curves(store: Store, run: str | None = None) -> RunCurves:
-    """Read one run's metrics, rules, events and per-seed rows from an open store.
-
-    Args:
-        store: an open :class:`memwatch.store.Store`.
-        run: run name; None picks the most recently created run.
-
-    Raises:
-        MemwatchError: the store has no run, or none called ``run`` (the message lists the runs).
-
-    Example:
-        >>> with Store(find_store("out/")) as store:  # doctest: +SKIP
-        ...     data = load_run_curves(store)
-        >>> sorted(data.metrics)  # doctest: +SKIP
-        ['membership/mia_auc', 'regurgitation/mem_fraction', ...]
-    """
-    info = _pick_run(store, run)
-    run_id = info["id"]
-    config = info["config"] if isinstance(info["config"], dict) else {}
-    return RunCurves(
-        run=info["name"],
-        metrics=_metric_table(store.metrics(run_id)),
-        rules=_rules_of(config),
-        events=store.events(run_id),
-        seeds=_seed_rows(store.matches(run_id, REGURGITATION)),
-        mem_ratio=_mem_ratio(config),
-    )
-
-
-def _pick_run(store: Store, name: str | None) -> dict[str, Any]:
-    runs = store.runs()
-    if not runs:
-        raise MemwatchError(f"store {store.path} has no runs yet: probe a model first (monitor, watch or probe)")
-    if name is None:
-        # Most recently created; ties (same clock reading) go to the later insert.
-        return max(runs, key=lambda r: (r["created_at"], r["id"]))
-    for r in runs:
-        if r["name"] == name:
-            return r
-    listed = ", ".join(repr(r["name"]) for r in runs)
-    raise MemwatchError(f"store {store.path} has no run {name!r}: its runs are {listed}; pass one with --run")
-
-
-def _metric_table(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
-    """``probe/metric`` -> {step: value}. Two results for one step (a live and a checkpoint
-    snapshot, or two probe configs) give one value: the later-written result (higher id) wins."""
-    table: dict[str, dict[int, float]] = {}
-    written: dict[tuple[str, int], int] = {}
-    for m in rows:
-        key, step = f"{m['probe']}/{m['metric']}", int(m["step"])
-        if written.get((key, step), -1) > m["result_id"]:
-            continue
-        written[(key, step)] = m["result_id"]
-        table.setdefault(key, {})[step] = float(m["value"])
-    return {k: dict(sorted(table[k].items())) for k in sorted(table)}
-
-
-def _rules_of(config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rules with a usable metric and threshold; anything else in the stored config is not drawn."""
-    raw = config.get("rules")
-    out = []
-    for r in raw if isinstance(raw, list) else []:
-        if not isinstance(r, dict) or not isinstance(r.get("metric"), str):
-            continue
-        value = r.get("value")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            continue
-        out.append(r)
-    return out
-
-
-def _mem_ratio(config: Mapping[str, Any]) -> float:
-    """The run's memorization threshold on d1/d2; the packaged default if its config has none."""
-    value = _dig(config, "probes", REGURGITATION, "mem_ratio")
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    with open(_DEFAULTS_YAML, encoding="utf-8") as f:
-        return float(_dig(yaml.safe_load(f), "probes", REGURGITATION, "mem_ratio"))
-
-
-def _dig(d: Any, *keys: str) -> Any:
-    for k in keys:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
-
-
-def _seed_rows(matches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    rows = [
-        {
-            "seed": m.get("seed"),
-            "step": int(m["step"]),
-            "nn1": m.get("nn1"),
-            "ratio": m.get("ratio"),
-            "d1": m.get("d1"),
-            "similarity": m.get("similarity"),
-            "memorized": None if m.get("memorized") is None else int(bool(m["memorized"])),
-            "sample": m.get("sample"),
-            "result_id": m["result_id"],
-        }
-        for m in matches
-    ]
-    # Samples without a seed (e.g. scored from a folder) sort after seeded ones, by name.
-    rows.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0, r["sample"] or "", r["step"], r["result_id"]))
-    return rows
-
-
-def training_images(seeds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per training image ever memorized: first step, the seeds that memorized it then, total hits.
-
-    Args:
-        seeds: rows as in :attr:`RunCurves.seeds`.
-
-    Returns:
-        Dicts with :data:`TRAINING_IMAGE_COLUMNS` (``first_seeds`` a sorted list), by first step then id.
-
-    Example:
-        >>> training_images([{"seed": 3, "step": 400, "nn1": "a.png", "memorized": 1}])
-        [{'training_id': 'a.png', 'first_step': 400, 'first_seeds': [3], 'total_hits': 1}]
-    """
-    first: dict[str, int] = {}
-    first_seeds: dict[str, set[int]] = {}
-    hits: dict[str, int] = {}
-    for r in seeds:
-        if not r.get("memorized") or r.get("nn1") is None:
-            continue
-        tid, step = str(r["nn1"]), int(r["step"])
-        hits[tid] = hits.get(tid, 0) + 1
-        if tid not in first or step < first[tid]:
-            first[tid], first_seeds[tid] = step, set()
-        if step == first[tid] and r.get("seed") is not None:
-            first_seeds[tid].add(int(r["seed"]))
-    order = sorted(first, key=lambda t: (first[t], t))
-    return [
-        {"training_id": t, "first_step": first[t], "first_seeds": sorted(first_seeds[t]), "total_hits": hits[t]}
-        for t in order
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +94,7 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
     """
     store_path = find_store(run_dir)
     with Store(store_path) as store:
-        data = load_run_curves(store, run)
+        data = load_history(store, run)
     out = Path(out_dir) if out_dir is not None else store_path.parent / CURVES_SUBDIR
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +191,7 @@ def _default_style():
     return matplotlib.style.context("default")
 
 
-def curves_figure(data: RunCurves) -> Figure:
+def curves_figure(data: RunHistory) -> Figure:
     """One panel per ``probe/metric`` against training step, with rule thresholds and events.
 
     Each rule's threshold is a dashed horizontal line (coloured by the rule's severity); each event
@@ -404,7 +200,7 @@ def curves_figure(data: RunCurves) -> Figure:
     diamond at the forecast. Panels are in a grid of :data:`GRID_COLUMNS` columns, sorted by name.
 
     Args:
-        data: from :func:`load_run_curves`.
+        data: from :func:`memwatch.history.load_history`.
 
     Returns:
         The figure; its axes are the panels, titled ``probe/metric`` (one placeholder panel
@@ -434,7 +230,7 @@ def curves_figure(data: RunCurves) -> Figure:
     return fig
 
 
-def _metric_panel(ax: Any, name: str, data: RunCurves) -> None:
+def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
     series = data.metrics[name]
     steps = list(series)
     # Infinite values would wreck the axis limits; they stay in metrics.csv and are gaps here, like NaN.
@@ -477,7 +273,7 @@ def _metric_panel(ax: Any, name: str, data: RunCurves) -> None:
         ax.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize="x-small", loc="best")
 
 
-def seeds_figure(data: RunCurves) -> Figure:
+def seeds_figure(data: RunHistory) -> Figure:
     """Heatmap of d1/d2 per probe seed (rows) and regurgitation probe step (columns).
 
     The colour scale is centred on the memorization threshold (red below: copies), which is marked
@@ -485,7 +281,7 @@ def seeds_figure(data: RunCurves) -> Figure:
     annotated with the training image it copies, so the step at which a seed snaps is visible.
 
     Args:
-        data: from :func:`load_run_curves`.
+        data: from :func:`memwatch.history.load_history`.
 
     Returns:
         The figure: the heatmap axes (titled ``regurgitation: d1/d2 per seed``) and its colorbar,

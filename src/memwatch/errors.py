@@ -15,3 +15,10 @@ class MemwatchError(Exception):
         ...
         memwatch.errors.MemwatchError: reference folder data/ has no images: point --reference at ...
     """
+
+
+class ProbeUnavailable(MemwatchError):
+    """A probe cannot run on this snapshot with this data (e.g. no captions to prompt with).
+
+    The probe is recorded as failed with this message for the snapshot; the other probes run.
+    """

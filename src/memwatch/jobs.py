@@ -36,7 +36,7 @@ from memwatch.checkpoints import list_checkpoints
 from memwatch.config import MonitorConfig
 from memwatch.errors import MemwatchError
 from memwatch.rules import severity_at_least
-from memwatch.session import PROBES, ProbeSession, as_refset
+from memwatch.session import ProbeSession, as_refset
 from memwatch.snapshots import denoiser_class, detect_layout, load_snapshot, snapshot_complete
 from memwatch.store import OUTPUT_SUBDIR
 
@@ -148,18 +148,18 @@ class CheckpointProber:
     def missing_probes(self, ref: SnapshotRef) -> list[str]:
         """Probes that apply to this snapshot and have no ok result for it and this config yet.
 
-        Text-to-image-only probes (condnoise) apply when the folder's UNet is a
-        ``UNet2DConditionModel`` (read from its config, without loading weights).
+        Text-to-image-only probes apply when the folder's UNet is a ``UNet2DConditionModel`` (read
+        from its config, without loading weights).
         """
         s = self.session
         assert s is not None and s.store is not None
         snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-        # None: the folder does not say (yet); loading will tell, and condnoise is skipped if it does not apply.
-        t2i = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
+        # None: the folder does not say (yet); loading will tell, and probes that do not apply are skipped.
+        text_to_image = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
         return [
-            p
-            for p in PROBES
-            if s.enabled(p, text_to_image=t2i) and not s.store.has_result(snap_id, p, self.config.probe_hash(p))
+            p.name
+            for p in s.applicable(text_to_image=text_to_image)
+            if not s.store.has_result(snap_id, p.name, s.probe_hash(p))
         ]
 
     def probe(self, ref: SnapshotRef) -> bool:
@@ -172,15 +172,16 @@ class CheckpointProber:
             return False
         try:
             snap = load_snapshot(ref.path, weights=self.config.weights, base_model=self.config.base_model)
-            if snap.conditional and snap.text is None:
+            if snap.parts.text_to_image and snap.parts.text_encoder is None:
                 raise MemwatchError(
                     f"{ref.path}: text-to-image UNet without tokenizer/text encoder/VAE: set 'base_model' to the "
                     "local pipeline folder the run started from (--pretrained_model_name_or_path)"
                 )
         except MemwatchError as e:
             snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-            for p in missing:
-                s.store.record_failure(snap_id, p, config_hash=self.config.probe_hash(p), error=str(e))
+            by_name = {p.name: p for p in s.probes}
+            for name in missing:
+                s.store.record_failure(snap_id, name, config_hash=s.probe_hash(by_name[name]), error=str(e))
             self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": str(e)})
             log.warning("%s: recorded as failed: %s", ref.path, e)
             return True
@@ -203,7 +204,8 @@ class CheckpointProber:
             self.report.events = [e.to_dict() for e in s.events]
             self.report.last_clean_step = s.last_clean_step
             self.report.onset_step = s.onset_step
-            s.close(max(self.report.probed, default=None))
+            s.last_step = max(self.report.probed, default=None)
+            s.close()
         return self.report
 
 

@@ -102,3 +102,43 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+class ema_weights:
+    """Context manager yielding the module to probe: the raw weights, or the EMA weights swapped in.
+
+    Args:
+        model: the module being trained (wrapped or not).
+        ema: a diffusers ``EMAModel`` (its weights are copied in and restored afterwards) or an EMA
+            copy of the model (used as is); may be None when ``which`` is ``"raw"``.
+        which: ``"raw"`` or ``"ema"``.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with ema_weights(net, None, "raw") as probed:
+        ...     probed is net
+        True
+    """
+
+    def __init__(self, model: nn.Module, ema: object, which: str):
+        self.model, self.ema, self.which = unwrap_model(model), ema, which
+        self._swapped = False
+
+    def __enter__(self) -> nn.Module:
+        from memwatch.errors import MemwatchError
+
+        if self.which != "ema":
+            return self.model
+        if self.ema is None:
+            raise MemwatchError("config 'weights: ema' but no EMA model was passed (ema=...): pass the EMA model")
+        if isinstance(self.ema, nn.Module):
+            return unwrap_model(self.ema)
+        params = list(self.model.parameters())
+        self.ema.store(params)  # type: ignore[attr-defined]
+        self.ema.copy_to(params)  # type: ignore[attr-defined]
+        self._swapped = True
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        if self._swapped:
+            self.ema.restore(list(self.model.parameters()))  # type: ignore[attr-defined]

@@ -23,32 +23,37 @@ What it guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from memwatch.config import MonitorConfig, load_config
-from memwatch.errors import MemwatchError
-from memwatch.modes import unwrap_model
+from memwatch.probes.base import Probe
 from memwatch.refset import ReferenceSet
 from memwatch.rules import Event
-from memwatch.session import PROBES, ProbeSession, Workers, as_refset
+from memwatch.session import ProbeSession, as_refset
 from memwatch.store import OUTPUT_SUBDIR
+from memwatch.workers import Workers
 
 
 class MemorizationMonitor:
     """Probe a diffusion model periodically while it trains, and warn when it starts to memorize.
 
+    Everything but the accelerate specifics (processes, trackers, the project folder) is the
+    :class:`~memwatch.session.ProbeSession`'s: cadence, EMA swap, stop sync, probing and recording.
+
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
-        config: YAML path, dict or :class:`MonitorConfig` (None: ``configs/default.yaml``).
+        config: YAML path, dict or :class:`MonitorConfig` (None: the defaults).
         reference: training images (path or :class:`ReferenceSet`); default ``config.reference``.
         holdout: non-member images for the membership probe; default ``config.holdout``.
         output_dir: where the store, events and evidence go; default ``config.output_dir``, else
             ``<accelerator project_dir>/memwatch``, else ``./memwatch``.
         on_event: called with each :class:`memwatch.rules.Event` on the main process.
+        probes: your own :class:`~memwatch.probes.base.Probe` instances, run with the configured ones
+            (an instance replaces a configured probe of the same name).
 
     Example:
         >>> with MemorizationMonitor(acc, "configs/demo.yaml", reference="data/train") as monitor:  # doctest: +SKIP
@@ -68,6 +73,7 @@ class MemorizationMonitor:
         *,
         output_dir: str | Path | None = None,
         on_event: Callable[[Event], None] | None = None,
+        probes: Sequence[Probe] = (),
     ):
         self.accelerator = accelerator
         self.config = load_config(config)
@@ -77,13 +83,11 @@ class MemorizationMonitor:
             as_refset(reference if reference is not None else self.config.reference, "reference set"),
             as_refset(holdout, "holdout set") if holdout is not None else None,
             output_dir or self.config.output_dir or _default_output_dir(accelerator),
+            probes=probes,
             workers=Workers.from_accelerator(accelerator),
             on_event=on_event,
             log_metrics=lambda values, step: accelerator.log(values, step=step),
         )
-        self.last_step: int | None = None
-        self._probed: dict[str, int] = {}
-        self._last_args: tuple[nn.Module, Any, Any] | None = None
         self._closed = False
 
     # Read-only views of the session's state, for training loops and callbacks.
@@ -100,6 +104,10 @@ class MemorizationMonitor:
     @property
     def events(self) -> list[Event]:
         return self.session.events
+
+    @property
+    def last_step(self) -> int | None:
+        return self.session.last_step
 
     @property
     def last_clean_step(self) -> int | None:
@@ -132,10 +140,7 @@ class MemorizationMonitor:
         Returns:
             The events this step raised (main process; empty elsewhere).
         """
-        self.last_step = global_step
-        self._last_args = (model, scheduler, ema)
-        due = [p for p in PROBES if self._due(p, global_step)]
-        return self._probe(global_step, model, scheduler, ema, due) if due else []
+        return self.session.step(global_step, model, scheduler, ema=ema)
 
     def close(self) -> dict[str, Any]:
         """Finish: probe the last step seen by :meth:`step` if it was not probed, write ``summary.json``.
@@ -146,19 +151,15 @@ class MemorizationMonitor:
         Returns:
             The summary (see :meth:`summary`).
         """
-        if self._closed:
-            return self.summary()
-        if self._last_args is not None and self.last_step is not None:
-            due = [p for p in PROBES if self.session.enabled(p) and self._probed.get(p) != self.last_step]
-            if due:
-                self._probe(self.last_step, *self._last_args, due)
-        self._closed = True
-        self._last_args = None
-        return self.session.close(self.last_step)
+        if not self._closed:
+            self._closed = True
+            self.session.finish()
+            return self.session.close()
+        return self.summary()
 
     def summary(self) -> dict[str, Any]:
         """Onset step, last clean step, events by severity, timings and the paths written."""
-        return self.session.summary(self.last_step)
+        return self.session.summary()
 
     def __enter__(self) -> MemorizationMonitor:
         return self
@@ -166,53 +167,7 @@ class MemorizationMonitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _due(self, probe: str, step: int) -> bool:
-        every = getattr(self.config, probe).every
-        return self.session.enabled(probe) and step % every == 0 and self._probed.get(probe) != step
-
-    def _probe(self, step: int, model: nn.Module, scheduler: Any, ema: Any, due: list[str]) -> list[Event]:
-        with _probe_weights(model, ema, self.config.weights) as unet:
-            events = self.session.probe(step, unet, scheduler, due)
-        for p in due:
-            self._probed[p] = step
-        self._sync_stop()
-        return events
-
-    def _sync_stop(self) -> None:
-        """Make every process agree on ``should_stop`` (called at probe steps, which all processes share)."""
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            flag = [self.session.should_stop]
-            broadcast_object_list(flag, from_process=0)
-            self.session.should_stop = bool(flag[0])
-
 
 def _default_output_dir(accelerator: Any) -> Path:
     project = getattr(getattr(accelerator, "project_configuration", None), "project_dir", None)
     return Path(project) / OUTPUT_SUBDIR if project else Path(OUTPUT_SUBDIR)
-
-
-class _probe_weights:
-    """Context manager yielding the module to probe: raw weights, or the EMA weights swapped in."""
-
-    def __init__(self, model: nn.Module, ema: Any, which: str):
-        self.model, self.ema, self.which = unwrap_model(model), ema, which
-        self._swapped = False
-
-    def __enter__(self) -> nn.Module:
-        if self.which != "ema":
-            return self.model
-        if self.ema is None:
-            raise MemwatchError("config 'weights: ema' but monitor.step() got no ema=...: pass the EMA model")
-        if isinstance(self.ema, nn.Module):
-            return unwrap_model(self.ema)
-        params = list(self.model.parameters())
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        self._swapped = True
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        if self._swapped:
-            self.ema.restore(list(self.model.parameters()))

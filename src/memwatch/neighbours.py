@@ -1,16 +1,26 @@
-"""Exact k-nearest-neighbour search in chunks.
+"""The reference index and exact k-nearest-neighbour search in chunks.
 
 The reference set is scanned ``chunk_size`` rows at a time and a running top-k is kept, so the
 distance matrix in memory is at most ``len(query) x chunk_size`` however large the reference set is.
 Results equal brute force exactly: ties are broken by the lower reference index (a stable sort of the
 running candidates, which always come from earlier chunks, before the new chunk).
+
+:class:`ReferenceIndex` holds the training set's embeddings, computed once through the embedding
+cache and de-duplicated by file content; every probe that compares with training images searches it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from memwatch.embed_cache import EmbeddingCache
+    from memwatch.embedders.base import Embedder
+    from memwatch.refset import ReferenceSet
 
 DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,3 +66,37 @@ def knn(
         best_d = torch.gather(cand_d, 1, order)
         best_i = torch.gather(cand_i, 1, order)
     return best_d, best_i
+
+
+class ReferenceIndex:
+    """Reference embeddings ready for search: embedded once (through the cache), de-duplicated.
+
+    Args:
+        refs: the training set.
+        embedder: the embedder all comparisons use.
+        cache: embedding cache, or None.
+
+    Example:
+        >>> index = ReferenceIndex(load_reference_set("data/train"), PixelEmbedder(32), None)  # doctest: +SKIP
+        >>> result = regurgitation_probe(samples, index, RegurgitationConfig())  # doctest: +SKIP
+    """
+
+    def __init__(self, refs: ReferenceSet, embedder: Embedder, cache: EmbeddingCache | None):
+        from memwatch.embed_cache import embed_reference
+
+        t0 = time.perf_counter()
+        embedded = embed_reference(refs, embedder, cache)
+        self.refs = refs
+        self.embedder = embedder
+        self.computed, self.cached = embedded.computed, embedded.cached
+        # One row per distinct file content; nn1 names the first id (sorted) that has it.
+        first: dict[str, int] = {}
+        for i, it in enumerate(refs.items):
+            first.setdefault(it.sha256, i)
+        keep = sorted(first.values())
+        self.embeddings = embedded.embeddings[keep]
+        self.ids = [refs.items[i].id for i in keep]
+        self.seconds = time.perf_counter() - t0
+
+    def __len__(self) -> int:
+        return len(self.ids)

@@ -53,6 +53,7 @@ Quote the operators (``">"``): a bare ``>`` starts a YAML folded block. Write sm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
@@ -79,7 +80,9 @@ DEFAULT_WINDOW = 5  # points in the trend fit: recent enough to follow a change 
 DEFAULT_MIN_POINTS = 3  # two points always fit a line exactly; three give the fit some support
 
 REQUIRED = ("name", "type", "metric", "severity", "message", "op", "value")
-# Settings each type accepts beyond REQUIRED; anything else is a typo and is rejected.
+#: Optional settings of every rule: where its threshold comes from (shown in the audit report).
+OPTIONAL = ("source",)
+# Settings each type accepts beyond REQUIRED and OPTIONAL; anything else is a typo and is rejected.
 EXTRA_SETTINGS = {"threshold": ("for",), "first": (), "trend": ("window", "min_points", "horizon")}
 TEMPLATE_FIELDS = ("value", "threshold", "step", "forecast_step", "metric", "rule", "op", "severity")
 STATE_VERSION = 1
@@ -101,6 +104,7 @@ class Rule:
         window: trend rules: number of most recent points in the least-squares fit.
         min_points: trend rules: fewest points before a forecast is made.
         horizon: trend rules: fire when the forecast crossing is at most this many steps ahead.
+        source: where the threshold comes from (a paper, or why this value), if stated.
     """
 
     name: str
@@ -114,6 +118,7 @@ class Rule:
     window: int = DEFAULT_WINDOW
     min_points: int = DEFAULT_MIN_POINTS
     horizon: float | None = None
+    source: str | None = None
 
     @property
     def probe(self) -> str:
@@ -144,6 +149,8 @@ class Rule:
             out["for"] = self.consecutive
         elif self.type == "trend":
             out.update(window=self.window, min_points=self.min_points, horizon=self.horizon)
+        if self.source is not None:
+            out["source"] = self.source
         return out
 
 
@@ -194,8 +201,10 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        """Inverse of :meth:`to_dict` (rebuilds events read back from the store)."""
-        return cls(**{**data, "evidence": dict(data.get("evidence") or {})})
+        """Inverse of :meth:`to_dict` (rebuilds events read back from the store; other keys are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in known and k != "evidence"}
+        return cls(**kept, evidence=dict(data.get("evidence") or {}))
 
 
 def severity_at_least(severity: str, minimum: str) -> bool:
@@ -235,7 +244,7 @@ def forecast_crossing(steps: Sequence[float], values: Sequence[float], threshold
         or a slope pointing away from the threshold.
 
     Example:
-        >>> forecast_crossing([100, 200, 300], [0.1, 0.2, 0.3], 0.5, ">")
+        >>> round(forecast_crossing([100, 200, 300], [0.1, 0.2, 0.3], 0.5, ">"), 6)
         500.0
     """
     if op not in OPS:
@@ -317,7 +326,7 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
     rtype = item["type"]
     if rtype not in RULE_TYPES:
         raise fail("type", f"is {rtype!r}: use one of {', '.join(RULE_TYPES)}")
-    allowed = REQUIRED + EXTRA_SETTINGS[rtype]
+    allowed = REQUIRED + OPTIONAL + EXTRA_SETTINGS[rtype]
     for key in item:
         if key not in allowed:
             raise fail(key, f"is not known for a {rtype} rule: allowed settings are {', '.join(allowed)}")
@@ -350,6 +359,10 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
     message = item["message"]
     if not isinstance(message, str):
         raise fail("message", f"must be a string, got {type(message).__name__}")
+    source = item.get("source")
+    if source is not None and not isinstance(source, str):
+        raise fail("source", f"must be a string (where the threshold comes from), got {type(source).__name__}")
+    kwargs["source"] = source
     _check_template(message, rtype, fail)
     return Rule(name=name, type=rtype, metric=metric, severity=severity, message=message, op=op, value=value, **kwargs)
 

@@ -13,7 +13,8 @@ from typing import Any
 from memwatch.embed_cache import EmbeddingCache, embed_reference
 from memwatch.embedders.base import Embedder
 from memwatch.evidence import nan_last
-from memwatch.probes.regurgitation import ReferenceIndex, RegurgitationConfig, regurgitation_from_embeddings
+from memwatch.neighbours import ReferenceIndex
+from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_from_embeddings
 from memwatch.refset import load_reference_set
 
 

@@ -29,6 +29,19 @@ class Embedder(ABC):
     resolution: int
     #: similarity at or above which a sample counts as a copy (``copy_fraction``); see subclasses
     default_copy_threshold: float
+    #: the copy threshold used when the settings set none, and where it comes from (audit report)
+    builtin_copy_threshold: float | None = None
+    copy_threshold_source: str = "set by the embedder; no published source recorded"
+
+    @classmethod
+    def from_settings(cls, settings: Any, default_resolution: int | None = None) -> Embedder:
+        """Build from the ``embedder`` settings section (:class:`memwatch.embedders.EmbedderConfig`).
+
+        Args:
+            settings: the section.
+            default_resolution: the model's image resolution, for embedders that compare at it.
+        """
+        raise NotImplementedError(f"{cls.__name__}.from_settings")
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:

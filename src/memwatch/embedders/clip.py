@@ -77,6 +77,16 @@ class ClipEmbedder(Embedder):
     """
 
     name = "clip"
+    builtin_copy_threshold = CLIP_COPY_THRESHOLD
+    copy_threshold_source = (
+        "CLIP de-duplication practice (embedders/clip.py; e.g. Webster et al. 2023): cosine >= 0.95 is a near-duplicate"
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Any, default_resolution: int | None = None) -> ClipEmbedder:
+        if settings.resolution is not None:
+            raise MemwatchError("setting 'embedder.resolution' applies to pixel only: clip uses its model's input size")
+        return cls(settings.model, settings.pretrained, copy_threshold=settings.copy_threshold)
 
     def __init__(
         self,

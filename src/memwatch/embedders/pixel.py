@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from memwatch.embedders.base import Embedder
+from memwatch.errors import MemwatchError
 
 # Carlini et al. 2023 cut images into a 4x4 grid for the tiled l2 distance.
 TILE_GRID = 4
@@ -45,10 +46,23 @@ class PixelEmbedder(Embedder):
     """
 
     name = "pixel"
+    builtin_copy_threshold = PIXEL_COPY_THRESHOLD
+    copy_threshold_source = (
+        "memwatch heuristic (embedders/pixel.py): 1 - normalised l2 >= 0.95; extracted CIFAR-10 samples of "
+        "Carlini et al. 2023 lie about this close to their training image"
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Any, default_resolution: int | None = None) -> PixelEmbedder:
+        resolution = settings.resolution or default_resolution
+        kwargs = {} if resolution is None else {"resolution": resolution}
+        return cls(**kwargs, tiled=settings.tiled, copy_threshold=settings.copy_threshold)
 
     def __init__(self, resolution: int = 64, *, tiled: bool = False, copy_threshold: float | None = None):
         if tiled and resolution % TILE_GRID:
-            raise ValueError(f"embedder.resolution must be a multiple of {TILE_GRID} for tiled distance")
+            raise MemwatchError(
+                f"setting 'embedder.resolution' ({resolution}) must be a multiple of {TILE_GRID} for tiled distance"
+            )
         self.resolution = resolution
         self.tiled = tiled
         self.default_copy_threshold = PIXEL_COPY_THRESHOLD if copy_threshold is None else copy_threshold

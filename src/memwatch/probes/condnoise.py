@@ -36,58 +36,64 @@ from typing import Any
 import torch
 
 from memwatch.errors import MemwatchError
+from memwatch.model_parts import ModelParts
 from memwatch.modes import eval_mode, unwrap_model
-from memwatch.probes.base import ProbeResult
-from memwatch.probes.membership import TPR_FPR, roc_auc, tpr_at_fpr
+from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
 from memwatch.sampling import ddim_from
-from memwatch.t2i import encode_prompts, guided_eps, initial_latents, latent_shape, t2i_parts
+from memwatch.settings import setting
+from memwatch.stats import TPR_FPR, roc_auc, tpr_at_fpr
+from memwatch.text_to_image import (
+    encode_prompts,
+    guided_eps,
+    initial_latents,
+    latent_shape,
+    prompt_sets,
+    uncaptioned_counts,
+)
+
+_WEN = "Wen et al. ICLR 2024"
 
 
 @dataclass
-class CondNoiseConfig:
-    """Settings of the conditional-noise probe.
+class CondNoiseConfig(ProbeSettings):
+    """Settings of the conditional-noise probe (text-to-image models only).
 
-    Attributes:
-        every: run every this many optimizer steps (0 turns the probe off). It runs only on
-            text-to-image snapshots; unconditional models have no prompt to measure. Cost:
-            ``(num_members + num_holdout) * num_generations * num_steps`` guided UNet calls (two
-            rows each); no VAE, no full sampling, so it can run as often as the membership probe.
-        num_members: training prompts probed.
-        num_holdout: held-out prompts probed (captions of the same kind, not trained on).
-        num_steps: first DDIM steps averaged. 1: Wen et al. report "high accuracy even at the
-            first generation step, with a single generation per prompt" (abstract).
-        num_generations: initial latents per prompt, averaged. 4: ``num_images_per_prompt=4`` in
-            Wen et al.'s ``detect_mem.py``.
-        num_inference_steps: length of the DDIM schedule the first steps are taken from; sets
-            which timesteps are scored. 50: Wen et al. (and Stable Diffusion's default).
-        guidance_scale: classifier-free guidance weight of the trajectory between scored steps
-            (no effect when ``num_steps == 1``). 7.5: Wen et al. and StableDiffusionPipeline.
-        seed_offset: generation ``g`` starts from seed ``seed_offset + g``.
-        batch_size: prompts per UNet call (each call has ``2 * batch_size`` rows).
-        top_k: highest-scoring prompts kept as evidence.
+    Cost: ``(num_members + num_holdout) * num_generations * num_steps`` guided UNet calls (two rows
+    each); no VAE, no full sampling, so it can run as often as the membership probe.
     """
 
-    every: int = 50
-    num_members: int = 32
-    num_holdout: int = 32
-    num_steps: int = 1
-    num_generations: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    seed_offset: int = 0
-    batch_size: int = 8
-    top_k: int = 10
+    section = "probes.condnoise"
+    every: int = setting(
+        50,
+        "run every this many training steps (0: off); text-to-image snapshots only",
+        min=0,
+        unit="steps",
+        source="like membership: cheap (no VAE, no full sampling)",
+    )
+    num_members: int = setting(32, "training captions scored (first distinct ones, stable order)", min=1)
+    num_holdout: int = setting(32, "held-out captions scored (AUC needs both; NaN without a holdout set)", min=0)
+    num_steps: int = setting(
+        1, "first DDIM steps averaged", min=1, source=f"{_WEN}: detect well already at the first step"
+    )
+    num_generations: int = setting(
+        4, "initial latents per prompt", min=1, source=f"num_images_per_prompt=4 in {_WEN} (detect_mem.py)"
+    )
+    num_inference_steps: int = setting(
+        50, "DDIM schedule the scored steps come from", min=1, source=f"{_WEN}; Stable Diffusion's default"
+    )
+    guidance_scale: float = setting(
+        7.5,
+        "guidance of the trajectory between scored steps (no effect at num_steps 1)",
+        source=f"{_WEN}; StableDiffusionPipeline's default",
+    )
+    seed_offset: int = setting(0, "generation g of every prompt starts from seed seed_offset + g", min=0)
+    batch_size: int = setting(8, "prompts per UNet call (2 rows each: conditional and empty prompt)", min=1)
+    top_k: int = setting(10, "highest-scoring prompts kept as evidence", min=0)
 
-    def __post_init__(self) -> None:
-        for name in ("num_members", "num_steps", "num_generations", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MemwatchError(f"condnoise.{name}={getattr(self, name)}: must be at least 1")
-        for name in ("every", "num_holdout", "top_k"):  # every: 0 turns the probe off
-            if getattr(self, name) < 0:
-                raise MemwatchError(f"condnoise.{name}={getattr(self, name)}: must be >= 0")
+    def check(self) -> None:
         if self.num_steps > self.num_inference_steps:
-            raise MemwatchError(
-                f"condnoise.num_steps={self.num_steps} exceeds num_inference_steps={self.num_inference_steps}"
+            raise self.invalid(
+                "num_steps", f"({self.num_steps}) must not exceed num_inference_steps ({self.num_inference_steps})"
             )
 
 
@@ -133,7 +139,7 @@ def condnoise_scores(
         raise MemwatchError(f"num_steps={num_steps}: must be in [1, num_inference_steps={num_inference_steps}]")
     if num_generations < 1 or batch_size < 1:
         raise MemwatchError("num_generations and batch_size must be at least 1")
-    parts = t2i_parts(model)
+    parts = ModelParts.of(model)
     unet = unwrap_model(parts.unet)
     param = next(unet.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -255,3 +261,51 @@ def condnoise_evidence(result: ProbeResult, top_k: int = 10) -> dict[str, Any]:
     """
     top = sorted(result.items, key=lambda r: r["rank"])[:top_k]
     return {"top_prompts": [{"prompt": r["item"], "group": r["group"], "score": r["score"]} for r in top]}
+
+
+class CondNoiseProbe(Probe):
+    """Wen et al.'s conditional-noise magnitude of training vs held-out prompts (prompts split across processes)."""
+
+    name = "condnoise"
+    Settings = CondNoiseConfig
+    text_to_image_only = True
+    metrics = ("condnoise_member", "condnoise_holdout", "condnoise_gap", "condnoise_auc", "condnoise_tpr_at_1fpr",
+               "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+    default_rules = (
+        {
+            "name": "condnoise-separable",
+            "type": "threshold",
+            "metric": "condnoise/condnoise_auc",
+            "op": ">=",
+            "value": 0.7,
+            "for": 2,
+            "severity": "info",
+            "source": "Hanley & McNeil 1982: with 32 vs 32 prompts the AUC's standard error at 0.5 is about 0.07, so "
+            "0.7 is about 3 SE; the signal is Wen et al. (ICLR 2024)",
+            "message": "step {step}: training prompts stand out by conditional-noise magnitude (AUC {value:.2f})",
+        },
+    )
+
+    def compute(self, ctx: ProbeContext) -> list[dict[str, Any]]:
+        cfg = self.settings
+        self._members, self._holdout = prompt_sets(
+            ctx.data.refs, ctx.data.holdout, cfg.num_members, cfg.num_holdout, "condnoise scores training captions"
+        )
+        t0 = time.perf_counter()
+        part = condnoise_probe(
+            ctx.parts, ctx.workers.share(self._members.prompts), ctx.workers.share(self._holdout.prompts), cfg
+        )
+        self._seconds = time.perf_counter() - t0
+        ctx.add_time("condnoise", self._seconds)
+        return [{k: r[k] for k in ("item", "group", "score")} for r in part.items]
+
+    def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        images = dict(zip(self._members.prompts, self._members.images, strict=True))
+        for row in rows:  # how many training images carry the caption (duplicates memorize sooner)
+            row["images"] = images.get(row["item"], 0) if row["group"] == "member" else 0
+        result = condnoise_from_items(rows, seconds=self._seconds)
+        result.metrics.update(uncaptioned_counts(self._members, self._holdout))
+        return result
+
+    def evidence(self, result: ProbeResult) -> dict[str, Any]:
+        return condnoise_evidence(result, self.settings.top_k)

@@ -13,62 +13,56 @@ item's id, so the same image gets the same noise at every probe whatever subset 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from memwatch.errors import MemwatchError
+from memwatch.errors import MemwatchError, ProbeUnavailable
 from memwatch.hashing import sha256_bytes
+from memwatch.images import load_image
 from memwatch.modes import eval_mode, unwrap_model
-from memwatch.probes.base import ProbeResult
-
-#: FPR at which ``tpr_at_1fpr`` is reported: low-FPR TPR is the figure of merit for membership
-#: attacks recommended by Carlini et al. 2022 ("Membership Inference Attacks From First Principles").
-TPR_FPR = 0.01
+from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
+from memwatch.refset import ReferenceSet
+from memwatch.settings import setting
+from memwatch.stats import TPR_FPR, roc_auc, tpr_at_fpr
+from memwatch.text_to_image import caption_of, encode_images, encode_prompts, no_captions
 
 # manual_seed takes 64-bit seeds; masking keeps huge user seeds valid (no effect on hashed ids).
 _SEED_MASK = (1 << 64) - 1
+# With 64 members vs 64 holdout the AUC's standard error at 0.5 is ~0.05 (Hanley & McNeil 1982).
+_AUC_SE = "64 vs 64 resolves AUC to about +-0.05 (standard error at 0.5, Hanley & McNeil 1982)"
 
 
 @dataclass
-class MembershipConfig:
-    """Settings of the membership probe.
+class MembershipConfig(ProbeSettings):
+    """Settings of the membership probe (see ``configs/default.yaml`` for each one's source)."""
 
-    Attributes:
-        every: run the probe every this many optimizer steps. It costs a few forward passes
-            (``(num_members + num_holdout) * len(timesteps)`` images), so it can run far more
-            often than sample-based probes (DESIGN.md: "run the cheap ones often").
-        num_members: training images probed. 64 vs 64 resolves AUC to about +-0.05 (standard
-            error of the Mann-Whitney AUC at 0.5, Hanley & McNeil 1982), enough to see a trend.
-        num_holdout: non-member images of the same distribution probed.
-        timesteps: training timesteps (of ``num_train_timesteps = 1000``) at which the loss is
-            averaged. Early/mid timesteps are where the member/holdout loss gap is largest
-            (SecMI, Duan et al. 2023, and PIA, Kong et al. 2024, both attack at t of order
-            100-200 of 1000); large t are nearly pure noise and carry little membership signal.
-        batch_size: images per UNet forward pass.
-    """
+    section = "probes.membership"
+    every: int = setting(
+        50,
+        "run every this many training steps (0: off); a few forward passes per image",
+        min=0,
+        unit="steps",
+        source="cheap, so it runs often (DESIGN.md: run the cheap ones often)",
+    )
+    num_members: int = setting(64, "training images probed", min=1, source=_AUC_SE)
+    num_holdout: int = setting(64, "non-member images of the same distribution probed", min=0, source=_AUC_SE)
+    timesteps: list[int] = setting(
+        [50, 150, 300, 500],
+        "training timesteps (of num_train_timesteps) at which the loss is averaged",
+        min=0,
+        source="early/mid timesteps carry the largest member/holdout gap (SecMI, Duan et al. 2023; PIA, Kong et al. "
+        "2024 attack at t ~ 100-200 of 1000)",
+    )
+    batch_size: int = setting(16, "images per UNet forward pass", min=1)
 
-    every: int = 50
-    num_members: int = 64
-    num_holdout: int = 64
-    timesteps: list[int] = field(default_factory=lambda: [50, 150, 300, 500])
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("num_members", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MemwatchError(f"probes.membership.{name}={getattr(self, name)}: must be at least 1")
-        for name in ("every", "num_holdout"):  # every: 0 turns the probe off
-            if getattr(self, name) < 0:
-                raise MemwatchError(f"probes.membership.{name}={getattr(self, name)}: must be >= 0")
+    def check(self) -> None:
         if not self.timesteps:
-            raise MemwatchError("probes.membership.timesteps is empty: give at least one timestep, e.g. [50, 150]")
+            raise self.invalid("timesteps", "is empty: give at least one timestep, e.g. [50, 150]")
 
 
 def noise_seed_for(item_id: Any) -> int:
@@ -133,7 +127,7 @@ def denoising_losses(
             passed as ``encoder_hidden_states``; None for unconditional UNets.
         encode: maps a batch of images in [0, 1] (float32, on ``device``) to the model's clean
             input ``x0``; default ``2 * image - 1`` (pixel-space models). Latent models pass
-            :func:`memwatch.t2i.encode_images` with their VAE.
+            :func:`memwatch.text_to_image.encode_images` with their VAE.
 
     Returns:
         float32 CPU tensor ``(N,)``.
@@ -189,70 +183,6 @@ def denoising_losses(
                 target = _target(scheduler, x0, noise, t).float()
                 totals[start : start + x0.shape[0]] += (pred - target).pow(2).flatten(1).mean(1).double().cpu()
     return (totals / len(timesteps)).float()
-
-
-Scores = Sequence[float] | np.ndarray | torch.Tensor
-
-
-def _as_array(scores: Scores) -> np.ndarray:
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu().numpy()
-    return np.asarray(scores, dtype=np.float64).reshape(-1)
-
-
-def roc_auc(member_scores: Scores, holdout_scores: Scores) -> float:
-    """ROC AUC of "higher score = member": the Mann-Whitney U statistic, ties counted one half.
-
-    Equals P(member score > holdout score) + 0.5 * P(equal). NaN when either group is empty or a
-    score is NaN (e.g. a diverged model), so a probe never fails on it.
-
-    Args:
-        member_scores: scores of training examples.
-        holdout_scores: scores of non-members.
-
-    Example:
-        >>> roc_auc([3.0, 2.0], [1.0, 2.0])
-        0.875
-    """
-    pos, neg = _as_array(member_scores), _as_array(holdout_scores)
-    if pos.size == 0 or neg.size == 0 or np.isnan(pos).any() or np.isnan(neg).any():
-        return float("nan")
-    neg_sorted = np.sort(neg)
-    below = np.searchsorted(neg_sorted, pos, side="left")  # holdout scores strictly below each member
-    equal = np.searchsorted(neg_sorted, pos, side="right") - below
-    return float((below.sum() + 0.5 * equal.sum()) / (pos.size * neg.size))
-
-
-def tpr_at_fpr(member_scores: Scores, holdout_scores: Scores, fpr: float = TPR_FPR) -> float:
-    """Largest true-positive rate over thresholds whose false-positive rate is at most ``fpr``.
-
-    An example is called a member when its score is *strictly greater* than the threshold;
-    thresholds range over every observed score and minus infinity. These are exactly the points of
-    ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``. No interpolation between points:
-    with 64 holdout images, FPR 1% admits no false positive at all. NaN when either group is empty
-    or a score is NaN.
-
-    Args:
-        member_scores: scores of training examples (higher = more likely member).
-        holdout_scores: scores of non-members.
-        fpr: the FPR limit, in [0, 1].
-
-    Example:
-        >>> tpr_at_fpr([3.0, 2.0, 0.5], [1.0, 0.0], fpr=0.0)
-        0.6666666666666666
-    """
-    if not 0.0 <= fpr <= 1.0:
-        raise MemwatchError(f"fpr={fpr}: must be in [0, 1]")
-    pos, neg = _as_array(member_scores), _as_array(holdout_scores)
-    if pos.size == 0 or neg.size == 0 or np.isnan(pos).any() or np.isnan(neg).any():
-        return float("nan")
-    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
-    thresholds = np.concatenate([[-np.inf], np.unique(np.concatenate([pos, neg]))])
-    tp = pos.size - np.searchsorted(pos_sorted, thresholds, side="right")
-    fp = neg.size - np.searchsorted(neg_sorted, thresholds, side="right")
-    # Compare counts, not rates, so fpr=0.01 with 100 holdout examples admits exactly one.
-    allowed = math.floor(fpr * neg.size + 1e-9)
-    return float(tp[fp <= allowed].max() / pos.size)
 
 
 def membership_probe(
@@ -364,3 +294,127 @@ def membership_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0
         "tpr_at_1fpr": tpr_at_fpr(-member, -holdout, fpr=TPR_FPR),
     }
     return ProbeResult(probe="membership", metrics=metrics, items=list(items), timings={"membership": seconds})
+
+
+@dataclass
+class _Subset:
+    """Images of one membership group: tensors, ids, captions, and items skipped for lack of a caption."""
+
+    images: torch.Tensor
+    ids: list[str]
+    captions: list[str]
+    uncaptioned: int = 0
+
+
+def _load_subset(refs: ReferenceSet | None, n: int, resolution: int, *, captioned: bool = False) -> _Subset:
+    """The first ``n`` items in a stable pseudo-random order (by hash of id), as [0, 1] tensors.
+
+    With ``captioned``, only items with a caption are candidates; the others are counted.
+    """
+    candidates = list(refs.items) if refs is not None else []
+    uncaptioned = 0
+    if captioned:
+        kept = [it for it in candidates if caption_of(it) is not None]
+        uncaptioned = len(candidates) - len(kept)
+        candidates = kept
+    items = sorted(candidates, key=lambda it: sha256_bytes(it.id.encode()))[:n]
+    images = (
+        torch.stack([load_image(it.path, resolution) for it in items])
+        if items
+        else torch.empty(0, 3, resolution, resolution)
+    )
+    return _Subset(images, [it.id for it in items], [caption_of(it) or "" for it in items], uncaptioned)
+
+
+class MembershipProbe(Probe):
+    """The loss attack: training vs holdout denoising losses at fixed timesteps and noise.
+
+    Each process computes the losses of its share of both groups; the main process turns the
+    gathered per-example rows into metrics (:func:`membership_from_items`), so the metrics are
+    the same whatever the number of processes. Text-to-image models are probed on VAE latents,
+    each image conditioned on its own caption (uncaptioned items are skipped and counted).
+    """
+
+    name = "membership"
+    Settings = MembershipConfig
+    needs_holdout = True
+    metrics = ("loss_member", "loss_holdout", "loss_gap", "mia_auc", "tpr_at_1fpr", "uncaptioned_member",
+               "uncaptioned_holdout")  # fmt: skip
+    default_rules = (
+        {
+            "name": "membership-separable",
+            "type": "threshold",
+            "metric": "membership/mia_auc",
+            "op": ">=",
+            "value": 0.6,
+            "for": 3,
+            "severity": "info",
+            "source": "Hanley & McNeil 1982: with 64 members vs 64 holdout the AUC's standard error at 0.5 is about "
+            "0.05; 0.6 sustained over 3 probes is well beyond chance",
+            "message": "step {step}: training images are separable from holdout by loss (AUC {value:.2f})",
+        },
+    )
+
+    def __init__(self, settings: MembershipConfig | None = None, **values: Any):
+        super().__init__(settings, **values)
+        #: (resolution, text-to-image) -> group -> images, loaded once per run
+        self._subsets: dict[tuple[int, bool], dict[str, _Subset]] = {}
+        self._seconds = 0.0
+
+    def compute(self, ctx: ProbeContext) -> list[dict[str, Any]]:
+        cfg = self.settings
+        parts = ctx.parts
+        data = self._data(ctx)
+        if parts.text_to_image and not data["member"].ids:
+            raise ProbeUnavailable(
+                no_captions(ctx.data.refs, "membership losses are conditioned on each image's caption")
+            )
+        share: dict[str, dict[str, Any]] = {}
+        for group, subset in data.items():
+            idx = ctx.workers.share(range(len(subset.ids)))
+            cond = None
+            if parts.text_to_image and idx:
+                cond = encode_prompts(parts.tokenizer, parts.text_encoder, [subset.captions[i] for i in idx])
+            share[group] = {"images": subset.images[idx], "ids": [subset.ids[i] for i in idx], "cond": cond}
+        encode = None
+        if parts.text_to_image and parts.vae is not None:
+            vae = parts.vae
+
+            def encode(images: torch.Tensor) -> torch.Tensor:
+                return encode_images(vae, images)
+
+        t0 = time.perf_counter()
+        part = membership_probe(
+            parts.unet,
+            parts.scheduler,
+            share["member"]["images"],
+            share["holdout"]["images"],
+            member_ids=share["member"]["ids"],
+            holdout_ids=share["holdout"]["ids"],
+            timesteps=cfg.timesteps,
+            batch_size=cfg.batch_size,
+            member_conditioning=share["member"]["cond"],
+            holdout_conditioning=share["holdout"]["cond"],
+            encode=encode,
+        )
+        self._seconds = time.perf_counter() - t0
+        ctx.add_time("membership", self._seconds)
+        return part.items
+
+    def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        result = membership_from_items(rows, seconds=self._seconds)
+        if ctx.parts.text_to_image:
+            data = self._data(ctx)
+            result.metrics.update({f"uncaptioned_{group}": float(s.uncaptioned) for group, s in data.items()})
+        return result
+
+    def _data(self, ctx: ProbeContext) -> dict[str, _Subset]:
+        resolution, text_to_image = ctx.parts.image_resolution, ctx.parts.text_to_image
+        key = (resolution, text_to_image)
+        if key not in self._subsets:
+            cfg = self.settings
+            self._subsets[key] = {
+                "member": _load_subset(ctx.data.refs, cfg.num_members, resolution, captioned=text_to_image),
+                "holdout": _load_subset(ctx.data.holdout, cfg.num_holdout, resolution, captioned=text_to_image),
+            }
+        return self._subsets[key]

@@ -21,97 +21,61 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from memwatch.embed_cache import EmbeddingCache, embed_reference
-from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
-from memwatch.neighbours import knn
-from memwatch.probes.base import ProbeResult
-from memwatch.refset import ReferenceSet
+from memwatch.evidence import EvidencePair, regurgitation_pairs
+from memwatch.neighbours import ReferenceIndex, knn
+from memwatch.probes.base import Probe, ProbeContext, ProbeResult
+from memwatch.samples import SamplingSettings
+from memwatch.settings import setting
 
 PROBE = "regurgitation"
 
 
 @dataclass
-class RegurgitationConfig:
-    """Settings of the regurgitation probe (the monitor also reads ``every`` and the sampling ones).
-
-    Attributes:
-        every: probe every this many training steps (monitor); sampling is the costly part.
-        num_samples: generated samples per probe; their seeds are ``seed_offset + i``.
-        seed_offset: first probe seed.
-        inference_steps: DDIM steps per sample.
-        batch_size: samples generated per forward pass.
-        mem_ratio: d1/d2 below this is memorized (1/3: Gu et al. 2023, ``mem_ratio.py``).
-        extraction_alpha: Carlini et al. 2023's alpha (0.5).
-        extraction_n: Carlini et al. 2023's n nearest training images (50).
-        copy_threshold: similarity at or above which a sample is a copy; None uses the embedder's default.
-        chunk_size: reference rows per search chunk (bounds memory).
-        samples_per_prompt: text-to-image models: samples (seeds) per prompt, ``k``.
-        max_prompts: text-to-image models: training captions used as prompts.
-        max_holdout_prompts: text-to-image models: held-out captions used as prompts (a control:
-            samples of prompts never trained on should not copy training images).
-        guidance_scale: text-to-image models: classifier-free guidance weight.
+class RegurgitationConfig(SamplingSettings):
+    """Settings of the regurgitation probe, and of the samples every sample probe shares.
 
     ``num_samples`` applies to unconditional models; text-to-image models draw
     ``samples_per_prompt`` samples for each of up to ``max_prompts + max_holdout_prompts`` prompts.
     """
 
-    every: int = 200
-    num_samples: int = 32
-    seed_offset: int = 0
-    inference_steps: int = 25
-    batch_size: int = 16
-    mem_ratio: float = 1 / 3
-    extraction_alpha: float = 0.5
-    extraction_n: int = 50
-    copy_threshold: float | None = None
-    chunk_size: int = 4096
-    samples_per_prompt: int = 4
-    max_prompts: int = 8
-    max_holdout_prompts: int = 4
-    guidance_scale: float = 7.5
-
-    def __post_init__(self) -> None:
-        for name in ("samples_per_prompt", "max_prompts"):
-            if getattr(self, name) < 1:
-                raise MemwatchError(f"probes.regurgitation.{name}={getattr(self, name)}: must be at least 1")
-        if self.max_holdout_prompts < 0:
-            raise MemwatchError(f"probes.regurgitation.max_holdout_prompts={self.max_holdout_prompts}: must be >= 0")
-
-
-class ReferenceIndex:
-    """Reference embeddings ready for search: embedded once (through the cache), de-duplicated.
-
-    Args:
-        refs: the training set.
-        embedder: the embedder all comparisons use.
-        cache: embedding cache, or None.
-
-    Example:
-        >>> index = ReferenceIndex(load_reference_set("data/train"), PixelEmbedder(32), None)  # doctest: +SKIP
-        >>> result = regurgitation_probe(samples, index, RegurgitationConfig())  # doctest: +SKIP
-    """
-
-    def __init__(self, refs: ReferenceSet, embedder: Embedder, cache: EmbeddingCache | None):
-        t0 = time.perf_counter()
-        embedded = embed_reference(refs, embedder, cache)
-        self.refs = refs
-        self.embedder = embedder
-        self.computed, self.cached = embedded.computed, embedded.cached
-        # One row per distinct file content; nn1 names the first id (sorted) that has it.
-        first: dict[str, int] = {}
-        for i, it in enumerate(refs.items):
-            first.setdefault(it.sha256, i)
-        keep = sorted(first.values())
-        self.embeddings = embedded.embeddings[keep]
-        self.ids = [refs.items[i].id for i in keep]
-        self.seconds = time.perf_counter() - t0
-
-    def __len__(self) -> int:
-        return len(self.ids)
+    section = "probes.regurgitation"
+    every: int = setting(
+        200,
+        "run every this many training steps (0: off)",
+        min=0,
+        unit="steps",
+        source="costly: num_samples x inference_steps UNet passes",
+    )
+    mem_ratio: float = setting(
+        1 / 3,
+        "a sample is memorized when d1/d2 (nearest / second-nearest training image) is below this",
+        min=0.0,
+        max=1.0,
+        exclusive=True,
+        threshold=True,
+        source="d1/d2 < 1/3: Gu et al. 2023 (mem_ratio.py), Bonnaire et al. 2025 (f_mem)",
+    )
+    extraction_alpha: float = setting(
+        0.5,
+        "Carlini's alpha: extracted when d1 <= alpha x mean distance to the n nearest training images",
+        min=0.0,
+        exclusive=True,
+        threshold=True,
+        source="Carlini et al. 2023 (alpha = 0.5)",
+    )
+    extraction_n: int = setting(
+        50, "Carlini's n nearest training images", min=1, threshold=True,
+        source="Carlini et al. 2023 (n = 50 nearest training images)",
+    )  # fmt: skip
+    copy_threshold: float | None = setting(
+        None, "similarity counted as a copy; overrides embedder.copy_threshold for this probe", min=-1.0, max=1.0
+    )
+    chunk_size: int = setting(4096, "reference rows per search chunk (bounds memory)", min=1)
 
 
 def regurgitation_probe(
@@ -291,3 +255,73 @@ def memorized_evidence(result: ProbeResult) -> dict:
     if any("prompt" in m for m in result.matches):
         evidence["prompts"] = sorted({m["prompt"] for m in hits})
     return evidence
+
+
+class RegurgitationProbe(Probe):
+    """Do the shared fixed-seed samples copy training images? (Gu et al.'s d1/d2, Carlini's extraction)."""
+
+    name = PROBE
+    Settings = RegurgitationConfig
+    needs_samples = True
+    metrics = ("mem_fraction", "extracted_fraction", "copy_fraction", "sim_p50", "sim_p95", "sim_max",
+               "distinct_memorized", "num_samples", "num_prompts", "prompts_memorized", "mem_fraction_member",
+               "mem_fraction_holdout", "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+    onset_metric = "distinct_memorized"
+    default_rules = (
+        {
+            "name": "first-regurgitation",
+            "type": "first",
+            "metric": "regurgitation/distinct_memorized",
+            "op": ">",
+            "value": 0,
+            "severity": "warning",
+            "source": "Gu et al. 2023: any sample with d1/d2 < 1/3 is a copy, so the first one marks the onset",
+            "message": "step {step}: a generated sample regurgitates a training image (d1/d2 < 1/3, Gu et al. 2023)",
+        },
+        {
+            "name": "mem-fraction-rising",
+            "type": "trend",
+            "metric": "regurgitation/mem_fraction",
+            "op": ">=",
+            "value": 0.1,
+            "window": 4,
+            "min_points": 3,
+            "horizon": 2000,
+            "severity": "warning",
+            "source": "memwatch default: 10% of samples copying is far past onset for a generative model; the trend "
+            "rule warns before it is reached",
+            "message": "mem_fraction {value:.3f} is forecast to reach {threshold} at step {forecast_step}",
+        },
+        {
+            "name": "mem-fraction-high",
+            "type": "threshold",
+            "metric": "regurgitation/mem_fraction",
+            "op": ">=",
+            "value": 0.1,
+            "for": 2,
+            "severity": "critical",
+            "source": "memwatch default: 10% of samples copying is far past onset for a generative model (sustained "
+            "for 2 probes)",
+            "message": "step {step}: {value:.0%} of samples regurgitate training images (>= {threshold:.0%} for 2 "
+            "probes)",
+        },
+    )
+
+    def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        assert ctx.samples is not None
+        plan = ctx.samples.plan
+        result = regurgitation_probe(
+            ctx.samples.images, ctx.reference_index(), self.settings, names=plan.names, seeds=plan.seeds
+        )
+        if plan.prompts is not None and plan.groups is not None:
+            add_prompts(result, plan.prompts, plan.groups)
+            result.metrics.update(plan.counts)
+        for phase in ("embedding", "search"):
+            ctx.add_time(phase, result.timings[phase])
+        return result
+
+    def evidence(self, result: ProbeResult) -> dict[str, Any]:
+        return memorized_evidence(result)
+
+    def evidence_pairs(self, result: ProbeResult) -> list[EvidencePair]:
+        return regurgitation_pairs(result.matches)

@@ -52,7 +52,7 @@ def write_report(
         >>> write_report("out/", "report.html", redact=True)  # doctest: +SKIP
         {'html': PosixPath('report.html')}
     """
-    from memwatch.curves import find_store
+    from memwatch.history import find_store
 
     report = build_report(run_dir, run=run, redact=redact)
     html_path = Path(html_out) if html_out is not None else find_store(run_dir).parent / REPORT_NAME

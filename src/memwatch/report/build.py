@@ -35,16 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from memwatch import __version__
-from memwatch.curves import (
-    DPI,
-    PNG_METADATA,
-    RunCurves,
-    curves_figure,
-    find_store,
-    load_run_curves,
-    seeds_figure,
-)
+from memwatch.curves import DPI, PNG_METADATA, curves_figure, seeds_figure
+from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash, sha256_bytes
+from memwatch.history import RunHistory, find_store, load_history
 from memwatch.report import sources
 from memwatch.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.report.evidence import ReferenceFiles, collect_evidence, sample_crops
@@ -95,18 +89,11 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     store_path = find_store(run_dir)
     store_dir = store_path.parent
     with Store(store_path) as store:
-        curves = load_run_curves(store, run)
-        info = next(r for r in store.runs() if r["name"] == curves.run)
-        run_id = info["id"]
-        snapshots = store.snapshots(run_id)
-        results = store.results(run_id)
-        metric_rows = store.metrics(run_id)
-        matches = store.matches(run_id)
-        identity_rows = store.items(run_id, IDENTITY)
-        events = store.events(run_id)
-
-    config = info["config"] if isinstance(info["config"], dict) else {}
-    rules = _valid_rules(config.get("rules"))
+        history = load_history(store, run)
+        identity_rows = store.items(history.run_id, IDENTITY)
+    info, config, rules = history.info, history.config, history.rules
+    snapshots, results, metric_rows = history.snapshots, history.results, history.metric_rows
+    matches, events = history.matches, history.events
     limits = Limits()
     refs = ReferenceFiles(info.get("reference"), store_dir, limits)
     crops = {} if redact else sample_crops(results, matches, identity_rows, store_dir, refs, limits)
@@ -119,9 +106,9 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         "redacted": bool(redact),
         "run": {"name": info["name"], "created_at": info["created_at"], "created_at_utc": _utc(info["created_at"])},
         "verdict": verdict,
-        "curves": _curves(curves),
+        "curves": _curves(history),
         "events": [_event(e) for e in events],
-        "evidence": collect_evidence(curves, matches, identity_rows, results, crops, refs, store_dir, redact, limits),
+        "evidence": collect_evidence(history, matches, identity_rows, results, crops, refs, store_dir, redact, limits),
         "provenance": _provenance(info, config, snapshots, results, metric_rows, limits),
         "limitations": [],
     }
@@ -142,19 +129,6 @@ def report_json(report: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Verdicts
-
-
-def _valid_rules(raw: Any) -> list[dict[str, Any]]:
-    """Rules with a name, a known operator and a finite numeric threshold (others cannot be evaluated)."""
-    out = []
-    for r in raw if isinstance(raw, list) else []:
-        if not isinstance(r, dict) or r.get("op") not in OPS or not isinstance(r.get("metric"), str):
-            continue
-        value = r.get("value")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            continue
-        out.append(r)
-    return out
 
 
 def _verdicts(
@@ -326,7 +300,7 @@ def _first_step(rows: Iterable[Mapping[str, Any]]) -> int | None:
 # Curves and events
 
 
-def _curves(data: RunCurves) -> dict[str, Any]:
+def _curves(data: RunHistory) -> dict[str, Any]:
     forecasts = [
         {k: e.get(k) for k in ("step", "rule", "severity", "metric", "value", "threshold", "forecast_step")}
         for e in data.events
@@ -395,7 +369,7 @@ def _provenance(
 def _thresholds(
     config: Mapping[str, Any], metric_rows: Sequence[Mapping[str, Any]], probes_run: set[str]
 ) -> list[dict[str, Any]]:
-    defaults = sources.packaged_defaults()
+    defaults = sources.packaged_defaults(config)
     out = []
     for rule in config.get("rules") or []:
         if not isinstance(rule, dict):
@@ -415,12 +389,12 @@ def _thresholds(
                 "packaged_default": packaged,
             }
         )
-    for path in sources.SETTING_SOURCES:
+    for path, known in sources.threshold_settings(config):
         probe = path.split(".")[1]
         if probe not in probes_run and not sources.dig(config, f"probes.{probe}.every"):
             continue  # settings of a probe that is off and never ran are no part of this audit
         value = sources.dig(config, path)
-        source, packaged = sources.setting_source(path, value, defaults)
+        source, packaged = sources.setting_source(path, known, value, defaults)
         out.append(_setting(path, value, source, packaged))
     if "regurgitation" in probes_run or sources.dig(config, "probes.regurgitation.every"):
         out.append(_copy_threshold(config))
@@ -446,17 +420,19 @@ def _setting(name: str, value: Any, source: str, packaged: bool) -> dict[str, An
 
 def _copy_threshold(config: Mapping[str, Any]) -> dict[str, Any]:
     """The similarity at or above which a sample counts as a copy, where it was set, and why."""
-    from memwatch.embedders.clip import CLIP_COPY_THRESHOLD
-    from memwatch.embedders.pixel import PIXEL_COPY_THRESHOLD
+    from memwatch.embedders import embedder_class
 
     for path in ("probes.regurgitation.copy_threshold", "embedder.copy_threshold"):
         value = sources.dig(config, path)
         if value is not None:
             return _setting(path, value, sources.CUSTOM, False)
     name = sources.dig(config, "embedder.name") or "pixel"
-    builtin = {"pixel": PIXEL_COPY_THRESHOLD, "clip": CLIP_COPY_THRESHOLD}.get(name)
-    source = sources.COPY_THRESHOLD_SOURCES.get(name, sources.CUSTOM)
-    return _setting(f"embedder.copy_threshold ({name} default)", builtin, source, builtin is not None)
+    try:
+        cls = embedder_class(name)
+    except MemwatchError:
+        return _setting(f"embedder.copy_threshold ({name} default)", None, sources.CUSTOM, False)
+    return _setting(f"embedder.copy_threshold ({name} default)", cls.builtin_copy_threshold, cls.copy_threshold_source,
+                    True)  # fmt: skip
 
 
 def _latest_identity_threshold(metric_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from memwatch.curves import RunCurves, training_images
 from memwatch.hashing import sha256_bytes, sha256_file
+from memwatch.history import RunHistory, training_images
 from memwatch.report.common import IDENTITY, Limits, data_uri, png_uri
 
 FLAGS = ("memorized", "copied", "extracted")
@@ -216,7 +216,7 @@ def _same_picture(cell: Any, refs: ReferenceFiles, item_id: str) -> bool:
 
 
 def collect_evidence(
-    curves: RunCurves,
+    curves: RunHistory,
     matches: Sequence[Mapping[str, Any]],
     identity_rows: Sequence[Mapping[str, Any]],
     results: Sequence[Mapping[str, Any]],

@@ -1,13 +1,16 @@
-"""Run by test_monitor under `accelerate launch`: probe one fixed tiny model at step 4 and exit."""
+"""Run by tests/test_monitor.py under `accelerate launch`: probe one fixed tiny model at step 4 and exit."""
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `support`
 
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from test_monitor import FAST
-from tinymodels import tiny_unet
 
 from memwatch.monitor import MemorizationMonitor
+from support.models import FAST_MONITOR as FAST
+from support.models import tiny_unet
 
 train_dir, holdout_dir, out = sys.argv[1:4]
 acc = Accelerator(cpu=True)

@@ -15,19 +15,14 @@ character-level BPE, as transformers' own CLIP tokenizer tests build one offline
 
 from __future__ import annotations
 
-import json
-import string
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from diffusers import (
-    AutoencoderKL,
     DDPMPipeline,
     DDPMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -38,117 +33,22 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from tinymodels import tiny_unet
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from memwatch.snapshots import Snapshot, TextComponents
+from support.models import (
+    sd_scheduler,
+    tiny_clip_text_encoder,
+    tiny_clip_tokenizer,
+    tiny_cond_unet,
+    tiny_unet,
+    tiny_vae,
+)
 
-CROSS_DIM = 32
-TOKENS = 16  # tokenizer model_max_length (CLIP's is 77; short prompts fit in 16)
 #: LoraConfig target_modules of each LoRA script (add_k_proj/add_v_proj: none in these UNets)
 LORA_TARGETS = {
     "text_to_image_lora": ["to_k", "to_q", "to_v", "to_out.0"],
     "dreambooth_lora": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
 }
-
-
-# --------------------------------------------------------------------------- tiny models
-
-
-def tiny_cond_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
-    """A two-block UNet2DConditionModel (cross-attention dim 32) that runs in milliseconds."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A two-block AutoencoderKL (scale factor 2, 4 latent channels)."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    )
-
-
-def sd_scheduler() -> PNDMScheduler:
-    """Stable Diffusion v1's scheduler config (scheduler/scheduler_config.json of SD 1.x)."""
-    return PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-
-
-def tiny_clip_tokenizer(folder: Path | None = None) -> CLIPTokenizer:
-    """A character-level ``CLIPTokenizer`` from a ``vocab.json`` and ``merges.txt`` written to ``folder``.
-
-    The vocabulary is CLIP's two special tokens, then every lowercase letter and digit alone and
-    with CLIP's end-of-word suffix ``</w>``; ``merges.txt`` has only its version line, so each word
-    is spelled out character by character. Without ``folder`` the files go to a temporary folder
-    that is removed once the tokenizer has read them.
-    """
-    chars = list(string.ascii_lowercase + string.digits)
-    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(folder or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(
-            vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=TOKENS
-        )
-
-
-def tiny_clip_text_encoder(seed: int = 0) -> CLIPTextModel:
-    """A two-layer ``CLIPTextModel`` (hidden size 32: the UNet's cross-attention dim) for the tiny tokenizer."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=2 + 2 * 36,
-        hidden_size=CROSS_DIM,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TOKENS,
-        bos_token_id=0,  # <|startoftext|>
-        eos_token_id=1,  # <|endoftext|> (also CLIP's pad token)
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def t2i_snapshot(vae: bool = True) -> Snapshot:
-    """A text-to-image :class:`Snapshot` of tiny models: latent (UNet + VAE), or pixel-space without VAE."""
-    if vae:
-        unet = tiny_cond_unet(seed=0)
-    else:
-        torch.manual_seed(1)
-        unet = UNet2DConditionModel.from_config({**tiny_cond_unet().config, "in_channels": 3, "out_channels": 3})
-    text = TextComponents(tiny_clip_tokenizer(), tiny_clip_text_encoder(seed=0), tiny_vae(seed=0) if vae else None)
-    return Snapshot(
-        step=None, path=Path("."), kind="pipeline", unet=unet, scheduler=sd_scheduler(), weights_sha256="", text=text
-    )
 
 
 # --------------------------------------------------------------------------- pipelines and model folders

@@ -21,66 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memwatch.errors import MemwatchError
+from memwatch.errors import MemwatchError, ProbeUnavailable
 from memwatch.hashing import sha256_bytes
+from memwatch.model_parts import ModelParts, vae_scale_factor
 from memwatch.modes import eval_mode, unwrap_model
 from memwatch.refset import ReferenceItem, ReferenceSet
 from memwatch.sampling import ddim_from, seed_noise
 
 
-@dataclass
-class T2IParts:
-    """The pieces text-to-image sampling needs, taken from a snapshot or a diffusers pipeline."""
-
-    unet: nn.Module
-    scheduler: Any
-    tokenizer: Any
-    text_encoder: nn.Module
-    vae: nn.Module | None
-
-
-def t2i_parts(model: Any) -> T2IParts:
-    """Collect UNet, scheduler, tokenizer, text encoder and VAE from ``model``.
-
-    Args:
-        model: a :class:`memwatch.snapshots.Snapshot` (its ``text`` holds tokenizer, text encoder
-            and VAE), or any object with ``unet``, ``scheduler``, ``tokenizer``, ``text_encoder``
-            and optionally ``vae`` attributes (e.g. a ``StableDiffusionPipeline``).
-
-    Example:
-        >>> parts = t2i_parts(load_snapshot("runs/sd/checkpoint-500", base_model="sd15"))  # doctest: +SKIP
-    """
-    unet, scheduler = getattr(model, "unet", None), getattr(model, "scheduler", None)
-    if unet is None or scheduler is None:
-        raise MemwatchError(f"{type(model).__name__} has no unet/scheduler: pass a loaded snapshot or a pipeline")
-    if hasattr(model, "text") and not hasattr(model, "tokenizer"):
-        text = model.text
-        if text is None:
-            raise MemwatchError(
-                f"snapshot {getattr(model, 'path', '')} has no text encoder: load it with 'base_model' set to the "
-                "pipeline folder (and transformers installed)"
-            )
-        tokenizer, text_encoder, vae = text.tokenizer, text.text_encoder, text.vae
-    else:
-        tokenizer, text_encoder = getattr(model, "tokenizer", None), getattr(model, "text_encoder", None)
-        vae = getattr(model, "vae", None)
-    if tokenizer is None or text_encoder is None:
-        raise MemwatchError(f"{type(model).__name__} has no tokenizer/text encoder: text-to-image sampling needs them")
-    if not hasattr(unwrap_model(unet).config, "cross_attention_dim"):
-        raise MemwatchError(
-            f"{type(unwrap_model(unet)).__name__} is not text-conditioned: use memwatch.sampling.generate_samples"
-        )
-    return T2IParts(unet, scheduler, tokenizer, text_encoder, vae)
-
-
-def vae_scale_factor(vae: nn.Module | None) -> int:
-    """Pixels per latent along each side: ``2 ** (len(block_out_channels) - 1)`` (1 without a VAE)."""
-    if vae is None:
-        return 1
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def latent_shape(parts: T2IParts, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+def latent_shape(parts: ModelParts, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
     """``(C, h, w)`` of the initial latents for images of ``height x width`` (default: the UNet's size).
 
     Example:
@@ -167,7 +116,7 @@ def initial_latents(seeds: Sequence[int], shape: Sequence[int], init_noise_sigma
     return torch.stack([seed_noise(s, shape) for s in seeds]) * float(init_noise_sigma)
 
 
-def decode(parts: T2IParts, latents: torch.Tensor) -> torch.Tensor:
+def decode(parts: ModelParts, latents: torch.Tensor) -> torch.Tensor:
     """Latents to float32 CPU images in [0, 1] (VAE decode, or identity for pixel-space UNets)."""
     if parts.vae is None:
         images = latents
@@ -265,7 +214,44 @@ def caption_prompts(refs: ReferenceSet | None, limit: int, *, exclude: Collectio
     return CaptionPrompts(order, [counts[c] for c in order], uncaptioned, len(counts))
 
 
-def generate_t2i_samples(
+def prompt_sets(
+    refs: ReferenceSet, holdout: ReferenceSet | None, num_members: int, num_holdout: int, why: str
+) -> tuple[CaptionPrompts, CaptionPrompts]:
+    """Training captions and held-out captions (none that is also a training caption) to prompt with.
+
+    Args:
+        refs: the training set.
+        holdout: the holdout set, or None.
+        num_members, num_holdout: most prompts of each kind.
+        why: what the prompts are for (completes the error message).
+
+    Raises:
+        ProbeUnavailable: the training set has no caption at all.
+
+    Example:
+        >>> members, held_out = prompt_sets(refs, holdout, 8, 4, "condnoise scores captions")  # doctest: +SKIP
+    """
+    members = caption_prompts(refs, num_members)
+    if not members.prompts:
+        raise ProbeUnavailable(no_captions(refs, why))
+    trained = {c for c in map(caption_of, refs.items) if c is not None}
+    return members, caption_prompts(holdout, num_holdout, exclude=trained)
+
+
+def uncaptioned_counts(members: CaptionPrompts, holdout: CaptionPrompts) -> dict[str, float]:
+    """Items skipped for lack of a caption, as metrics (nothing is dropped silently)."""
+    return {"uncaptioned_member": float(members.uncaptioned), "uncaptioned_holdout": float(holdout.uncaptioned)}
+
+
+def no_captions(refs: ReferenceSet, why: str) -> str:
+    """Why a probe cannot prompt with ``refs``, and how to give it captions."""
+    return (
+        f"reference set {refs.root}: none of its {len(refs)} items has a caption ({why}): give captions in "
+        "metadata.jsonl ('text' or 'caption' column) or in the manifest ('caption')"
+    )
+
+
+def generate_text_to_image_samples(
     model: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -281,8 +267,8 @@ def generate_t2i_samples(
     """One image per ``(prompt, seed)`` pair with DDIM and classifier-free guidance.
 
     Args:
-        model: a loaded snapshot with text components, or a diffusers text-to-image pipeline
-            (see :func:`t2i_parts`).
+        model: :class:`~memwatch.model_parts.ModelParts` of a text-to-image model, a loaded snapshot or
+            a diffusers text-to-image pipeline.
         prompts: one prompt per image (repeat a prompt to draw several samples of it).
         seeds: one seed per image; seed ``s`` starts from ``seed_noise(s, (C, h, w))``.
         guidance_scale: classifier-free guidance weight ``w`` (7.5: StableDiffusionPipeline's
@@ -298,7 +284,7 @@ def generate_t2i_samples(
         float32 CPU tensor ``(len(prompts), 3, H, W)`` in [0, 1].
 
     Example:
-        >>> imgs = generate_t2i_samples(snap, ["a photo of sks dog"] * 4, seeds=[0, 1, 2, 3])  # doctest: +SKIP
+        >>> imgs = generate_text_to_image_samples(snap, ["a sks dog"] * 4, seeds=[0, 1, 2, 3])  # doctest: +SKIP
         >>> imgs.shape  # doctest: +SKIP
         torch.Size([4, 3, 512, 512])
     """
@@ -308,7 +294,11 @@ def generate_t2i_samples(
         raise MemwatchError(f"num_inference_steps={num_inference_steps}: must be at least 1")
     if batch_size < 1:
         raise MemwatchError(f"batch_size={batch_size}: must be at least 1")
-    parts = t2i_parts(model)
+    parts = ModelParts.of(model)
+    if not parts.text_to_image:
+        raise MemwatchError(
+            f"{type(unwrap_model(parts.unet)).__name__} is not text-conditioned: use memwatch.sampling.generate_samples"
+        )
     unet = unwrap_model(parts.unet)
     param = next(unet.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -326,7 +316,9 @@ def generate_t2i_samples(
     out: list[torch.Tensor] = []
     with (
         eval_mode(parts.unet, parts.text_encoder, parts.vae),
-        tqdm(total=len(seeds) * len(ddim.timesteps), disable=not progress, desc="memwatch t2i", unit="img-step") as bar,
+        tqdm(
+            total=len(seeds) * len(ddim.timesteps), disable=not progress, desc="memwatch text-to-image", unit="img-step"
+        ) as bar,
     ):
         uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""]).to(device=device, dtype=param.dtype)
         for start in range(0, len(seeds), batch_size):

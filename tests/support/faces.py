@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from skimage import data
 
 
-def _rgb(arr: np.ndarray) -> torch.Tensor:
+def rgb_tensor(arr: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(arr)).float()
     x = x / 255.0 if x.max() > 1.0 else x
     x = x.unsqueeze(-1).repeat(1, 1, 3) if x.ndim == 2 else x[..., :3]
     return x.permute(2, 0, 1).contiguous()
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)[0]
 
 
@@ -26,7 +26,7 @@ def face_state_dict() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = InceptionResnetV1().eval()
     lfw = data.lfw_subset()
-    crops = F.interpolate(torch.stack([_rgb(lfw[i]) for i in range(0, 80, 5)]), size=(160, 160), mode="bilinear")
+    crops = F.interpolate(torch.stack([rgb_tensor(lfw[i]) for i in range(0, 80, 5)]), size=(160, 160), mode="bilinear")
     feats: list[torch.Tensor] = []
     hook = model.last_linear.register_forward_hook(lambda mod, inp, out: feats.append(out))
     with torch.no_grad():

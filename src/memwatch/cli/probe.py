@@ -1,0 +1,30 @@
+"""``memwatch probe RUN_DIR...``: probe every snapshot that has no result for this config yet (cron)."""
+
+from __future__ import annotations
+
+import argparse
+
+from memwatch.cli.jobs_common import add_job_options, finish, load_job_config
+
+NAME = "probe"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="probe every checkpoint folder of one or more runs that has no result for this config (cron)",
+        description="Probe each snapshot under RUN_DIR (checkpoint-<step>/ folders, oldest first, then the final "
+        "model) that has no result for this config yet; results go to RUN_DIR/memwatch/. Running it again does "
+        "nothing; a killed job is finished by the next one; a second job on the same RUN_DIR exits at once.",
+    )
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="training output folder(s)")
+    add_job_options(p)
+    p.add_argument("--wait", action="store_true", help="wait for another job's lock instead of exiting")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memwatch.jobs import probe_run_dir
+
+    config = load_job_config(args.config)
+    return finish([probe_run_dir(d, config, wait=args.wait) for d in args.run_dirs], args)

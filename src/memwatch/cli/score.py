@@ -1,0 +1,97 @@
+"""``memwatch score SAMPLES_DIR REFERENCE_DIR``: score a folder of generated images against the training images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from memwatch.errors import MemwatchError
+
+NAME = "score"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="score a folder of generated images against the training images",
+        description="Regurgitation metrics (mem_fraction, extraction, copy fraction, similarity percentiles) "
+        "for generated images against a reference (training) set.",
+    )
+    p.add_argument("samples", metavar="SAMPLES_DIR", help="generated images (folder or .jsonl manifest)")
+    p.add_argument("reference", metavar="REFERENCE_DIR", help="training images (folder, imagefolder or .jsonl)")
+    p.add_argument("--embedder", choices=("pixel", "clip"), default="pixel", help="comparison space (default pixel)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="side length images are normalised to (pixel default 64; clip: the model's own)",
+    )
+    p.add_argument("--tiled", action="store_true", help="pixel: Carlini's tiled l2 (max over a 4x4 grid)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
+    p.add_argument(
+        "--clip-pretrained", default="openai", help="open_clip pretrained tag, or a local weights file (default openai)"
+    )
+    p.add_argument(
+        "--copy-threshold",
+        type=float,
+        default=None,
+        help="similarity counted as a copy (default: the embedder's, see docs)",
+    )
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="also run the face identity probe (leakage and interpolation; needs matcher weights)",
+    )
+    p.add_argument(
+        "--face-matcher",
+        choices=("vggface2", "casia-webface"),
+        default="vggface2",
+        help="InceptionResnetV1 weights to match faces with (default vggface2)",
+    )
+    p.add_argument("--face-weights", default=None, help="local matcher weights file (default: the torch hub cache)")
+    p.add_argument("--json", metavar="OUT", help="also write all metrics and matches as JSON")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="matches shown in the table (default 10)")
+    p.add_argument(
+        "--cache-dir", default=None, help="embedding cache folder (default $MEMWATCH_CACHE_DIR or ~/.cache/memwatch)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memwatch.embed_cache import EmbeddingCache
+    from memwatch.embedders import make_embedder
+    from memwatch.probes.regurgitation import RegurgitationConfig
+    from memwatch.score import format_summary, score_folders
+
+    for label, folder in (("SAMPLES_DIR", args.samples), ("REFERENCE_DIR", args.reference)):
+        if not Path(folder).exists():
+            raise MemwatchError(f"{label} {folder} does not exist: pass a folder of images or a .jsonl manifest")
+    if args.embedder == "pixel":
+        embedder = make_embedder("pixel", resolution=args.resolution or 64, tiled=args.tiled)
+    else:
+        if args.resolution is not None:
+            raise MemwatchError("--resolution applies to --embedder pixel only: clip uses its model's input size")
+        embedder = make_embedder("clip", model=args.clip_model, pretrained=args.clip_pretrained)
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
+    config = RegurgitationConfig(copy_threshold=args.copy_threshold)
+    doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config)
+    print(format_summary(doc, top=args.top))
+    if args.identity:
+        from memwatch.faces import IdentityConfig
+        from memwatch.score import score_identities
+
+        faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights)
+        doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache)
+        m = doc["identity"]["metrics"]
+        print(
+            f"\nfaces: detection rate {m['face_detection_rate']:.3f}, leak rate {m['identity_leak_rate']:.3f}, "
+            f"identities leaked {m['identities_leaked']:.0f}, interpolation rate {m['identity_interpolation_rate']:.3f}"
+        )
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
+        print(f"\nwrote {out}")
+    return 0

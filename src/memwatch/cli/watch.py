@@ -1,0 +1,35 @@
+"""``memwatch watch RUN_DIR``: follow a training run beside the training script and probe each new checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from memwatch.cli.jobs_common import add_job_options, finish, load_job_config
+
+NAME = "watch"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="follow a training run beside the training script and probe each new checkpoint",
+        description="Probe each new checkpoint-<step>/ in RUN_DIR once its files are complete and unchanged for "
+        "--quiet-period seconds; tolerates checkpoint rotation; stops after the final model is probed or after "
+        "--idle-timeout seconds without a new snapshot. Writes only to RUN_DIR/memwatch/.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training output folder (may not exist yet)")
+    add_job_options(p)
+    p.add_argument("--quiet-period", type=float, default=30.0, help="seconds a checkpoint must stay unchanged")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between looks at RUN_DIR")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, help="stop after this long without a new snapshot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memwatch.jobs import watch_run_dir
+
+    config = load_job_config(args.config)
+    report = watch_run_dir(
+        args.run_dir, config, quiet_period=args.quiet_period, poll=args.poll, idle_timeout=args.idle_timeout
+    )
+    return finish([report], args)

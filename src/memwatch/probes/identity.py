@@ -1,0 +1,109 @@
+"""The identity probe: do generated faces leak training identities, or blend two of them?
+
+The face pipeline, the gallery of training identities and the metrics live in :mod:`memwatch.faces`;
+this is the probe object that plugs them into every front-end. It reads the shared fixed-seed
+samples. The gallery is built once per run, on first use; that first result also records the
+gallery itself (``identity_gallery``: identities, faces, calibration) as a companion result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from memwatch.evidence import EvidencePair, identity_pairs
+from memwatch.faces.config import IdentityConfig
+from memwatch.probes.base import Probe, ProbeContext, ProbeResult
+
+
+class IdentityProbe(Probe):
+    """Identity leakage and interpolation of the shared samples (see :mod:`memwatch.faces.probe`)."""
+
+    name = "identity"
+    Settings = IdentityConfig
+    needs_samples = True
+    metrics = ("num_samples", "faces_found", "face_detection_rate", "face_detect_errors", "identity_leak_rate",
+               "identities_leaked", "identity_interpolation_rate", "identity_interpolations",
+               "identity_pairs_interpolated", "identity_sim_p50", "identity_sim_p95", "identity_sim_max",
+               "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated", "threshold_fmr",
+               "impostor_pairs", "identity_leak_baseline", "identity_leak_excess")  # fmt: skip
+    default_rules = (
+        {
+            "name": "first-identity-leak",
+            "type": "first",
+            "metric": "identity/identities_leaked",
+            "op": ">",
+            "value": 0,
+            "severity": "warning",
+            "source": "a generated face verifies against a training identity at the calibrated false-match rate "
+            "(default 1e-4)",
+            "message": "step {step}: a generated face matches a training identity (verification threshold passed)",
+        },
+        {
+            "name": "identity-leak-high",
+            "type": "threshold",
+            "metric": "identity/identity_leak_rate",
+            "op": ">=",
+            "value": 0.1,
+            "for": 2,
+            "severity": "critical",
+            "source": "memwatch default: 10% of generated faces being training identities, sustained for 2 probes",
+            "message": "step {step}: {value:.0%} of generated faces are training identities (>= {threshold:.0%} for 2 "
+            "probes)",
+        },
+        {
+            "name": "first-identity-blend",
+            "type": "first",
+            "metric": "identity/identity_interpolations",
+            "op": ">",
+            "value": 0,
+            "severity": "warning",
+            "source": "MMPMR-style (Scherhag et al. 2017): the face verifies against two training identities that do "
+            "not verify against each other",
+            "message": "step {step}: a generated face blends two training identities",
+        },
+    )
+
+    def __init__(self, settings: IdentityConfig | None = None, **values: Any):
+        super().__init__(settings, **values)
+        self._gallery: Any = None
+
+    def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> list[ProbeResult]:
+        from memwatch.embed_cache import EmbeddingCache
+        from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+
+        assert ctx.samples is not None
+        cfg = self.settings
+        out: list[ProbeResult] = []
+        if self._gallery is None:
+            t0 = time.perf_counter()
+            self._gallery = build_gallery(
+                ctx.data.refs,
+                load_face_pipeline(cfg),
+                cfg,
+                cache=EmbeddingCache(ctx.data.cache_dir),
+                holdout=ctx.data.holdout,
+            )
+            summary = {k: float(v) for k, v in self._gallery.summary().items() if isinstance(v, int | float)}
+            gallery = ProbeResult(f"{self.name}_gallery", summary, items=self._gallery.assignments)
+            ctx.add_time("face_gallery", time.perf_counter() - t0)
+        else:
+            gallery = None
+        t0 = time.perf_counter()
+        seeds = ctx.samples.plan.seeds
+        result = identity_probe(
+            ctx.samples.images, self._gallery, cfg, names=[f"seed-{s:06d}" for s in seeds], seeds=seeds
+        )
+        ctx.add_time("identity", time.perf_counter() - t0)
+        out.append(result)
+        if gallery is not None:
+            out.append(gallery)
+        return out
+
+    def evidence(self, result: ProbeResult) -> dict[str, Any]:
+        from memwatch.faces.probe import identity_evidence
+
+        return identity_evidence(result)
+
+    def evidence_pairs(self, result: ProbeResult) -> list[EvidencePair]:
+        return identity_pairs(result.items)

@@ -1,0 +1,93 @@
+"""What every snapshot layout provides, and the options loading takes.
+
+A *layout* is one way diffusers and its example scripts lay a model snapshot out in a folder
+(a pipeline, a model folder, an accelerate checkpoint, a LoRA). Each is one class in one module of
+this package: it recognises its folders, says which denoiser a folder holds without loading it,
+says when a save is complete, and loads the parts. :mod:`memwatch.snapshots` tries them in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from memwatch.errors import MemwatchError
+from memwatch.model_parts import ModelParts
+
+
+@dataclass
+class LoadOptions:
+    """How to load a snapshot (see :func:`memwatch.snapshots.load_snapshot`)."""
+
+    weights: str = "raw"
+    base_model: str | Path | None = None
+    dtype: torch.dtype | None = None
+    load_text: bool = True
+
+
+@dataclass
+class Loaded:
+    """What a layout loaded.
+
+    Attributes:
+        parts: the model parts; ``scheduler`` is None (:func:`memwatch.snapshots.load_snapshot` sets it).
+        files: label -> file of every weights file that makes up the denoiser.
+        scheduler_from: the pipeline folder whose ``scheduler/`` is the snapshot's own, if it has one.
+        base: the base pipeline folder used, if any.
+        notes: things the user should know.
+    """
+
+    parts: ModelParts
+    files: dict[str, Path]
+    scheduler_from: Path | None = None
+    base: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Layout:
+    """Base class of snapshot layouts (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+
+    def matches(self, path: Path) -> bool:
+        """Whether ``path`` (a folder) is laid out this way, from the files it holds."""
+        raise NotImplementedError
+
+    def denoiser_class(self, path: Path, weights: str) -> str | None:
+        """``_class_name`` of the folder's UNet read from JSON (no weights loaded); None if it does not say."""
+        raise NotImplementedError
+
+    def complete(self, path: Path) -> bool:
+        """Whether every file the save writes is present and whole."""
+        raise NotImplementedError
+
+    def load(self, path: Path, options: LoadOptions) -> Loaded:
+        """Load the parts, checking every weights file first."""
+        raise NotImplementedError
+
+
+def no_ema(weights: str, path: Path, why: str) -> None:
+    """Refuse ``weights='ema'`` for a layout that holds one set of weights."""
+    if weights == "ema":
+        raise MemwatchError(f"{path}: no unet_ema/ ({why}): use weights='raw'")
+
+
+def listing(path: Path, limit: int = 8) -> str:
+    """The first names in a folder, for error messages."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "") if names else "nothing"
+
+
+def text_parts_from(base: Path, options: LoadOptions, text_encoder_dir: Path | None = None) -> dict[str, Any]:
+    """Tokenizer, text encoder and VAE of the base pipeline (empty unless ``load_text``)."""
+    from memwatch.snapshots.components import load_text_parts
+    from memwatch.snapshots.files import read_json
+
+    if not options.load_text:
+        return {}
+    return load_text_parts(
+        base, read_json(base / "model_index.json"), text_encoder_dir=text_encoder_dir, dtype=options.dtype
+    )

@@ -1,0 +1,54 @@
+"""How probe work is shared between the processes of a distributed (``accelerate``) run.
+
+Every process calls a probe at the same step. Each takes its contiguous share of the work
+(:meth:`Workers.share`), and :attr:`Workers.gather` concatenates the per-process lists in process
+order on every process, so the gathered rows are exactly what one process alone would have made.
+With one process, sharing is the identity and gathering a plain copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from memwatch.sampling import split_for_process
+
+T = TypeVar("T")
+
+
+@dataclass
+class Workers:
+    """This process's place among the processes that share a probe's work.
+
+    Attributes:
+        process_index: rank of this process.
+        num_processes: how many processes share the work.
+        gather: concatenates per-process lists in process order (a collective call when
+            ``num_processes > 1``; every process must call it).
+
+    Example:
+        >>> Workers(1, 2).share([10, 11, 12])
+        [12]
+    """
+
+    process_index: int = 0
+    num_processes: int = 1
+    gather: Callable[[list], list] = field(default=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's contiguous share of ``items`` (see :func:`memwatch.sampling.split_for_process`)."""
+        return split_for_process(items, self.process_index, self.num_processes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_accelerator(cls, accelerator: Any) -> Workers:
+        """Workers for an ``accelerate.Accelerator`` (``gather_object`` across its processes)."""
+        if accelerator.num_processes == 1:
+            return cls()
+        from accelerate.utils import gather_object
+
+        return cls(accelerator.process_index, accelerator.num_processes, gather_object)
