@@ -16,6 +16,24 @@ from memwatch.model_parts import ModelParts
 collect_ignore = ["support/mp_monitor_job.py"]
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real demo-sized monitored run (support/demo_run.py), built once per session (about 15 s).
+
+    Tests only read it: reports are written to their own folders.
+    """
+    from support.demo_run import make_demo_run
+
+    torch.manual_seed(0)
+    # One thread: these tensors are tiny, and on 2 busy cores a second thread spinning costs 4-8x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_demo_run(tmp_path_factory.mktemp("demo-run"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def unet() -> UNet2DModel:
     """A tiny unconditional UNet at a fixed random init (read-only in the tests that share it)."""

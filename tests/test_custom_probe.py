@@ -128,24 +128,26 @@ def test_a_probe_named_in_the_config_runs_in_memwatch_probe_curves_and_report(
         yaml.safe_dump(
             {
                 "reference": str(train_images),
-                "run_name": "custom",
                 "custom_probes": [f"{__name__}:WeightNormProbe"],
                 "probes": {**OFF, "weight_norm": {"every": 1}},
             }
         )
     )
     assert main(["probe", str(run_dir), "--config", str(cfg), "--fail-on", "warning"]) == 1  # the rule fired
-    assert "probed 3" in capsys.readouterr().out
+    # the final pipeline holds checkpoint-4's weights: seen again, not measured twice
+    assert "probed 2, already done 1" in capsys.readouterr().out
     with Store(find_store(run_dir)) as store:
         history = load_history(store)
     by_snapshot = {(r["step"], r["kind"]): r["value"] for r in history.metric_rows if r["metric"] == "norm"}
     expected = weight_norm(load_snapshot(run_dir / "checkpoint-2").parts.unet)
     assert by_snapshot[(2, "checkpoint")] == pytest.approx(expected, rel=1e-12)
-    assert set(by_snapshot) == {(2, "checkpoint"), (4, "checkpoint"), (4, "final")}
+    assert set(by_snapshot) == {(2, "checkpoint"), (4, "checkpoint")}
+    sightings = [(g["step"], g["kind"]) for s in history.snapshots for g in s["sightings"]]
+    assert sorted(sightings) == [(2, "checkpoint"), (4, "checkpoint"), (4, "final")]
     assert [e["rule"] for e in history.events] == ["weights-exist"]
 
     assert main(["probe", str(run_dir), "--config", str(cfg)]) == 0  # nothing new
-    assert "probed 0, already done 3" in capsys.readouterr().out
+    assert "probed 0, already done 3" in capsys.readouterr().out  # without run_name: the same run
 
     assert main(["curves", str(run_dir)]) == 0
     header = (run_dir / "memwatch" / "curves" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -196,6 +198,8 @@ def test_a_second_in_loop_front_end_is_a_few_lines(train_images: Path, tmp_path:
                      train_images, tmp_path / "plain")  # fmt: skip
     model, scheduler = tiny_unet(), DDPMScheduler()
     for step in range(1, 4):
+        with torch.no_grad():  # a training step changes the weights (the same weights are measured once)
+            next(model.parameters()).add_(0.01)
         loop.step(step, model, scheduler)
     summary = loop.close()
     assert summary["last_step"] == 3

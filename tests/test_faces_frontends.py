@@ -95,7 +95,7 @@ def test_identity_probe_on_checkpoint_folders(faces, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train_unconditional_like(run_dir, faces["root"] / "eileen", steps=4, every=4)
     report = probe_run_dir(run_dir, load_config(faces["config"]))
-    assert report.failed == [] and report.probed == [4, 4]
+    assert report.failed == [] and report.probed == [4] and report.already_done == 1  # final == checkpoint-4
     rows = _identity_rows(run_dir / "memwatch" / "memwatch.sqlite")
     assert (4, "identity", "identity_interpolation_rate") in rows["metrics"]
 

@@ -77,13 +77,14 @@ def test_probe_twice_and_watch_give_the_same_metrics(data, staged, tmp_path: Pat
     clock = ScriptedClock([*saves, (50.0, copy_save(staged["run"], watched))])
     # started before training created its folder; ends on its own after the final model
     report = _watch(watched, config, clock, quiet_period=3.0, poll=1.0, idle_timeout=60)
-    assert sorted(report.probed) == [2, 4, 6, 8, 8] and clock.now < 60
+    # the final pipeline holds checkpoint-8's weights: seen again, not measured twice
+    assert sorted(report.probed) == [2, 4, 6, 8] and report.already_done == 1 and clock.now < 100
 
     probed = tmp_path / "probed"
     shutil.copytree(watched, probed, ignore=shutil.ignore_patterns("memwatch"))
     assert main(["probe", str(probed), "--config", str(data["config"])]) == 0
     first = _metrics(probed)
-    assert {k[:2] for k in first} == {(s, "checkpoint") for s in (2, 4, 6, 8)} | {(8, "final")}
+    assert {k[:2] for k in first} == {(s, "checkpoint") for s in (2, 4, 6, 8)}
     report = probe_run_dir(probed, config)  # second run is a no-op
     assert report.probed == [] and report.already_done == 5
     assert _metrics(probed) == first
@@ -105,7 +106,8 @@ def test_rotation_while_watching(data, staged, tmp_path: Path) -> None:
     clock = ScriptedClock([*actions, (40.0, copy_save(staged["run"], run_dir))])
     report = _watch(run_dir, config, clock, quiet_period=3.0, poll=1.0, idle_timeout=60)
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-8"]
-    assert sorted(report.probed) == [2, 6, 8, 8] and report.failed == []
+    assert sorted(report.probed) == [2, 6, 8] and report.failed == [] and report.already_done == 1
+    assert report.rotated == []  # checkpoint-4 went before it was complete and quiet: never started
 
 
 def test_watch_stops_after_the_idle_timeout(data, tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_odd_names_are_left_alone_and_corrupt_snapshots_fail_alone(data, tmp_pat
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     assert [s.path.name for s in discover_snapshots(run_dir)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "run"]
     report = probe_run_dir(run_dir, load_config(data["config"]))
-    assert report.probed == [2, 6, 6]
+    assert report.probed == [2, 6] and report.already_done == 1  # the final model is checkpoint-6's weights
     assert [f["step"] for f in report.failed] == [4] and "diffusion_pytorch_model.safetensors" in report.failed[0][
         "error"
     ]
@@ -159,11 +161,7 @@ def test_killed_probe_resumes_without_duplicates(data, tmp_path: Path) -> None:
 
     assert main(["probe", str(run_dir), "--config", str(data["config"])]) == 0
     final = _ok_results(run_dir)
-    expected = sorted(
-        (s, k, p)
-        for s, k in [(2, "checkpoint"), (4, "checkpoint"), (6, "checkpoint"), (8, "checkpoint"), (8, "final")]
-        for p in ("membership", "regurgitation")
-    )
+    expected = sorted((s, "checkpoint", p) for s in (2, 4, 6, 8) for p in ("membership", "regurgitation"))
     assert final == expected  # nothing missing, nothing twice
     with Store(store_path) as store:
         assert store._query("PRAGMA integrity_check")[0][0] == "ok"
@@ -182,7 +180,7 @@ def test_a_second_job_finds_the_lock(data, staged, tmp_path: Path, capsys) -> No
         with run_lock(run_dir / "memwatch", wait=False) as again:  # flock: a second holder is refused
             assert not again
     report = probe_run_dir(run_dir, config)  # released: this job probes
-    assert not report.locked and len(report.probed) == 5
+    assert not report.locked and report.probed == [2, 4, 6, 8] and report.already_done == 1
 
 
 def test_probe_errors_are_one_line(tmp_path: Path, capsys) -> None:

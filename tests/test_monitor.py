@@ -92,7 +92,10 @@ def test_results_events_and_tracker_logs(train_holdout, tmp_path: Path) -> None:
             (8, "regurgitation"),
         ]
         assert len(store.matches(run)) == 12 and len(store.events(run)) == 1
-    assert (out / "evidence" / "regurgitation-step00000004.png").exists()
+        grids = [e for r in store.results(run) for e in r["evidence"]]
+    # one evidence grid per regurgitation result, named by run, step and weights (nothing can collide)
+    assert len(grids) == 2 and len(set(grids)) == 2 and all((out / g).is_file() for g in grids)
+    assert grids[0].startswith("evidence/run001/step00000004-") and grids[0].endswith("-regurgitation.png")
     assert json.loads((out / "summary.json").read_text())["first_alarm_step"] == 3
 
 
@@ -138,14 +141,21 @@ def test_ema_weights_are_probed_and_restored(train_holdout, tmp_path: Path) -> N
             losses[which] = {m["metric"]: m["value"] for m in store.metrics(store.runs()[0]["id"])}["loss_member"]
     assert losses["raw"] != losses["ema"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    with pytest.raises(Exception, match="weights: ema"):
-        MemorizationMonitor(
-            Accelerator(cpu=True),
-            {**cfg, "weights": "ema"},
-            reference=train_dir,
-            holdout=holdout_dir,
-            output_dir=tmp_path / "x",
-        ).step(3, model, sched)
+    # 'weights: ema' without an EMA model: recorded as a failed probe, never raised into the training loop
+    mon = MemorizationMonitor(
+        Accelerator(cpu=True),
+        {**cfg, "weights": "ema"},
+        reference=train_dir,
+        holdout=holdout_dir,
+        output_dir=tmp_path / "x",
+    )
+    assert mon.step(3, model, sched) == []
+    summary = mon.close()
+    assert [f["probe"] for f in summary["failed_probes"]] == ["membership"]
+    assert "pass the EMA model" in summary["failed_probes"][0]["error"]
+    with Store(tmp_path / "x" / "memwatch.sqlite") as store:
+        (failed,) = store.results(store.runs()[0]["id"])
+    assert failed["status"] == "failed" and "pass the EMA model" in failed["error"]
 
 
 MP_SCRIPT = Path(__file__).parent / "support" / "mp_monitor_job.py"

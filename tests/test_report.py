@@ -2,11 +2,9 @@
 
 Two kinds of runs:
 
-* a real demo-sized run (:func:`make_demo_run`): a tiny UNet2DModel trained a few steps under
-  MemorizationMonitor, a saved and hashed checkpoint probed as a checkpoint, then the same monitor
-  probing a model that reproduces its training images. The training folder holds an image whose id
-  is ``<script>alert(1)</script>.png``; it is duplicated in the memorizing model's data, so samples
-  copy it and it shows in the evidence. Shared with tests/test_report_browser.py.
+* a real demo-sized run (``tests/support/demo_run.py``, the session fixture ``demo_run``): a tiny
+  UNet2DModel trained a few steps under MemorizationMonitor, a saved and hashed checkpoint probed as
+  a checkpoint, then the same monitor probing models that reproduce their training images;
 * small stores written by hand, for the verdict rules and the limitations (failed probes, missing
   files, identities, NaN extraction).
 """
@@ -22,169 +20,28 @@ import math
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from PIL import Image
+from support.demo_run import DEMO_CONFIG, MEMORIZING_STEPS, PLANTED_ID, SIZE, TRAIN_STEPS
 from support.images import smooth_image, write_images
-from support.models import train
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
 from memwatch.images import load_image
-from memwatch.monitor import MemorizationMonitor
 from memwatch.probes.base import ProbeResult
-from memwatch.refset import load_reference_set
 from memwatch.report import build_report, render_html, report_json, report_schema, sources, write_report
 from memwatch.report.build import VERDICT_DEFINITION, wilson_interval
 from memwatch.store import STORE_NAME, Store
 
-PLANTED_ID = "<script>alert(1)</script>.png"
-SIZE = 16
-# Probe cadence of the demo run: membership every 3 steps, regurgitation every 4 (cheap settings).
-DEMO_CONFIG = {
-    "run_name": "demo-<b>report</b>",
-    "probes": {
-        "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
-        "regurgitation": {"every": 4, "num_samples": 8, "inference_steps": 4, "batch_size": 8},
-    },
-}
-TRAIN_STEPS = 4
-MEMORIZING_STEPS = (8, 12)  # probes of the memorizing model, after the checkpoint at TRAIN_STEPS
-PLANTED_WEIGHT = 8  # copies of the planted image in the memorizing model's data (duplicates are memorized first)
 DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
 
 
 # ---------------------------------------------------------------------------------------------
 # A real demo-sized run
-
-
-class MemorizingDenoiser(torch.nn.Module):
-    """The closed-form optimal denoiser of a finite data set: a model that has memorized it perfectly.
-
-    E[x0 | x_t] over the empirical training distribution is a softmax-weighted mean of the training
-    images; a DDPM that over-fits converges to it (Gu et al. 2023), and DDIM sampling with it ends on a
-    training image. Shaped like a UNet2DModel as far as memwatch's probes need (``config``, a
-    parameter, ``forward(x, t).sample`` predicting the noise).
-    """
-
-    def __init__(self, images: torch.Tensor, scheduler: DDPMScheduler):
-        super().__init__()
-        self.config = SimpleNamespace(sample_size=images.shape[-1], in_channels=images.shape[1])
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device and dtype source
-        self.register_buffer("data", images * 2 - 1)  # model range [-1, 1]
-        self.register_buffer("alphas", scheduler.alphas_cumprod.clone().float())
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
-        a = self.alphas[t.long().flatten()].view(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-        flat = self.data.flatten(1)  # (N, D)
-        dist = torch.cdist((x / a.sqrt()).flatten(1), flat).pow(2)  # (B, N)
-        weights = torch.softmax(-dist * a.flatten()[:, None] / (2 * (1 - a.flatten()[:, None])), dim=1)
-        x0 = (weights @ flat).view_as(x)
-        return SimpleNamespace(sample=(x - a.sqrt() * x0) / (1 - a).sqrt())
-
-
-class _Recorder:
-    """Passes steps to the monitor and keeps the model the training loop hands it."""
-
-    def __init__(self, monitor: MemorizationMonitor):
-        self.monitor, self.model = monitor, None
-
-    @property
-    def should_stop(self) -> bool:
-        return self.monitor.should_stop
-
-    def step(self, step: int, model: Any, scheduler: Any) -> list:
-        self.model = model
-        return self.monitor.step(step, model, scheduler)
-
-
-def make_demo_run(root: Path) -> dict[str, Any]:
-    """Train, checkpoint and probe a tiny model under MemorizationMonitor; returns paths and facts.
-
-    Returns:
-        ``run_dir`` (training output dir), ``train_dir``, ``checkpoint`` (its unet folder),
-        ``weights_sha256`` of the checkpoint's weights file, ``planted`` (the planted file).
-    """
-    train_dir, holdout_dir, out = root / "train", root / "holdout", root / "out"
-    write_images(train_dir, list(range(6)), size=SIZE)
-    write_images(holdout_dir, list(range(100, 108)), size=SIZE)
-    # "/" cannot be part of a file name, so the id "<script>alert(1)</script>.png" is a folder
-    # "<script>alert(1)<" holding "script>.png" (ids are paths relative to the reference root).
-    planted = train_dir / "<script>alert(1)<" / "script>.png"
-    planted.parent.mkdir()
-    Image.fromarray(smooth_image(4242, SIZE)).save(planted)
-
-    acc = Accelerator(cpu=True)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    monitor = MemorizationMonitor(
-        acc, DEMO_CONFIG, reference=train_dir, holdout=holdout_dir, output_dir=out / "memwatch"
-    )
-    recorder = _Recorder(monitor)
-    train(acc, train_dir, TRAIN_STEPS, monitor=recorder, sample_size=SIZE)
-
-    # A checkpoint as the diffusers scripts save it, hashed and probed as a checkpoint snapshot.
-    checkpoint = out / f"checkpoint-{TRAIN_STEPS}" / "unet"
-    unet = acc.unwrap_model(recorder.model)
-    unet.save_pretrained(checkpoint)
-    weights_sha = sha256_file(checkpoint / "diffusion_pytorch_model.safetensors")
-    monitor.session.probe(
-        TRAIN_STEPS,
-        unet,
-        scheduler,
-        ["regurgitation"],
-        kind="checkpoint",
-        path=str(checkpoint),
-        weights_sha256=weights_sha,
-    )
-
-    # Training cannot copy images in a few CPU steps; the monitor probes a model that has memorized
-    # its data (the planted image duplicated, as duplicated images are memorized first: Carlini 2023).
-    refs = load_reference_set(train_dir)
-    images = [load_image(it.path, SIZE) for it in refs.items]
-    weights = [PLANTED_WEIGHT if it.id == PLANTED_ID else 1 for it in refs.items]
-    data = torch.stack([img for img, w in zip(images, weights, strict=True) for _ in range(w)])
-    memorizer = MemorizingDenoiser(data, scheduler)
-    for step in MEMORIZING_STEPS:
-        monitor.step(step, memorizer, scheduler)
-    monitor.close()
-    return {
-        "run_dir": out,
-        "train_dir": train_dir,
-        "checkpoint": checkpoint,
-        "weights_sha256": weights_sha,
-        "planted": planted,
-    }
-
-
-_DEMO_RUN: dict[str, dict[str, Any]] = {}
-
-
-def shared_demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The demo run, built once per test session (about 15 s) and shared with test_report_browser.py.
-
-    Tests only read it: reports are written to their own folders.
-    """
-    if "run" not in _DEMO_RUN:
-        torch.manual_seed(0)
-        # One thread: these tensors are tiny, and on 2 busy cores a second thread spinning costs 4-8x.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _DEMO_RUN["run"] = make_demo_run(tmp_path_factory.mktemp("demo-run"))
-        finally:
-            torch.set_num_threads(threads)
-    return _DEMO_RUN["run"]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_demo_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +98,10 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
     mf = first["mem_fraction"]
     assert mf["memorized"] == mf["num_samples"] == DEMO_CONFIG["probes"]["regurgitation"]["num_samples"]
     assert mf["ci95"] == list(wilson_interval(mf["memorized"], mf["num_samples"]))
-    assert {w["weights_sha256"] for w in report["provenance"]["weights"]} == {None, demo_run["weights_sha256"]}
-    assert "weights-unhashed" in {x["code"] for x in report["limitations"]}  # live snapshots have no hash
+    # every snapshot is identified by its weights: the checkpoint by its file, live ones by their tensors
+    hashes = [w["weights_sha256"] for w in report["provenance"]["weights"]]
+    assert demo_run["weights_sha256"] in hashes and all(hashes) and len(set(hashes)) == len(hashes)
+    assert "weights-unhashed" not in {x["code"] for x in report["limitations"]}
 
 
 def test_demo_run_evidence_shows_the_copied_planted_image(demo_run: dict[str, Any], demo_report: dict) -> None:
@@ -422,7 +281,7 @@ def _hand_run(root: Path) -> Path:
             items=faces,
             evidence=[str(grid.relative_to(out))],
         )
-        snap = store.add_snapshot(run, 400, kind="checkpoint", path="ckpt/checkpoint-400")
+        snap = store.add_snapshot(run, 400, kind="checkpoint", path="ckpt/checkpoint-400", weights_sha256=f"{400:064x}")
         store.write_result(
             snap, identity, config_hash="face", started_at=1e9 + 400, finished_at=1e9 + 401, host="gpu-7"
         )

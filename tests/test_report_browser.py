@@ -2,7 +2,7 @@
 
 Chromium is started with ``--remote-debugging-pipe`` (DevTools messages as NUL-terminated JSON on file
 descriptors 3 and 4), so the client below needs nothing beyond the standard library. The page is the
-report of a real demo-sized run (``test_report.make_demo_run``, shared with test_report.py), whose
+report of a real demo-sized run (``tests/support/demo_run.py``, shared with test_report.py), whose
 training folder holds an image with the id ``<script>alert(1)</script>.png``.
 
 A screenshot of the rendered page is saved under pytest's temporary folder and copied to
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import PLANTED_ID, shared_demo_run
+from support.demo_run import PLANTED_ID
 
 from memwatch.report import write_pdf, write_report
 from memwatch.report.pdf import browser_flags
@@ -120,8 +120,8 @@ class DevTools:
 
 
 @pytest.fixture(scope="module")
-def report_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    run = shared_demo_run(tmp_path_factory)
+def report_files(demo_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run = demo_run
     out = tmp_path_factory.mktemp("browser-report")
     paths = write_report(run["run_dir"], out / "report.html", json_out=out / "report.json")
     return {**run, **paths, "out": out}

@@ -81,7 +81,7 @@ def test_creates_parent_folder_and_sets_pragmas(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    assert int(version) == SCHEMA_VERSION == 1
+    assert int(version) == SCHEMA_VERSION == 2
     conn.close()
 
 
@@ -146,24 +146,30 @@ def test_ensure_run_round_trip_and_idempotence(store: Store) -> None:
     assert store.run_id("nope") is None
 
 
-def test_add_snapshot_round_trip_and_idempotence(store: Store) -> None:
+def test_a_snapshot_is_its_weights_and_its_sightings_are_where_it_was_seen(store: Store) -> None:
     run = store.ensure_run("r", config={})
     live = store.add_snapshot(run, 500, created_at=10.0)
-    assert store.add_snapshot(run, 500) == live  # NULL path must still hit the unique key
-    ckpt = store.add_snapshot(run, 500, kind="checkpoint", path=Path("/out/checkpoint-500"))
-    assert ckpt != live
-    # A hash learned later fills the missing one; a different one afterwards changes nothing.
-    assert store.add_snapshot(run, 500, kind="checkpoint", path="/out/checkpoint-500", weights_sha256="h1") == ckpt
-    assert store.add_snapshot(run, 500, kind="checkpoint", path="/out/checkpoint-500", weights_sha256="h2") == ckpt
-    later = store.add_snapshot(run, 1000, kind="checkpoint", path="/out/checkpoint-1000", weights_sha256="h3")
-    snaps = store.snapshots(run)
-    assert [(s["id"], s["step"], s["kind"], s["path"], s["weights_sha256"]) for s in snaps] == [
-        (ckpt, 500, "checkpoint", "/out/checkpoint-500", "h1"),
-        (live, 500, "live", None, None),
-        (later, 1000, "checkpoint", "/out/checkpoint-1000", "h3"),
+    assert store.add_snapshot(run, 500) == live  # unhashed: identified by step, kind and path
+    unhashed = store.add_snapshot(run, 500, kind="checkpoint", path=Path("/out/checkpoint-500"))
+    assert unhashed != live
+    ckpt = store.add_snapshot(run, 500, kind="checkpoint", path="/out/checkpoint-500", weights_sha256="h1")
+    assert ckpt != unhashed  # hashed weights are another identity
+    # the final model with the same weights is the same snapshot, seen twice
+    final = store.add_snapshot(run, 500, kind="final", path="/out", weights_sha256="h1", weights="raw")
+    assert final == ckpt
+    # the same path rewritten with other weights is a new snapshot
+    rewritten = store.add_snapshot(run, 500, kind="final", path="/out", weights_sha256="h2", weights="ema")
+    assert rewritten not in (ckpt, live, unhashed)
+    snaps = {s["id"]: s for s in store.snapshots(run)}
+    assert [(g["step"], g["kind"], g["path"]) for g in snaps[ckpt]["sightings"]] == [
+        (500, "checkpoint", "/out/checkpoint-500"),
+        (500, "final", "/out"),
     ]
-    assert snaps[1]["created_at"] == 10.0 and snaps[1]["run_id"] == run
-    assert _count(store.path, "snapshots") == 3
+    assert (snaps[rewritten]["weights"], snaps[rewritten]["kind"]) == ("ema", "final")
+    assert snaps[live]["path"] is None and snaps[live]["created_at"] == 10.0 and snaps[live]["run_id"] == run
+    assert _count(store.path, "snapshots") == 4 and _count(store.path, "sightings") == 5
+    with pytest.raises(ValueError, match="kind 'folder' is unknown"):
+        store.add_snapshot(run, 1, kind="folder")
 
 
 def test_write_result_round_trip(store: Store) -> None:

@@ -227,6 +227,8 @@ def test_full_fine_tune_run_is_watched_end_to_end(world: dict, tmp_path: Path) -
     state = save_full_checkpoint(run_dir, 2, conditional=True, use_ema=False, seed=0)
     trained = tiny_cond_unet(0)
     trained.load_state_dict(state["raw"])
+    with torch.no_grad():  # training went on after the last checkpoint: the final model has other weights
+        next(trained.parameters()).mul_(1.01)
     save_final_sd_pipeline(run_dir, base, trained)  # train_text_to_image.py's pipeline.save_pretrained
     clock = ScriptedClock([])  # the run is already saved: no wall-clock waiting
     report = watch_run_dir(run_dir, load_config(world["config"]), quiet_period=1.0, poll=1.0, idle_timeout=60,
@@ -262,7 +264,9 @@ def test_training_set_without_captions_is_recorded_not_dropped(world: dict, tmp_
     shutil.copytree(Path(world["settings"]["base_model"]), run_dir)
     settings = {**world["settings"], "reference": str(train)}
     report = probe_run_dir(run_dir, load_config(settings))
-    assert report.probed == [0] and report.failed == []  # the snapshot loaded; its probes could not run
+    # the snapshot loaded, but none of its probes could run: a failed snapshot, not a probed one
+    assert report.probed == [] and [f["step"] for f in report.failed] == [0]
+    assert "has a caption" in report.failed[0]["error"]
     data = _store(run_dir)
     errors = {r["probe"]: r["error"] for r in data["results"] if r["status"] == "failed"}
     assert set(errors) == PROBES and not _ok(data)

@@ -10,21 +10,36 @@ from pathlib import Path
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+#: Steps are stored as SQLite integers (64-bit signed); a folder named beyond that is not a usable step.
+MAX_STEP = 2**63 - 1
+
+
+def list_checkpoints(run_dir: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``checkpoint-<step>`` folder directly under ``run_dir``, oldest first.
 
+    Args:
+        run_dir: the training output folder.
+        skipped: if given, ``(folder, reason)`` is appended for a checkpoint name whose step is too large.
+
     Example:
-        >>> list_checkpoints("runs/demo")  # doctest: +SKIP
-        [(200, PosixPath('runs/demo/checkpoint-200')), (400, PosixPath('runs/demo/checkpoint-400'))]
+        >>> list_checkpoints("no/such/run")
+        []
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    try:
+        entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    except OSError:  # deleted or unreadable meanwhile: nothing to list now
         return []
     found = []
-    for p in run_dir.iterdir():
+    for p in entries:
         m = CHECKPOINT_RE.match(p.name)
         if m and p.is_dir():
-            found.append((int(m.group(1)), p))
+            step = int(m.group(1))
+            if step > MAX_STEP:
+                if skipped is not None:
+                    skipped.append((str(p), f"step {step} is beyond 64 bits: not a training step memwatch can record"))
+                continue
+            found.append((step, p))
     return sorted(found)
 
 

@@ -72,6 +72,12 @@ class MonitorConfig(Settings):
         "of bare checkpoint-<step> folders",
         path=True,
     )
+    scheduler: str | None = setting(
+        None,
+        "checkpoint front-ends: the training noise scheduler (a scheduler/ folder or a pipeline folder); null: the "
+        "run's own (the snapshot's pipeline, RUN_DIR/scheduler/, then base_model's)",
+        path=True,
+    )
     stop_on: str | None = setting(
         None, "null | warning | critical: monitor.should_stop turns true on such an event", choices=SEVERITIES
     )
@@ -105,6 +111,12 @@ class MonitorConfig(Settings):
         return config_hash(
             {"probe": probe.name, "settings": probe.settings.to_dict(), "embedder": self.raw["embedder"]}
         )
+
+    def identity_hash(self) -> str:
+        """Hash of what decides a run's results (data, weights, schedule, probes, embedder, rules), not of
+        where output goes: a job that repeats with the same config resumes the same run."""
+        ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top")
+        return config_hash({k: v for k, v in self.raw.items() if k not in ignored})
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML/JSON data (what ``raw`` holds)."""

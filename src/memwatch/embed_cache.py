@@ -9,6 +9,7 @@ The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -20,8 +21,9 @@ import torch
 
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
-from memwatch.images import load_image
 from memwatch.refset import ReferenceSet
+
+log = logging.getLogger("memwatch")
 
 
 def default_cache_dir() -> Path:
@@ -43,38 +45,69 @@ class EmbeddingCache:
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "embeddings.sqlite"
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
-            " PRIMARY KEY (key, sha256))"
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
+                " PRIMARY KEY (key, sha256))"
+            )
+            self._db.commit()
+        except (OSError, sqlite3.Error) as e:
+            self._disable(e)
+
+    def _disable(self, e: BaseException) -> None:
+        """The cache is an optimisation: when it cannot be used, say so once and embed without it."""
+        log.warning(
+            "embedding cache %s cannot be used (%s): embedding without it; set cache_dir or $MEMWATCH_CACHE_DIR to "
+            "a writable folder, or delete a corrupt cache file",
+            self.path,
+            getattr(e, "strerror", None) or e,
         )
-        self._db.commit()
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        self._db = None
 
     def get(self, key: str, hashes: Iterable[str]) -> dict[str, torch.Tensor]:
         """Cached vectors for the given image hashes (missing ones are simply absent)."""
         hashes = list(dict.fromkeys(hashes))
         found: dict[str, torch.Tensor] = {}
-        for start in range(0, len(hashes), 500):  # stay under SQLite's bound-parameter limit
-            part = hashes[start : start + 500]
-            marks = ",".join("?" * len(part))
-            rows = self._db.execute(
-                f"SELECT sha256, data FROM embeddings WHERE key = ? AND sha256 IN ({marks})", [key, *part]
-            )
-            for sha, data in rows:
-                found[sha] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+        if self._db is None:
+            return found
+        try:
+            for start in range(0, len(hashes), 500):  # stay under SQLite's bound-parameter limit
+                part = hashes[start : start + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(
+                    f"SELECT sha256, data FROM embeddings WHERE key = ? AND sha256 IN ({marks})", [key, *part]
+                )
+                for sha, data in rows:
+                    found[sha] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+        except sqlite3.Error as e:
+            self._disable(e)
+            return {}
         return found
 
     def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
-        """Store vectors (one transaction)."""
+        """Store vectors (one transaction); a cache that cannot be written is disabled with a warning."""
+        if self._db is None:
+            return
         rows = [(key, sha, v.numel(), v.detach().float().cpu().numpy().tobytes()) for sha, v in vectors.items()]
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.Error as e:
+            self._disable(e)
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
 
 @dataclass
@@ -115,26 +148,15 @@ def embed_reference(
     key = embedder.key
     have = cache.get(key, [it.sha256 for it in refs.items]) if cache is not None else {}
     todo = [it for it in refs.items if it.sha256 not in have]
-    failed: set[str] = set()
     new: dict[str, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
-        batch, shas = [], []
-        for it in todo[start : start + batch_size]:
-            if it.sha256 in new or it.sha256 in shas:
-                continue  # duplicate file content: embed once
-            try:
-                batch.append(load_image(it.path, embedder.resolution))
-                shas.append(it.sha256)
-            except Exception as e:  # decoding errors of any kind: the item is recorded as skipped
-                failed.add(it.id)
-                refs.skip(it.path, f"cannot decode image ({type(e).__name__}: {e})")
-        if batch:
-            vecs = embedder.embed(torch.stack(batch))
-            new.update(zip(shas, vecs, strict=True))
-    if failed:
-        refs.items = [it for it in refs.items if it.id not in failed]
-        if not refs.items:
-            raise MemwatchError(f"{refs.root}: no image could be decoded; see the skipped files logged above")
+        batch = [it for it in todo[start : start + batch_size] if it.sha256 not in new]
+        unique = list({it.sha256: it for it in batch}.values())  # duplicate file content: embed once
+        images, kept = refs.load(unique, embedder.resolution)  # undecodable items are skipped and counted
+        if kept:
+            new.update(zip([it.sha256 for it in kept], embedder.embed(images), strict=True))
+    if not refs.items:
+        raise MemwatchError(f"{refs.root}: no image could be decoded; see the skipped files logged above")
     if cache is not None and new:
         cache.put(key, new)
     have.update(new)

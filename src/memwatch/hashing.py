@@ -42,3 +42,28 @@ def config_hash(obj: Any) -> str:
         True
     """
     return sha256_bytes(canonical_json(obj).encode())[:16]
+
+
+def state_sha256(module: Any) -> str:
+    """Hex sha256 of a live module's weights: every tensor of its ``state_dict``, with name, dtype and shape.
+
+    Identifies a snapshot probed inside training the way a file's sha256 identifies a saved one (the two
+    are different hashes of the same weights). Tensors are hashed one at a time, on the CPU.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> b.load_state_dict(a.state_dict())
+        <All keys matched successfully>
+        >>> state_sha256(a) == state_sha256(b)
+        True
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        # the raw bytes, whatever the dtype (numpy has no bfloat16)
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

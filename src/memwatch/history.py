@@ -70,6 +70,19 @@ class RunHistory:
         """Every step at which any metric was recorded, ascending."""
         return sorted({s for values in self.metrics.values() for s in values})
 
+    def observations(self) -> list[tuple[int, int, dict[str, float]]]:
+        """``(step, snapshot id, {"probe/metric": value})`` per measured snapshot, in the order its
+        results were first written: what the rules saw, probe by probe."""
+        order: dict[int, int] = {}
+        step: dict[int, int] = {}
+        values: dict[int, dict[str, float]] = {}
+        for m in self.metric_rows:
+            sid = m["snapshot_id"]
+            order[sid] = min(order.get(sid, m["result_id"]), m["result_id"])
+            step[sid] = int(m["step"])
+            values.setdefault(sid, {})[f"{m['probe']}/{m['metric']}"] = float(m["value"])
+        return [(step[sid], sid, values[sid]) for sid in sorted(order, key=order.__getitem__)]
+
     def by_step(self) -> dict[int, dict[str, float]]:
         """step -> {"probe/metric": value}, steps ascending (what the rules saw at each probe)."""
         out: dict[int, dict[str, float]] = {}

@@ -3,8 +3,9 @@
 The one normalisation rule, used for training images, holdout images and generated images alike:
 
 1. decode with Pillow and apply the EXIF orientation;
-2. convert to RGB (palette and grey images are expanded; an alpha channel is composited onto
-   white, so transparent areas do not turn black);
+2. convert to RGB (palette and grey images are expanded; 16- and 32-bit grey images are scaled to
+   8 bits, not clipped; an alpha channel is composited onto white, so transparent areas do not turn
+   black; an animated GIF's first frame is used, as the diffusers loaders do);
 3. resize so the *shorter* side equals the resolution (bicubic, antialiased), then centre-crop
    to a square ``resolution x resolution``;
 4. scale to float32 values in [0, 1], shape ``(3, H, W)``.
@@ -21,17 +22,36 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+def _openable_suffixes() -> tuple[str, ...]:
+    """Every suffix Pillow can open: what diffusers' ``imagefolder`` (the ``datasets`` loader) accepts too."""
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+IMAGE_SUFFIXES = _openable_suffixes()
 
 
 def is_image_path(path: str | Path) -> bool:
-    """True if ``path`` has one of the supported image suffixes (case-insensitive)."""
+    """True if Pillow can open files with ``path``'s suffix (case-insensitive): png, jpg, webp, bmp, gif, tiff...
+
+    Example:
+        >>> is_image_path("a.PNG"), is_image_path("b.tiff"), is_image_path("notes.txt")
+        (True, True, False)
+    """
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow image to RGB, compositing transparency onto white."""
     img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Deep grey images: convert("RGB") would clip every value above 255 to white. Scale instead:
+        # 16-bit data by 1/257 (65535 -> 255); 32-bit ints and floats by their own maximum.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535) else None
+        top = top or float(max(arr.max(initial=0), 1e-12))
+        img = Image.fromarray(np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,23 +1,28 @@
 """Checkpoint-folder front-ends: ``memwatch probe`` (scheduled) and ``memwatch watch`` (beside training).
 
 Both look at a training output folder (RUN_DIR) as the diffusers example scripts write it: one
-``checkpoint-<step>/`` folder per save (rotated away by ``--checkpoints_total_limit``) and, at the
-end, the final model in RUN_DIR itself. Both write only to ``RUN_DIR/memwatch/``: nothing whose name
-starts with ``checkpoint`` (the scripts parse every such name as ``checkpoint-<int>``), and never
-into data folders.
+``checkpoint-<step>/`` folder per save (rotated away by ``--checkpoints_total_limit``) and the model
+saved in RUN_DIR itself (the *final* model). Both write only to ``RUN_DIR/memwatch/``: nothing whose
+name starts with ``checkpoint`` (the scripts parse every such name as ``checkpoint-<int>``), and
+never into data folders.
 
+* A **snapshot is its weights**: each folder's weights files are hashed (without loading; unchanged
+  files are not re-read, their hash is cached by size, modification time and inode), and weights
+  measured before are only recorded as seen again. The final model equal to the last checkpoint is
+  one measurement; a final model rewritten with other weights is a new snapshot, audited again.
+* A **run is its folder and config**: without ``run_name``, repeated jobs with the same config
+  resume the same run (``<folder>@<config hash>``), and probe only what is new.
 * ``probe`` probes every snapshot that has no result for this config yet, oldest step first. Each
-  probe result is one transaction, so a killed job loses nothing and the next run finishes what is
-  missing; a second job on the same RUN_DIR finds the lock held and exits (or waits with ``wait``).
-* ``watch`` polls for new checkpoints, probes each once it is complete and has not changed for a
-  quiet period, tolerates checkpoints deleted by rotation, and stops after probing the final model
-  or after an idle timeout.
-
-Unconditional and text-to-image snapshots go through the same path: the loaded snapshot (UNet,
-scheduler and, for ``UNet2DConditionModel``, tokenizer / text encoder / VAE from the pipeline or
-``base_model``) is handed to :meth:`ProbeSession.probe`, which prompts text-to-image models with the
-training captions. A text-to-image checkpoint or LoRA whose base pipeline cannot be found is
-recorded as failed for that snapshot alone.
+  step is one transaction, so a killed job loses nothing and the next run finishes what is missing;
+  a second job on the same RUN_DIR finds the lock held, probes nothing, and still reports (and gates
+  ``--fail-on`` on) what the store holds.
+* ``watch`` probes each checkpoint once it is complete and quiet, tolerates rotation, and probes the
+  final model when training has ended (see :func:`watch_run_dir`), then stops.
+* **EMA runs**: a run whose checkpoints hold ``unet_ema/`` saves its EMA weights as the final model;
+  it is recorded as EMA weights, so curves keep the raw and EMA series apart.
+* **The noise schedule comes from the run** (:func:`memwatch.snapshots.load_snapshot`); a guessed one
+  is recorded as such and shown in the report.
+* A folder deleted by rotation before or while it is probed is skipped and counted, never failed.
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ from typing import Any
 from memwatch.checkpoints import list_checkpoints
 from memwatch.config import MonitorConfig
 from memwatch.errors import MemwatchError
+from memwatch.hashing import sha256_file
+from memwatch.history import load_history
 from memwatch.rules import severity_at_least
 from memwatch.session import ProbeSession, as_refset
-from memwatch.snapshots import denoiser_class, detect_layout, load_snapshot, snapshot_complete
-from memwatch.store import OUTPUT_SUBDIR
+from memwatch.snapshots import (
+    combined_sha256,
+    denoiser_class,
+    detect_layout,
+    load_snapshot,
+    snapshot_complete,
+    snapshot_files,
+)
+from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
 
 log = logging.getLogger("memwatch")
 
@@ -56,13 +70,22 @@ class SnapshotRef:
 
 @dataclass
 class RunReport:
-    """What one probe/watch job did on one RUN_DIR (JSON-ready via :meth:`to_dict`)."""
+    """What one probe/watch job did on one RUN_DIR (JSON-ready via :meth:`to_dict`).
+
+    ``probed``: steps of snapshots measured now; ``already_done``: snapshots whose weights were
+    measured before (seen again); ``failed``: snapshots on which no probe could run, with the reason;
+    ``rotated``: folders deleted (checkpoint rotation) before they could be probed; ``skipped``:
+    folders that are not usable snapshots, with the reason.
+    """
 
     run_dir: str
     store: str
+    run: str = ""
     probed: list[int] = field(default_factory=list)
     already_done: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
+    rotated: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     new_events: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     last_clean_step: int | None = None
@@ -73,27 +96,40 @@ class RunReport:
         return dict(self.__dict__)
 
 
-def discover_snapshots(run_dir: str | Path) -> list[SnapshotRef]:
-    """``checkpoint-<step>`` folders, oldest first, then the final model saved in RUN_DIR itself.
+def discover_snapshots(run_dir: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[SnapshotRef]:
+    """``checkpoint-<step>`` folders, oldest first, then the model saved in RUN_DIR itself (the final model).
 
-    The final model gets the step of the newest checkpoint (training ends right after it) or 0.
+    The final model gets the step of the newest checkpoint (its own step is not saved; training ends
+    at or after it), or 0.
 
     Example:
         >>> [(s.step, s.kind) for s in discover_snapshots("runs/ddpm")]  # doctest: +SKIP
         [(500, 'checkpoint'), (1000, 'checkpoint'), (1000, 'final')]
     """
     run_dir = Path(run_dir)
-    found = [SnapshotRef(step, path, "checkpoint") for step, path in list_checkpoints(run_dir)]
+    found = [SnapshotRef(step, path, "checkpoint") for step, path in list_checkpoints(run_dir, skipped)]
     if detect_layout(run_dir) != "unknown":
         found.append(SnapshotRef(found[-1].step if found else 0, run_dir, "final"))
     return found
 
 
+def uses_ema(run_dir: str | Path) -> bool:
+    """Whether the run trained with EMA (a checkpoint holds ``unet_ema/``): its final model holds EMA weights."""
+    return any((path / "unet_ema").is_dir() for _, path in list_checkpoints(run_dir))
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on ``folder/probe.lock``; yields False when another job holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as f:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 (closed below, after the lock is released)
+    except OSError as e:
+        raise MemwatchError(
+            f"cannot create the lock file {folder / LOCK_NAME} ({e.strerror}): RUN_DIR/{OUTPUT_SUBDIR} must be "
+            "writable for probe and watch"
+        ) from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,8 +145,18 @@ def run_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def default_run_name(run_dir: str | Path, config: MonitorConfig) -> str:
+    """The run's name when the config gives none: its folder and config (so repeated jobs resume it).
+
+    Example:
+        >>> default_run_name("runs/ddpm", load_config(None))  # doctest: +SKIP
+        'ddpm@5f0c2a91b7e3'
+    """
+    return config.run_name or f"{Path(run_dir).resolve().name}@{config.identity_hash()[:12]}"
+
+
 class CheckpointProber:
-    """Probe snapshots of one RUN_DIR into ``RUN_DIR/memwatch/``, skipping those already probed.
+    """Probe snapshots of one RUN_DIR into ``RUN_DIR/memwatch/``, skipping weights already measured.
 
     Args:
         run_dir: the training output folder.
@@ -130,73 +176,116 @@ class CheckpointProber:
         self.out = self.run_dir / OUTPUT_SUBDIR
         self.on_event = on_event
         self.session: ProbeSession | None = None
-        self.report = RunReport(run_dir=str(self.run_dir), store=str(self.out / "memwatch.sqlite"))
+        self.run_name = default_run_name(self.run_dir, config)
+        self.report = RunReport(run_dir=str(self.run_dir), store=str(self.out / STORE_NAME), run=self.run_name)
 
     def open(self) -> None:
         """Load the reference sets, open the store and replay the run's history into the rules."""
         refs = as_refset(self.config.reference, "reference set")
         holdout = as_refset(self.config.holdout, "holdout set") if self.config.holdout else None
-        new_events = self.report.new_events
-        self.session = ProbeSession(self.config, refs, holdout, self.out, on_event=lambda e: self._event(e, new_events))
-        self.session.replay()
+        self.session = ProbeSession(self.config, refs, holdout, self.out, on_event=self._event, run_name=self.run_name)
 
-    def _event(self, event: Any, sink: list) -> None:
-        sink.append(event.to_dict())
+    def _event(self, event: Any) -> None:
+        self.report.new_events.append(event.to_dict())
         if self.on_event is not None:
             self.on_event(event)
 
-    def missing_probes(self, ref: SnapshotRef) -> list[str]:
-        """Probes that apply to this snapshot and have no ok result for it and this config yet.
+    def weights_of(self, ref: SnapshotRef) -> str:
+        """``"ema"`` or ``"raw"``: what the snapshot's weights are (the final model of an EMA run is EMA)."""
+        if self.config.weights == "ema" or (ref.kind == "final" and uses_ema(self.run_dir)):
+            return "ema"
+        return "raw"
 
-        Text-to-image-only probes apply when the folder's UNet is a ``UNet2DConditionModel`` (read
-        from its config, without loading weights).
+    def weights_sha256(self, ref: SnapshotRef) -> str:
+        """The sha256 of the snapshot's weights files, reading only files that changed since last hashed.
+
+        Raises:
+            MemwatchError: the weights are missing or incomplete.
+            FileNotFoundError: a file vanished (rotation).
         """
         s = self.session
         assert s is not None and s.store is not None
-        snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-        # None: the folder does not say (yet); loading will tell, and probes that do not apply are skipped.
-        text_to_image = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
-        return [
-            p.name
-            for p in s.applicable(text_to_image=text_to_image)
-            if not s.store.has_result(snap_id, p.name, s.probe_hash(p))
-        ]
+        # The weights a checkpoint folder is probed with: unet_ema/ when the config asks for EMA.
+        which = self.config.weights if ref.kind == "checkpoint" else "raw"
+        files = snapshot_files(ref.path, weights=which, base_model=self.config.base_model)
+        hashes = {}
+        for label, path in files.items():
+            st = path.stat()
+            key = str(path.resolve())
+            sha = s.store.cached_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino)
+            if sha is None:
+                sha = sha256_file(path)
+                s.store.remember_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino, sha)
+            hashes[label] = sha
+        return combined_sha256(hashes)
 
-    def probe(self, ref: SnapshotRef) -> bool:
-        """Probe one snapshot if anything is missing; returns True if it probed or recorded a failure."""
+    def probe(self, ref: SnapshotRef) -> str:
+        """Probe one snapshot if its weights are new (or miss a probe).
+
+        Returns:
+            ``"probed"``, ``"already"`` (these weights were measured before: recorded as seen again),
+            ``"failed"`` (recorded with the reason), or ``"rotated"`` (the folder was deleted meanwhile).
+        """
         s = self.session
         assert s is not None and s.store is not None
-        missing = self.missing_probes(ref)
-        if not missing:
-            self.report.already_done += 1
-            return False
+        text_to_image = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
+        applicable = s.applicable(text_to_image=text_to_image)
+        weights = self.weights_of(ref)
         try:
-            snap = load_snapshot(ref.path, weights=self.config.weights, base_model=self.config.base_model)
+            sha = self.weights_sha256(ref)
+            existing = s.store.find_snapshot(s.run_id, sha)
+            if existing is not None and all(s.store.has_result(existing, p.name, s.probe_hash(p)) for p in applicable):
+                s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path), weights_sha256=sha)
+                self.report.already_done += 1
+                return "already"
+            which = self.config.weights if ref.kind == "checkpoint" else "raw"
+            snap = load_snapshot(
+                ref.path,
+                weights=which,
+                base_model=self.config.base_model,
+                scheduler=self.config.scheduler,
+                run_dir=self.run_dir,
+            )
             if snap.parts.text_to_image and snap.parts.text_encoder is None:
                 raise MemwatchError(
                     f"{ref.path}: text-to-image UNet without tokenizer/text encoder/VAE: set 'base_model' to the "
                     "local pipeline folder the run started from (--pretrained_model_name_or_path)"
                 )
-        except MemwatchError as e:
+        except (MemwatchError, OSError) as e:
+            if not ref.path.exists():
+                return self._rotated(ref, e)
+            reason = str(e) if isinstance(e, MemwatchError) else f"{type(e).__name__}: {e}"
             snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-            by_name = {p.name: p for p in s.probes}
-            for name in missing:
-                s.store.record_failure(snap_id, name, config_hash=s.probe_hash(by_name[name]), error=str(e))
-            self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": str(e)})
-            log.warning("%s: recorded as failed: %s", ref.path, e)
-            return True
+            for p in applicable:
+                s.store.record_failure(snap_id, p.name, config_hash=s.probe_hash(p), error=reason)
+            self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": reason})
+            log.warning("%s: recorded as failed: %s", ref.path, reason)
+            return "failed"
         for note in snap.notes:
             log.info("%s: %s", ref.path, note)
+        failures_before = len(s.failures)
         s.probe(  # the snapshot carries UNet, scheduler and (text-to-image) its text components
             ref.step,
             snap,
-            probes=missing,
+            probes=[p.name for p in applicable],
             kind=ref.kind,
             path=str(ref.path),
-            weights_sha256=snap.weights_sha256,
+            weights_sha256=sha,
+            weights=weights,
+            info=snap.info(),
         )
+        failed = s.failures[failures_before:]
+        ran = {p.name for p in applicable if not (p.text_to_image_only and not snap.parts.text_to_image)}
+        if ran and {f["probe"] for f in failed} >= ran:
+            self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": failed[0]["error"]})
+            return "failed"
         self.report.probed.append(ref.step)
-        return True
+        return "probed"
+
+    def _rotated(self, ref: SnapshotRef, e: BaseException) -> str:
+        log.info("%s was deleted (checkpoint rotation) before it could be probed (%s)", ref.path, e)
+        self.report.rotated.append(str(ref.path))
+        return "rotated"
 
     def close(self) -> RunReport:
         s = self.session
@@ -215,29 +304,43 @@ def probe_run_dir(run_dir: str | Path, config: MonitorConfig, *, wait: bool = Fa
     Args:
         run_dir: training output folder.
         config: validated config.
-        wait: if another job holds RUN_DIR's lock, wait for it (default: return at once).
+        wait: if another job holds RUN_DIR's lock, wait for it (default: do nothing and report).
 
     Returns:
-        The :class:`RunReport` (``locked=True`` if another job held the lock and nothing was done).
+        The :class:`RunReport`. When another job held the lock, ``locked`` is True, nothing was
+        probed, and ``events`` are those the store already holds (so ``--fail-on`` still gates on them).
 
     Example:
         >>> report = probe_run_dir("runs/ddpm", load_config("memwatch.yaml"))  # doctest: +SKIP
         >>> report.probed  # doctest: +SKIP
-        [500, 1000, 1000]
+        [500, 1000]
     """
     prober = CheckpointProber(run_dir, config)
     with run_lock(prober.out, wait=wait) as got:
         if not got:
             prober.report.locked = True
-            log.warning("%s: another memwatch job holds %s; exiting", run_dir, prober.out / LOCK_NAME)
+            prober.report.events = stored_events(prober.out / STORE_NAME, prober.run_name)
+            log.warning("%s: another memwatch job holds %s; nothing probed", run_dir, prober.out / LOCK_NAME)
             return prober.report
         prober.open()
+        skipped: list[tuple[str, str]] = []
         try:
-            for ref in discover_snapshots(run_dir):
+            for ref in discover_snapshots(run_dir, skipped):
                 prober.probe(ref)
         finally:
+            prober.report.skipped = [{"path": p, "reason": r} for p, r in skipped]
             report = prober.close()
     return report
+
+
+def stored_events(store_path: Path, run_name: str) -> list[dict[str, Any]]:
+    """The events a run's store holds (read-only; none if there is no store or no such run yet)."""
+    if not store_path.is_file():
+        return []
+    with Store(store_path, readonly=True) as store:
+        if store.run_id(run_name) is None:
+            return []
+        return load_history(store, run_name).events
 
 
 def watch_run_dir(
@@ -247,25 +350,40 @@ def watch_run_dir(
     quiet_period: float = 30.0,
     poll: float = 5.0,
     idle_timeout: float = 3600.0,
+    end_quiet: float | None = None,
     on_event: Callable | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunReport:
-    """Follow a training run: probe each new checkpoint once complete and quiet; stop after the final model.
+    """Follow a training run: probe each checkpoint once complete and quiet; probe the final model once
+    training has ended; then stop.
 
-    A snapshot is probed when :func:`memwatch.snapshots.snapshot_complete` says all its files are
-    there and none of them changed size or mtime for ``quiet_period`` seconds. A checkpoint deleted
-    by rotation before or while it is probed is skipped (logged). The watch ends after the final
-    model (saved in RUN_DIR itself) is probed, or when nothing new appeared for ``idle_timeout``.
+    A checkpoint is probed when :func:`memwatch.snapshots.snapshot_complete` says all its files are
+    there and none of them changed for ``quiet_period`` seconds. A checkpoint deleted by rotation
+    before or while it is probed is skipped and counted.
+
+    **When training has ended.** The model in RUN_DIR is not proof of it: ``train_unconditional.py``
+    saves its pipeline after its first epoch and every ``--save_model_epochs``, and pauses to generate
+    its own samples. The model in RUN_DIR is taken as the final one when it is complete, newer than
+    every checkpoint, every checkpoint has been handled, and nothing in RUN_DIR (checkpoints, the
+    model, the training logs) has changed for ``end_quiet`` seconds: by default three times the
+    longest gap seen between two saves of this run (at least ``quiet_period``), so a pause the run
+    has already shown cannot end the watch early. How the scripts end: ``train_unconditional.py``
+    saves the pipeline at its last epoch (as at earlier ones) and closes its logs;
+    ``train_text_to_image.py`` saves the pipeline once, at the end; the LoRA and DreamBooth scripts
+    save ``pytorch_lora_weights.safetensors`` in RUN_DIR once, at the end. If nothing at all changes
+    for ``idle_timeout``, the watch stops (probing the model in RUN_DIR if there is one).
 
     Args:
         run_dir: training output folder (may not exist yet: the watch waits for it).
         config: validated config.
         quiet_period: seconds a snapshot's files must stay unchanged before probing.
         poll: seconds between looks at RUN_DIR.
-        idle_timeout: stop after this many seconds without a new snapshot.
+        idle_timeout: stop after this many seconds in which nothing in RUN_DIR changed.
+        end_quiet: seconds without any change after which training counts as ended (default: adaptive,
+            see above).
         on_event: called with each new event.
-        clock, sleep: time sources (tests pass fast ones).
+        clock, sleep: time sources (tests pass fake ones).
 
     Example:
         >>> watch_run_dir("runs/ddpm", load_config("memwatch.yaml"), idle_timeout=600)  # doctest: +SKIP
@@ -279,38 +397,23 @@ def watch_run_dir(
     prober = CheckpointProber(run_dir, config, on_event=on_event)
     with run_lock(prober.out, wait=True):
         prober.open()
-        seen: dict[Path, tuple[tuple, float]] = {}  # folder -> (file signature, since when unchanged)
-        done: set[tuple[Path, str]] = set()
-        last_activity = clock()
+        watch = _Watch(run_dir, quiet_period, end_quiet, clock())
         try:
             while True:
-                finished = False
-                for ref in discover_snapshots(run_dir):
-                    if (ref.path, ref.kind) in done:
-                        continue
-                    sig = _signature(ref.path, exclude=OUTPUT_SUBDIR if ref.kind == "final" else None)
-                    now = clock()
-                    if sig is None or not snapshot_complete(ref.path):
-                        seen.pop(ref.path, None)
-                        continue
-                    if seen.get(ref.path, (None, 0.0))[0] != sig:
-                        seen[ref.path] = (sig, now)
-                        last_activity = now
-                    if now - seen[ref.path][1] < quiet_period:
-                        continue
-                    try:
-                        prober.probe(ref)
-                    except (FileNotFoundError, MemwatchError) as e:
-                        if ref.path.exists():
-                            raise
-                        log.info("%s was deleted (checkpoint rotation) before it was probed: %s", ref.path, e)
-                    done.add((ref.path, ref.kind))
-                    last_activity = clock()
-                    finished = finished or ref.kind == "final"
-                if finished:
+                now = clock()
+                watch.look(now)
+                for ref in watch.ready_checkpoints(now):
+                    prober.probe(ref)
+                    watch.done.add(ref.path)
+                final = watch.final(now)
+                if final is not None and watch.ended(now):
+                    prober.probe(final)
                     break
-                if clock() - last_activity > idle_timeout:
-                    log.warning("%s: nothing new for %gs (--idle-timeout); stopping", run_dir, idle_timeout)
+                if now - watch.last_change > idle_timeout:
+                    log.warning("%s: nothing changed for %gs (--idle-timeout); stopping", run_dir, idle_timeout)
+                    model = watch.model(now)
+                    if model is not None:  # whatever else is unfinished, the model in RUN_DIR is audited
+                        prober.probe(model)
                     break
                 sleep(poll)
         finally:
@@ -318,13 +421,83 @@ def watch_run_dir(
     return report
 
 
-def _signature(folder: Path, exclude: str | None = None) -> tuple | None:
-    """(relative path, size, mtime) of every file under ``folder``; None if it vanished meanwhile."""
+class _Watch:
+    """What ``watch`` has seen of RUN_DIR: each snapshot folder's files and since when they are unchanged,
+    when anything last changed, and the gaps between saves (for the end-of-training rule)."""
+
+    def __init__(self, run_dir: Path, quiet_period: float, end_quiet: float | None, now: float):
+        self.run_dir = run_dir
+        self.quiet_period = quiet_period
+        self.end_quiet = end_quiet
+        self.done: set[Path] = set()
+        self.refs: list[SnapshotRef] = []
+        self.stable: dict[Path, tuple[tuple, float]] = {}  # folder -> (file signature, unchanged since)
+        self.everything: tuple | None = None
+        self.last_change = now
+        self.saves: list[float] = [now]  # when each new snapshot signature first appeared (and the start)
+
+    def look(self, now: float) -> None:
+        everything = _signature(self.run_dir, exclude=OUTPUT_SUBDIR)
+        if everything != self.everything:
+            self.everything, self.last_change = everything, now
+        self.refs = discover_snapshots(self.run_dir)
+        for ref in self.refs:
+            sig = _signature(ref.path, exclude=OUTPUT_SUBDIR if ref.kind == "final" else None, snapshots_only=True)
+            if sig is None or not snapshot_complete(ref.path):
+                self.stable.pop(ref.path, None)
+                continue
+            if self.stable.get(ref.path, (None, 0.0))[0] != sig:
+                self.stable[ref.path] = (sig, now)
+                self.saves.append(now)
+
+    def _quiet(self, ref: SnapshotRef, now: float) -> bool:
+        return ref.path in self.stable and now - self.stable[ref.path][1] >= self.quiet_period
+
+    def ready_checkpoints(self, now: float) -> list[SnapshotRef]:
+        return [r for r in self.refs if r.kind == "checkpoint" and r.path not in self.done and self._quiet(r, now)]
+
+    def model(self, now: float) -> SnapshotRef | None:
+        """The model saved in RUN_DIR, if it is complete and quiet."""
+        final = next((r for r in self.refs if r.kind == "final"), None)
+        return final if final is not None and self._quiet(final, now) else None
+
+    def final(self, now: float) -> SnapshotRef | None:
+        """The model in RUN_DIR if it is complete, quiet and newer than every checkpoint, with every
+        checkpoint handled; else None."""
+        final = self.model(now)
+        if final is None:
+            return None
+        checkpoints = [r for r in self.refs if r.kind == "checkpoint"]
+        if any(r.path not in self.done for r in checkpoints):
+            return None
+        newest = max((self.stable.get(r.path, (None, -1.0))[1] for r in checkpoints), default=-1.0)
+        return final if self.stable[final.path][1] >= newest else None
+
+    def ended(self, now: float) -> bool:
+        """Nothing changed for long enough that the run's own pauses are over."""
+        if self.end_quiet is not None:
+            wait = self.end_quiet
+        else:
+            gaps = [b - a for a, b in zip(self.saves, self.saves[1:], strict=False)]
+            wait = max(self.quiet_period, 3.0 * max(gaps, default=0.0))
+        return now - self.last_change >= wait
+
+
+def _signature(folder: Path, exclude: str | None = None, *, snapshots_only: bool = False) -> tuple | None:
+    """(relative path, size, mtime) of every file under ``folder``; None if it vanished meanwhile.
+
+    ``exclude`` (a top-level folder name) is left out, and with ``snapshots_only`` so are the
+    ``checkpoint*`` folders and ``logs/`` of a RUN_DIR (what the final model's own files are).
+    """
     try:
         rows = []
         for root, dirs, files in os.walk(folder):
-            if exclude is not None and Path(root) == folder:
-                dirs[:] = [d for d in dirs if d != exclude and not d.startswith("checkpoint")]
+            if Path(root) == folder:
+                dirs[:] = [
+                    d
+                    for d in dirs
+                    if d != exclude and not (snapshots_only and (d.startswith("checkpoint") or d == "logs"))
+                ]
             for name in files:
                 st = (Path(root) / name).stat()
                 rows.append((str(Path(root, name).relative_to(folder)), st.st_size, st.st_mtime_ns))

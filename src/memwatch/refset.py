@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, sha256_bytes
-from memwatch.images import is_image_path
+from memwatch.images import is_image_path, load_image
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class ReferenceSet:
     root: Path
     items: list[ReferenceItem]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: files in the folder that are not images (a README, metadata.jsonl...): counted, not used
+    not_images: int = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,8 +90,37 @@ class ReferenceSet:
             "root": str(self.root),
             "n": len(self.items),
             "skipped": len(self.skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped[:20]],
+            "not_images": self.not_images,
             "manifest_sha256": self.manifest_sha256,
         }
+
+    def load(self, items: Sequence[ReferenceItem], resolution: int) -> tuple[torch.Tensor, list[ReferenceItem]]:
+        """Decode ``items`` at ``resolution`` (the one normalisation rule of :mod:`memwatch.images`).
+
+        An item that cannot be decoded now (a truncated file that passed the listing check, a file
+        deleted since) is skipped, recorded in :attr:`skipped` with the reason and removed from
+        :attr:`items`; the others are returned.
+
+        Returns:
+            ``(images, kept)``: float32 ``(len(kept), 3, resolution, resolution)`` in [0, 1] and the
+            items decoded, in order.
+
+        Example:
+            >>> images, kept = refs.load(refs.items[:4], 32)  # doctest: +SKIP
+        """
+        import torch
+
+        images, kept = [], []
+        for it in items:
+            try:
+                images.append(load_image(it.path, resolution))
+                kept.append(it)
+            except Exception as e:  # decoding errors of any kind: the item is recorded as skipped
+                self.skip(it.path, f"cannot decode image ({type(e).__name__}: {e})")
+                self.items = [x for x in self.items if x.id != it.id]
+        stacked = torch.stack(images) if images else torch.empty(0, 3, resolution, resolution)
+        return stacked, kept
 
 
 def load_reference_set(path: str | Path, *, what: str = "reference set") -> ReferenceSet:
@@ -108,15 +145,15 @@ def load_reference_set(path: str | Path, *, what: str = "reference set") -> Refe
     root = Path(path)
     if not root.exists():
         raise MemwatchError(f"{what} {root} does not exist: pass an image folder or a .jsonl manifest")
-    if root.is_file():
-        if root.suffix.lower() != ".jsonl":
-            raise MemwatchError(f"{what} {root} is a file but not a .jsonl manifest: pass a folder or a .jsonl")
+    refs = ReferenceSet(root=root, items=[])
+    if root.is_dir():
+        entries = _read_folder(root, refs)
+        base = root
+    elif root.suffix.lower() == ".jsonl":
         entries = _read_manifest(root)
         base = root.parent
     else:
-        entries = _read_folder(root)
-        base = root
-    refs = ReferenceSet(root=root, items=[])
+        raise MemwatchError(f"{what} {root} is a file but not a .jsonl manifest: pass a folder or a .jsonl")
     seen: dict[str, Path] = {}
     for entry in entries:
         p = entry["path"]
@@ -145,7 +182,7 @@ def load_reference_set(path: str | Path, *, what: str = "reference set") -> Refe
     if not refs.items:
         detail = f"; {len(refs.skipped)} file(s) could not be decoded" if refs.skipped else ""
         raise MemwatchError(
-            f"{what} {root} has no usable image (png, jpg, jpeg, webp, bmp){detail}: "
+            f"{what} {root} has no usable image (png, jpg, webp, bmp, gif, tiff...){detail}: "
             "point it at a folder of training images or a .jsonl manifest"
         )
     return refs
@@ -165,10 +202,13 @@ def _check_decodable(p: Path) -> None:
         img.verify()
 
 
-def _read_folder(root: Path) -> list[dict]:
-    """Image files under ``root`` (recursive, sorted), with captions from any ``metadata.jsonl``."""
+def _read_folder(root: Path, refs: ReferenceSet) -> list[dict]:
+    """Image files under ``root`` (recursive, sorted, symbolic links followed once), with captions from any
+    ``metadata.jsonl``. Dangling links and link loops are recorded in ``refs.skipped``; other files are
+    counted in ``refs.not_images``."""
     meta: dict[Path, dict] = {}
-    for mfile in sorted(root.rglob(METADATA_NAME)):
+    files, metadata = _walk(root, refs)
+    for mfile in metadata:
         for row in _jsonl_rows(mfile):
             name = row.get("file_name")
             if not isinstance(name, str):
@@ -176,11 +216,46 @@ def _read_folder(root: Path) -> list[dict]:
             caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
             meta[(mfile.parent / name).resolve()] = {"caption": caption, "identity": row.get("identity")}
     entries = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and is_image_path(p):
+    for p in files:
+        if is_image_path(p):
             extra = meta.get(p.resolve(), {})
             entries.append({"path": p, **{k: v for k, v in extra.items() if v is not None}})
+        else:
+            refs.not_images += 1
     return entries
+
+
+def _walk(root: Path, refs: ReferenceSet) -> tuple[list[Path], list[Path]]:
+    """Every regular file under ``root`` (sorted) and the ``metadata.jsonl`` files among them."""
+    files: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> None:
+        try:
+            st = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            refs.skip(folder, f"cannot list folder ({e.strerror or e})")
+            return
+        if (st.st_dev, st.st_ino) in visited:
+            refs.skip(folder, "symbolic link loop: this folder was already read")
+            return
+        visited.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows symbolic links, like the diffusers loaders
+                    walk(path)
+                elif entry.is_file():
+                    files.append(path)
+                elif entry.is_symlink():
+                    refs.skip(path, f"dangling symbolic link (to {os.readlink(path)})")
+            except OSError as e:  # e.g. ELOOP on a link that points at itself
+                refs.skip(path, f"cannot read ({e.strerror or e})")
+
+    walk(root)
+    files.sort()
+    return [p for p in files if p.name != METADATA_NAME], [p for p in files if p.name == METADATA_NAME]
 
 
 def _read_manifest(manifest: Path) -> list[dict]:
@@ -199,7 +274,13 @@ def _read_manifest(manifest: Path) -> list[dict]:
 
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MemwatchError(f"{path}: not UTF-8 text (byte {e.start}): save the manifest as UTF-8 JSON lines") from None
+    except OSError as e:
+        raise MemwatchError(f"{path}: cannot read ({e.strerror}): check the path and its permissions") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -4,7 +4,8 @@ Successive probes must be comparable, so a probe draws the same seeds at every s
 unconditional model draws ``num_samples`` seeds from ``seed_offset``; a text-to-image model draws
 ``samples_per_prompt`` seeds for each of up to ``max_prompts`` training captions and
 ``max_holdout_prompts`` held-out captions. The samples are generated in shares across processes and
-gathered in order on the main process, where every sample probe due at that step reads them.
+gathered in order on the main process (:class:`memwatch.session.ProbeSession` does the gathering), where
+every sample probe due at that step reads them.
 
 The sampling settings are declared once here (:class:`SamplingSettings`) and live in config files
 under ``probes.regurgitation`` (see :data:`memwatch.config.SAMPLING_SECTION`).
@@ -12,7 +13,6 @@ under ``probes.regurgitation`` (see :data:`memwatch.config.SAMPLING_SECTION`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -109,39 +109,31 @@ def plan_samples(settings: SamplingSettings, parts: ModelParts, data: ProbeData)
     )
 
 
-def draw_samples(
-    settings: SamplingSettings, parts: ModelParts, plan: SamplePlan, workers: Workers
-) -> tuple[torch.Tensor | None, float]:
-    """Generate the plan's samples in shares across processes; the main process gets them all.
+def generate_share(settings: SamplingSettings, parts: ModelParts, plan: SamplePlan, workers: Workers) -> torch.Tensor:
+    """This process's contiguous share of the plan's samples; concatenated in process order they are
+    the plan's samples in order (the caller gathers them).
 
-    Call it on every process (the gather is collective).
-
-    Returns:
-        ``(images, seconds)``: the samples in plan order on the main process (None elsewhere) and
-        the time this process spent.
+    Example:
+        >>> images = generate_share(settings, parts, plan_samples(settings, parts, data), Workers())  # doctest: +SKIP
     """
     mine = workers.share(range(len(plan.seeds)))
-    t0 = time.perf_counter()
     if not parts.text_to_image:
-        part = generate_samples(
+        return generate_samples(
             parts.unet,
             parts.scheduler,
             [plan.seeds[i] for i in mine],
             num_inference_steps=settings.inference_steps,
             batch_size=settings.batch_size,
         )
-    else:
-        assert plan.prompts is not None
-        part = generate_text_to_image_samples(
-            parts,
-            [plan.prompts[i] for i in mine],
-            [plan.seeds[i] for i in mine],
-            guidance_scale=settings.guidance_scale,
-            num_inference_steps=settings.inference_steps,
-            batch_size=settings.batch_size,
-        )
-    images = torch.cat(workers.gather([part]))
-    return (images if workers.is_main else None), time.perf_counter() - t0
+    assert plan.prompts is not None
+    return generate_text_to_image_samples(
+        parts,
+        [plan.prompts[i] for i in mine],
+        [plan.seeds[i] for i in mine],
+        guidance_scale=settings.guidance_scale,
+        num_inference_steps=settings.inference_steps,
+        batch_size=settings.batch_size,
+    )
 
 
-__all__ = ["SamplePlan", "Samples", "SamplingSettings", "draw_samples", "plan_samples"]
+__all__ = ["SamplePlan", "Samples", "SamplingSettings", "generate_share", "plan_samples"]

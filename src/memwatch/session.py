@@ -26,18 +26,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memwatch import __version__
 from memwatch.config import MonitorConfig
 from memwatch.embedders import build_embedder
 from memwatch.errors import MemwatchError, ProbeUnavailable
 from memwatch.evidence import save_evidence_grid
+from memwatch.hashing import state_sha256
 from memwatch.history import load_history
 from memwatch.model_parts import ModelParts
-from memwatch.modes import ema_weights, eval_mode, preserved_rng
+from memwatch.modes import ema_weights, eval_mode, preserved_rng, unwrap_model
 from memwatch.probes.base import Probe, ProbeContext, ProbeData, ProbeResult, Samples
 from memwatch.refset import ReferenceSet, load_reference_set
 from memwatch.rules import Event, Rule, RuleEngine, parse_rules, severity_at_least
-from memwatch.samples import draw_samples, plan_samples
+from memwatch.samples import generate_share, plan_samples
 from memwatch.store import STORE_NAME, Store
 from memwatch.workers import Workers
 
@@ -66,6 +69,11 @@ class ProbeSession:
         on_event: called with each event on the main process.
         log_metrics: called on the main process with ``({"memwatch/<probe>/<metric>": value}, step)``
             (e.g. ``accelerator.log``).
+        run_name: the run's name in the store; default ``config.run_name``, else ``run-<UTC time>``.
+            A run that already exists is resumed: its stored history is replayed into the rules.
+
+    Raises:
+        MemwatchError: the store cannot be opened or written (on every process alike).
 
     Example:
         >>> session = ProbeSession(load_config(None), load_reference_set("train"), None, "out")  # doctest: +SKIP
@@ -83,6 +91,7 @@ class ProbeSession:
         workers: Workers | None = None,
         on_event: Callable[[Event], None] | None = None,
         log_metrics: Callable[[dict[str, float], int], None] | None = None,
+        run_name: str | None = None,
     ):
         self.config = config
         self.output_dir = Path(output_dir)
@@ -105,22 +114,46 @@ class ProbeSession:
         self.last_step: int | None = None
         #: probe name -> the last step it ran at
         self.probed_at: dict[str, int] = {}
+        #: probes that could not run, each with its reason, in the order they failed
+        self.failures: list[dict[str, Any]] = []
+        self.closed = False
         self._last_args: tuple[Any, Any, Any] | None = None
+        self._repeat_warned = False
         self.store: Store | None = None
-        self.run_name = config.run_name or "run-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.run_id = 0
+        name = run_name or config.run_name
+        self.run_name = name or "run-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         for p in self.probes:
             if p.every and p.needs_holdout and holdout is None:
                 log.warning("%s probe off: no holdout set given (config 'holdout')", p.name)
+        error = None
         if self.workers.is_main:
+            try:
+                self._open_store()
+            except MemwatchError as e:
+                error = str(e)
+        # Every process learns whether the store opened, so none is left waiting for the others.
+        error = self.workers.broadcast(error)
+        if error is not None:
+            raise MemwatchError(error)
+        self.should_stop = self.workers.broadcast(self.should_stop)
+
+    def _open_store(self) -> None:
+        try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.store = Store(self.output_dir / STORE_NAME)
-            self.run_id = self.store.ensure_run(
-                self.run_name,
-                config=self.run_config(),
-                reference=refs.summary(),
-                holdout=holdout.summary() if holdout else None,
-                info=environment_info(),
-            )
+        except OSError as e:
+            raise MemwatchError(
+                f"cannot create the output folder {self.output_dir} ({e.strerror}): pass a writable output_dir"
+            ) from None
+        self.store = Store(self.output_dir / STORE_NAME)
+        self.run_id = self.store.ensure_run(
+            self.run_name,
+            config=self.run_config(),
+            reference=self.refs.summary(),
+            holdout=self.holdout.summary() if self.holdout else None,
+            info=environment_info(),
+        )
+        self.replay()
 
     @property
     def refs(self) -> ReferenceSet:
@@ -167,10 +200,12 @@ class ProbeSession:
         ]
 
     def step(self, step: int, model: Any, scheduler: Any, *, ema: Any = None) -> list[Event]:
-        """In-loop front-ends: run the probes due at ``step``; call it every step on every process.
+        """In-loop front-ends: run the probes due at ``step``; call it once per optimizer step on every process.
 
         The cadence depends only on the step number, so every process probes at the same steps.
         With ``weights: ema`` the EMA weights are swapped in for the probes and restored afterwards.
+        A step already probed is not probed again (call it once per optimizer step); after
+        :meth:`close` it does nothing. It never raises: a problem is recorded as a failed probe.
 
         Args:
             step: the optimizer step just completed.
@@ -181,9 +216,22 @@ class ProbeSession:
         Returns:
             The events raised (main process; empty elsewhere).
         """
+        if self.closed:
+            if not self._repeat_warned:
+                log.warning("memwatch: step() after close(): nothing is probed any more")
+                self._repeat_warned = True
+            return []
+        step = int(step)
+        if self.last_step == step and not self._repeat_warned:
+            log.warning("memwatch: step %d seen twice: it is probed once (call step() once per optimizer step)", step)
+            self._repeat_warned = True
         self.last_step = step
         self._last_args = (model, scheduler, ema)
-        due = self.due(step, text_to_image=ModelParts.of(model, scheduler).text_to_image)
+        try:
+            due = self.due(step, text_to_image=ModelParts.of(model, scheduler).text_to_image)
+        except MemwatchError as e:
+            self._fail_all(step, self.applicable(), f"cannot probe this model: {e}")
+            return []
         return self._probe_live(step, model, scheduler, ema, due) if due else []
 
     def finish(self) -> list[Event]:
@@ -197,15 +245,34 @@ class ProbeSession:
         return self._probe_live(self.last_step, model, scheduler, ema, pending) if pending else []
 
     def _probe_live(self, step: int, model: Any, scheduler: Any, ema: Any, probes: list[Probe]) -> list[Event]:
-        with ema_weights(model, ema, self.config.weights) as unet:
-            events = self.probe(step, unet, scheduler, [p.name for p in probes])
+        try:
+            with ema_weights(model, ema, self.config.weights) as unet:
+                events = self.probe(step, unet, scheduler, [p.name for p in probes], weights=self.config.weights)
+        except Exception as e:  # the last line of defence: nothing reaches the training loop
+            self._fail_all(step, probes, _reason(e))
+            events = []
         self._sync_stop()
         return events
 
+    def _fail_all(self, step: int, probes: list[Probe], reason: str) -> None:
+        """Record (main process) and log that ``probes`` could not run at ``step``."""
+        log.warning("memwatch: probes %s not run at step %d: %s", [p.name for p in probes], step, reason)
+        for p in probes:
+            self.probed_at[p.name] = step
+            self.failures.append({"step": step, "probe": p.name, "error": reason})
+        if self.store is None:
+            return
+        try:
+            with self.store.batch():
+                snap = self.store.add_snapshot(self.run_id, step, kind="live")
+                for p in probes:
+                    self.store.record_failure(snap, p.name, config_hash=self.probe_hash(p), error=reason)
+        except MemwatchError as e:
+            log.warning("memwatch: could not record the failure either: %s", e)
+
     def _sync_stop(self) -> None:
         """Make every process agree on ``should_stop`` (only the main process sees events)."""
-        if self.workers.num_processes > 1:
-            self.should_stop = any(self.workers.gather([self.should_stop]))
+        self.should_stop = self.workers.broadcast(self.should_stop)
 
     # ------------------------------------------------------------------ probing
 
@@ -219,14 +286,18 @@ class ProbeSession:
         kind: str = "live",
         path: str | None = None,
         weights_sha256: str | None = None,
+        weights: str | None = None,
+        info: dict[str, Any] | None = None,
     ) -> list[Event]:
         """Run probes on a model snapshot and record the results; call it on every process.
 
-        The model is put in eval mode and every RNG stream is restored afterwards. Probes that do
-        not apply to the model (a text-to-image-only probe on an unconditional UNet) are skipped;
-        when none is left nothing is recorded. A probe that cannot run on this data
-        (:class:`~memwatch.errors.ProbeUnavailable`, e.g. no captions) is recorded as failed with
-        the reason, and the others still run.
+        The model is put in eval mode and every RNG stream is restored afterwards. A snapshot is
+        its weights: weights already measured (by these probes with these settings) are not
+        measured again, only seen again. Probes that do not apply to the model (a text-to-image-only
+        probe on an unconditional UNet) are skipped. Anything that goes wrong inside a probe is
+        recorded as a failed probe with its reason, and the others still run: weights or samples
+        that are not finite, data a probe cannot use (:class:`~memwatch.errors.ProbeUnavailable`),
+        or an error on any process (every process learns it, so no collective call is left waiting).
 
         Args:
             step: training step of the snapshot.
@@ -234,12 +305,16 @@ class ProbeSession:
                 snapshot or a pipeline.
             scheduler: its noise scheduler (default: the object's own).
             probes: probe names (default: every applicable probe).
-            kind, path, weights_sha256: how the snapshot is recorded in the store.
+            kind, path: where the snapshot was seen (``live``, ``checkpoint`` or ``final``).
+            weights_sha256: the weights' hash (a file's); default: hashed from the live module.
+            weights: ``"raw"`` or ``"ema"``, if known.
+            info: how the snapshot was loaded (noise scheduler and its source, notes), for the store.
 
         Returns:
             Events raised (main process; empty elsewhere).
         """
         t0 = time.perf_counter()
+        step = int(step)
         parts = ModelParts.of(model, scheduler)
         known = {p.name: p for p in self.probes}
         if probes is None:
@@ -252,101 +327,191 @@ class ProbeSession:
         chosen = [p for p in chosen if parts.text_to_image or not p.text_to_image_only]
         if not chosen:
             return []
-        ctx = ProbeContext(step, parts, self.data, self.workers, timings=self.timings)
-        outcomes: list[tuple[Probe, list[ProbeResult]]] = []
-        failures: dict[str, str] = {}
-        with preserved_rng(), eval_mode(*parts.modules()):
-            for probe in [p for p in chosen if not p.needs_samples]:
-                rows = self._gathered(probe.name, failures, lambda probe=probe: probe.compute(ctx))
-                if rows is not None and self.workers.is_main:
-                    outcomes.append((probe, _results(probe.reduce(rows, ctx))))
-            sample_probes = [p for p in chosen if p.needs_samples]
-            if sample_probes:
-                ctx.samples = self._samples(ctx, [p.name for p in sample_probes], failures)
-                for probe in sample_probes:
-                    if ctx.samples is not None and self.workers.is_main:
-                        outcomes.append((probe, _results(probe.reduce([], ctx))))
-        events: list[Event] = []
-        if self.workers.is_main:
-            events = self._record(step, outcomes, ctx, kind=kind, path=path, weights_sha256=weights_sha256,
-                                  failures=failures)  # fmt: skip
         for p in chosen:
             self.probed_at[p.name] = step
+        snapshot = {"step": step, "kind": kind, "path": path, "weights_sha256": weights_sha256,
+                    "weights": weights, "info": dict(info or {})}  # fmt: skip
+        plan = self._plan(parts, chosen, snapshot) if self.workers.is_main else None
+        plan = self.workers.broadcast(plan)  # every process takes the main process's decision
+        todo = [known[name] for name in plan["todo"]]
+        failures: dict[str, str] = dict.fromkeys(plan["fail"], plan["reason"]) if plan["fail"] else {}
+        ctx = ProbeContext(step, parts, self.data, self.workers, timings=self.timings)
+        outcomes: list[tuple[Probe, list[ProbeResult], float]] = []
+        if todo:
+            with preserved_rng(), eval_mode(*parts.modules()):
+                for probe in [p for p in todo if not p.needs_samples]:
+                    started = time.time()
+                    rows = self._gathered(probe.name, failures, lambda probe=probe: probe.compute(ctx))
+                    if rows is not None and self.workers.is_main:
+                        results = self._reduced(probe, rows, ctx, failures)
+                        if results:
+                            outcomes.append((probe, results, started))
+                sample_probes = [p for p in todo if p.needs_samples]
+                if sample_probes:
+                    started = time.time()
+                    ctx.samples = self._samples(ctx, [p.name for p in sample_probes], failures)
+                    for probe in sample_probes:
+                        if ctx.samples is not None and self.workers.is_main:
+                            results = self._reduced(probe, [], ctx, failures)
+                            if results:
+                                outcomes.append((probe, results, started))
+        events: list[Event] = []
+        if self.workers.is_main and (todo or failures):
+            events = self._record(snapshot, outcomes, ctx, failures)
         self._add_time("total", time.perf_counter() - t0)
         return events
 
-    def _gathered(self, name: str, failures: dict[str, str], compute: Callable[[], list]) -> list | None:
-        """Every process's rows of one probe, in process order; None (and a failure) if it cannot run.
+    def _plan(self, parts: ModelParts, chosen: list[Probe], snapshot: dict[str, Any]) -> dict[str, Any]:
+        """Main process: which probes still need these weights, or why none can run on them."""
+        names = [p.name for p in chosen]
+        try:
+            if snapshot["weights_sha256"] is None:
+                snapshot["weights_sha256"] = state_sha256(unwrap_model(parts.unet))
+            bad = _non_finite(parts)
+            if bad:
+                return {"todo": [], "fail": names, "reason": f"the weights contain NaN or Inf ({bad}): not probed"}
+            assert self.store is not None
+            existing = self.store.find_snapshot(self.run_id, snapshot["weights_sha256"])
+            todo = [
+                p.name
+                for p in chosen
+                if existing is None or not self.store.has_result(existing, p.name, self.probe_hash(p))
+            ]
+            if existing is not None and not todo:  # the same weights again: seen, not measured twice
+                self.store.add_snapshot(self.run_id, **snapshot)
+            return {"todo": todo, "fail": [], "reason": None}
+        except Exception as e:  # e.g. the store's disk is full: no probe runs, training goes on
+            return {"todo": [], "fail": names, "reason": _reason(e)}
 
-        The reasons a probe cannot run come from the data (captions), which every process sees
-        alike, so all processes skip the same probes and no collective call is left waiting.
+    def _gathered(self, name: str, failures: dict[str, str], compute: Callable[[], list]) -> list | None:
+        """Every process's rows of one probe, in process order; None (and a failure) if any process failed.
+
+        Each process reports its own error with its rows, so a failure on one process reaches all of
+        them at the gather and none is left waiting in a collective call.
         """
         try:
-            rows = compute()
+            mine: tuple[str | None, list] = (None, compute())
         except ProbeUnavailable as e:
-            log.warning("%s not run: %s", name, e)
-            failures[name] = str(e)
+            mine = (str(e), [])
+        except Exception as e:
+            log.debug("probe %s failed", name, exc_info=True)
+            mine = (_reason(e), [])
+        gathered = self.workers.gather([mine])
+        errors = [err for err, _ in gathered if err]
+        if errors:
+            log.warning("%s not run: %s", name, errors[0])
+            failures[name] = errors[0]
             return None
-        return self.workers.gather(rows)
+        return [row for _, rows in gathered for row in rows]
+
+    def _reduced(
+        self, probe: Probe, rows: list, ctx: ProbeContext, failures: dict[str, str]
+    ) -> list[ProbeResult] | None:
+        """The probe's results on the main process, or None (and a failure) if reducing failed."""
+        try:
+            return _results(probe.reduce(rows, ctx))
+        except Exception as e:
+            log.debug("probe %s failed", probe.name, exc_info=True)
+            log.warning("%s not run: %s", probe.name, _reason(e))
+            failures[probe.name] = _reason(e)
+            return None
 
     def _samples(self, ctx: ProbeContext, names: list[str], failures: dict[str, str]) -> Samples | None:
         """The shared fixed-seed samples (main process), drawn in shares across processes."""
+        t0 = time.perf_counter()
+        plan = None
         try:
             plan = plan_samples(self.config.sampling, ctx.parts, ctx.data)
+            mine: tuple[str | None, Any] = (None, generate_share(self.config.sampling, ctx.parts, plan, self.workers))
         except ProbeUnavailable as e:
-            log.warning("%s not run: %s", "/".join(names), e)
-            failures.update(dict.fromkeys(names, str(e)))
+            mine = (str(e), None)
+        except Exception as e:
+            log.debug("sampling failed", exc_info=True)
+            mine = (_reason(e), None)
+        gathered = self.workers.gather([mine])
+        self._add_time("sampling", time.perf_counter() - t0)
+        errors = [err for err, _ in gathered if err]
+        if not errors and self.workers.is_main:
+            images = torch.cat([part for _, part in gathered])
+            if not torch.isfinite(images).all():
+                errors = ["the generated samples contain NaN or Inf (the model's outputs are not finite)"]
+        if errors:
+            log.warning("%s not run: %s", "/".join(names), errors[0])
+            failures.update(dict.fromkeys(names, errors[0]))
             return None
-        images, seconds = draw_samples(self.config.sampling, ctx.parts, plan, self.workers)
-        self._add_time("sampling", seconds)
-        return Samples(images, plan) if images is not None else None
+        if not self.workers.is_main:
+            return None
+        assert plan is not None
+        return Samples(images, plan)
 
     # ------------------------------------------------------------------ recording (main process)
 
     def _record(
         self,
-        step: int,
-        outcomes: list[tuple[Probe, list[ProbeResult]]],
+        snapshot: dict[str, Any],
+        outcomes: list[tuple[Probe, list[ProbeResult], float]],
         ctx: ProbeContext,
-        *,
-        kind: str,
-        path: str | None,
-        weights_sha256: str | None,
         failures: dict[str, str],
     ) -> list[Event]:
+        """Write the snapshot, its results and failures and the events they raise in ONE transaction,
+        then tell the user (log, ``events.jsonl``, trackers, ``on_event``)."""
         assert self.store is not None
         t0 = time.perf_counter()
+        step = snapshot["step"]
         by_name = {p.name: p for p in self.probes}
-        snap = self.store.add_snapshot(self.run_id, step, kind=kind, path=path, weights_sha256=weights_sha256)
-        for name, reason in failures.items():
-            self.store.record_failure(snap, name, config_hash=self.probe_hash(by_name[name]), error=reason)
         flat: dict[str, float] = {}
         evidence: dict[str, dict] = {}
-        for probe, results in outcomes:
+        for probe, results, _ in outcomes:
             main = results[0]
             if probe.needs_samples and ctx.samples is not None:
-                grid = save_evidence_grid(
-                    self.output_dir / "evidence" / f"{probe.name}-step{step:08d}.png",
-                    ctx.samples.images,
-                    probe.evidence_pairs(main),
-                    {it.id: it.path for it in self.refs.items},
-                    top=self.config.evidence_top,
-                )
-                if grid is not None:
-                    main.evidence.append(str(grid.relative_to(self.output_dir)))
+                self._evidence_grid(probe, main, ctx, snapshot)
             evidence[probe.name] = probe.evidence(main)
             for result in results:
-                self.store.write_result(snap, result, config_hash=self.probe_hash(probe), host=socket.gethostname())
                 flat.update({f"{result.probe}/{k}": v for k, v in result.metrics.items()})
+        events = self.engine.observe(step, flat, evidence) if flat else []
+        for name, reason in failures.items():
+            self.failures.append({"step": step, "probe": name, "error": reason})
+        try:
+            with self.store.batch():
+                snap = self.store.add_snapshot(self.run_id, **snapshot)
+                for name, reason in failures.items():
+                    self.store.record_failure(snap, name, config_hash=self.probe_hash(by_name[name]), error=reason)
+                for probe, results, started in outcomes:
+                    for result in results:
+                        self.store.write_result(snap, result, config_hash=self.probe_hash(probe), started_at=started,
+                                                host=socket.gethostname())  # fmt: skip
+                for event in events:
+                    self.store.add_event(self.run_id, {**event.to_dict(), "snapshot_id": snap})
+        except MemwatchError as e:
+            # The training goes on; the warnings below still reach the log and the callback.
+            log.error("memwatch: step %d could not be recorded: %s", step, e)
         self._add_time("store", time.perf_counter() - t0)
         self.latest.update(flat)
-        if self.log_metrics is not None:
+        if self.log_metrics is not None and flat:
             self.log_metrics({f"memwatch/{k}": v for k, v in flat.items()}, step)
-        events = self.engine.observe(step, flat, evidence)
         self._track(step, flat, events)
         for event in events:
             self._emit(event)
         return events
+
+    def _evidence_grid(self, probe: Probe, result: ProbeResult, ctx: ProbeContext, snapshot: dict[str, Any]) -> None:
+        """The sample/training pairs of a sample probe as one PNG, named by run, step and weights."""
+        assert ctx.samples is not None
+        sha = (snapshot["weights_sha256"] or "unhashed")[:12]
+        name = f"run{self.run_id:03d}/step{snapshot['step']:08d}-{sha}-{probe.name}.png"
+        try:
+            grid = save_evidence_grid(
+                self.output_dir / "evidence" / name,
+                ctx.samples.images,
+                probe.evidence_pairs(result),
+                {it.id: it.path for it in self.refs.items},
+                top=self.config.evidence_top,
+            )
+        except Exception as e:  # a training image gone since listing, a full disk: the result still counts
+            log.warning("memwatch: evidence grid %s not written: %s", name, _reason(e))
+            return
+        if grid is not None:
+            result.evidence.append(str(grid.relative_to(self.output_dir)))
 
     def _track(self, step: int, flat: dict[str, float], events: list[Event]) -> None:
         """Update onset, first alarm and last clean step from one probed step."""
@@ -359,38 +524,53 @@ class ProbeSession:
             self.last_clean_step = step
 
     def replay(self) -> int:
-        """Rebuild rule state, onset and last clean step from this run's stored metrics.
+        """Rebuild rule state, onset and last clean step from this run's stored results.
 
-        A front-end that probes a run in several invocations (``memwatch probe`` from cron) calls
-        this first, so rules continue where they stopped: the events they raise again for stored
-        steps were already recorded and are not emitted twice.
+        Called when the session opens, so a run probed in several invocations (``memwatch probe``
+        from cron, a resumed training) continues where it stopped: rules keep their state and
+        once-per-run rules do not fire again. Events the replay raises that the store lacks (a job
+        killed between a result and its events, in stores of older versions) are recorded and
+        emitted now: no warning is lost.
 
         Returns:
-            The number of stored steps replayed.
+            The number of stored snapshots replayed.
         """
         if self.store is None:
             return 0
         history = load_history(self.store, self.run_name)
         self.events = [Event.from_dict(e) for e in history.events]
-        by_step = history.by_step()
-        for step, values in by_step.items():
-            self._track(step, values, self.engine.observe(step, values))
+        stored = {(e["rule"], e["step"]) for e in history.events}
+        observations = history.observations()
+        missing: list[tuple[int, Event]] = []
+        for step, snapshot_id, values in observations:
+            events = self.engine.observe(step, values)
+            self._track(step, values, events)
+            missing += [(snapshot_id, e) for e in events if (e.rule, e.step) not in stored]
+        for snapshot_id, event in missing:
+            if self.store.add_event(self.run_id, {**event.to_dict(), "snapshot_id": snapshot_id}) is not None:
+                log.warning("memwatch: recording an event the store had lost: [%s] step %s", event.rule, event.step)
+                self._emit(event)
         if self.config.stop_on:
             self.should_stop = any(severity_at_least(e.severity, self.config.stop_on) for e in self.events)
-        return len(by_step)
+        return len(observations)
 
     def _emit(self, event: Event) -> None:
-        assert self.store is not None
+        """Tell the user about an event already in the store: log, ``events.jsonl``, trackers, ``on_event``."""
         self.events.append(event)
-        self.store.add_event(self.run_id, event.to_dict())
         level = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.CRITICAL}[event.severity]
         log.log(level, "[%s] %s", event.rule, event.message)
-        with open(self.output_dir / EVENTS_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"run": self.run_name, **event.to_dict()}, sort_keys=True, default=str) + "\n")
+        try:
+            with open(self.output_dir / EVENTS_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"run": self.run_name, **event.to_dict()}, sort_keys=True, default=str) + "\n")
+        except OSError as e:
+            log.error("memwatch: %s not written (%s): the event is in the store and the log", EVENTS_NAME, e)
         if self.log_metrics is not None:
             self.log_metrics({f"memwatch/events/{event.rule}": event.value}, event.step)
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception as e:  # the user's callback must not stop the monitor either
+                log.error("memwatch: on_event callback raised %s", _reason(e))
         if self.config.stop_on and severity_at_least(event.severity, self.config.stop_on):
             self.should_stop = True
 
@@ -400,7 +580,7 @@ class ProbeSession:
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> dict[str, Any]:
-        """Onset step, last clean step, events by severity and the paths written."""
+        """Onset step, last clean step, events by severity, failed probes and the paths written."""
         by_sev: dict[str, int] = {}
         for e in self.events:
             by_sev[e.severity] = by_sev.get(e.severity, 0) + 1
@@ -411,6 +591,7 @@ class ProbeSession:
             "first_alarm_step": self.first_alarm_step,
             "last_clean_step": self.last_clean_step,
             "events": by_sev,
+            "failed_probes": list(self.failures),
             "stopped": self.should_stop,
             "output_dir": str(self.output_dir),
             "store": str(self.output_dir / STORE_NAME),
@@ -421,8 +602,12 @@ class ProbeSession:
     def close(self) -> dict[str, Any]:
         """Write ``summary.json`` and close the store (main process); returns the summary."""
         summary = self.summary()
+        self.closed = True
         if self.store is not None:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            except OSError as e:
+                log.error("memwatch: summary.json not written: %s", e)
             self.store.close()
             self.store = None
         return summary
@@ -440,6 +625,21 @@ def _merge_probes(configured: list[Probe], given: Sequence[Probe]) -> list[Probe
 
 def _results(out: ProbeResult | Sequence[ProbeResult]) -> list[ProbeResult]:
     return [out] if isinstance(out, ProbeResult) else list(out)
+
+
+def _reason(e: BaseException) -> str:
+    """One line naming what went wrong (a MemwatchError's message, or the exception type and message)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, MemwatchError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _non_finite(parts: ModelParts) -> str | None:
+    """The first tensor of the trained weights (UNet, text encoder) that holds NaN or Inf (its name), or None."""
+    for module in (m for m in (parts.unet, parts.text_encoder) if m is not None):
+        for name, tensor in unwrap_model(module).state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return name
+    return None
 
 
 def environment_info() -> dict[str, Any]:

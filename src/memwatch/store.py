@@ -1,26 +1,40 @@
 """The store: one SQLite file that is the single source of truth for a run.
 
-Runs, snapshots (a live model at a step, or a checkpoint folder), probe results with their metric,
-match and item rows, and alert events all live here; curves, warnings and reports are read back
-through the view methods (``metrics``, ``matches``, ``items``, ``events``...), so a report can be
-rebuilt at any time from this file alone.
+Runs, snapshots, probe results with their metric, match and item rows, and alert events all live
+here; curves, warnings and reports are read back through the view methods (``metrics``, ``matches``,
+``items``, ``events``...), so a report can be rebuilt at any time from this file alone.
+
+**A snapshot is a set of weights**, identified by the sha256 of its weights (a file's hash for a
+folder, :func:`memwatch.hashing.state_sha256` for a live module). Where and when those weights were
+seen are its *sightings*: ``(step, kind, path)`` with kind ``live``, ``checkpoint`` or ``final``. The
+same weights seen twice (a final pipeline equal to the last checkpoint, the same file under two
+names) are one snapshot with two sightings, measured once; a file rewritten at the same path is a
+new snapshot. Results belong to snapshots.
 
 Durability and concurrency choices (see DESIGN.md, "Conventions"):
 
 * WAL journal, so a reader (``memwatch report`` while training runs) never blocks the writer and
   the writer never blocks readers;
-* ``synchronous=FULL``: a commit is on disk before ``write_result`` returns, so a training job that
-  is killed loses at most the result it was writing, never one it already reported;
-* one ``BEGIN IMMEDIATE`` transaction per probe result: all of its rows, or none;
+* ``synchronous=FULL``: a commit is on disk before the call returns, so a killed job loses at most
+  the result it was writing, never one it already reported;
+* one ``BEGIN IMMEDIATE`` transaction per call, or per :meth:`Store.batch` block: a probed step's
+  snapshot, results and the events they raise are written together or not at all;
 * a busy timeout, so a second writer (``watch`` beside an in-training monitor) waits instead of
   failing with "database is locked".
 
+Readers (``memwatch curves``, ``memwatch report``) open stores with ``readonly=True``: they never
+write, work on archived read-only copies, and refuse a file that is not a memwatch store without
+touching it. Every SQLite error becomes one :class:`MemwatchError` line that names the file and says
+what is wrong (full disk, read-only, not a memwatch store, corrupt).
+
 Example:
-    >>> with Store("out/memwatch/memwatch.db") as store:  # doctest: +SKIP
-    ...     run = store.ensure_run("sd-faces", config={"probes": ["regurgitation"]})
-    ...     snap = store.add_snapshot(run, 500, kind="checkpoint", path="out/checkpoint-500")
-    ...     store.write_result(snap, result, config_hash="3f2a...")
-    ...     store.metrics(run)[0]["value"]
+    >>> import tempfile
+    >>> with Store(Path(tempfile.mkdtemp()) / "memwatch.sqlite") as store:
+    ...     run = store.ensure_run("demo", config={})
+    ...     snap = store.add_snapshot(run, 500, kind="checkpoint", path="out/checkpoint-500", weights_sha256="ab" * 32)
+    ...     rid = store.write_result(snap, ProbeResult("membership", {"mia_auc": 0.61}), config_hash="c1")
+    ...     [(m["step"], m["metric"], m["value"]) for m in store.metrics(run)]
+    [(500, 'mia_auc', 0.61)]
 """
 
 from __future__ import annotations
@@ -41,11 +55,12 @@ from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash
 from memwatch.probes.base import ProbeResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: file name of the store inside a run's memwatch folder (every front-end writes and reads this name)
 STORE_NAME = "memwatch.sqlite"
 #: memwatch's folder inside a training output dir (DESIGN.md: OUTPUT_DIR/memwatch/)
 OUTPUT_SUBDIR = "memwatch"
+KINDS = ("live", "checkpoint", "final")
 
 # Seconds a connection waits for another writer's lock before giving up. Probe results are small
 # transactions (milliseconds); 30 s covers a slow disk or a reader checkpointing the WAL.
@@ -70,6 +85,7 @@ _EVENT_KEYS = frozenset(
         "message",
         "evidence",
         "created_at",
+        "snapshot_id",
     }
 )
 
@@ -85,16 +101,33 @@ _SCHEMA = (
         holdout_json TEXT,
         info_json TEXT
     )""",
-    # path is '' (not NULL) for live snapshots: NULLs are all distinct in a UNIQUE key.
+    # One row per distinct set of weights of a run. step/kind/path are those of its first sighting.
     """CREATE TABLE IF NOT EXISTS snapshots (
         id INTEGER PRIMARY KEY,
         run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
         step INTEGER NOT NULL,
+        kind TEXT NOT NULL,
         path TEXT NOT NULL DEFAULT '',
         weights_sha256 TEXT,
+        weights TEXT,
+        info_json TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    )""",
+    # Weights are the identity; a snapshot whose weights could not be hashed (its folder failed to
+    # load) is identified by where it was seen.
+    """CREATE UNIQUE INDEX IF NOT EXISTS snapshots_weights
+        ON snapshots (run_id, weights_sha256) WHERE weights_sha256 IS NOT NULL""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS snapshots_unhashed
+        ON snapshots (run_id, step, kind, path) WHERE weights_sha256 IS NULL""",
+    """CREATE TABLE IF NOT EXISTS sightings (
+        id INTEGER PRIMARY KEY,
+        snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
         kind TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        UNIQUE (run_id, step, kind, path)
+        path TEXT NOT NULL DEFAULT '',
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        UNIQUE (snapshot_id, step, kind, path)
     )""",
     """CREATE TABLE IF NOT EXISTS probe_results (
         id INTEGER PRIMARY KEY,
@@ -151,6 +184,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
         id INTEGER PRIMARY KEY,
         run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        snapshot_id INTEGER REFERENCES snapshots(id) ON DELETE SET NULL,
         step INTEGER,
         rule TEXT NOT NULL,
         severity TEXT NOT NULL,
@@ -163,6 +197,17 @@ _SCHEMA = (
         created_at REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, step)",
+    # A rule fires at most once per probed snapshot: replaying a run never records an event twice.
+    """CREATE UNIQUE INDEX IF NOT EXISTS events_once
+        ON events (run_id, rule, step, snapshot_id) WHERE snapshot_id IS NOT NULL""",
+    # sha256 of files by (size, mtime, inode), so unchanged checkpoints are not re-read on every run.
+    """CREATE TABLE IF NOT EXISTS file_hashes (
+        path TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        sha256 TEXT NOT NULL
+    )""",
 )
 
 
@@ -173,44 +218,27 @@ class Store:
     objects, in one process or many, may open the same file at once.
 
     Args:
-        path: the database file; parent folders are created.
+        path: the database file; parent folders are created (not in read-only mode).
+        readonly: open for reading only: the file is never written, and must already be a
+            memwatch store.
 
     Raises:
-        MemwatchError: the file is not a SQLite database, cannot be opened, or was written by a
-            newer memwatch (schema version above :data:`SCHEMA_VERSION`).
-
-    Example:
-        >>> with Store(tmp_path / "memwatch.db") as store:  # doctest: +SKIP
-        ...     run = store.ensure_run("demo", config={})
+        MemwatchError: the file is missing (read-only), not a SQLite database, another
+            application's database, corrupt, unreadable or unwritable, or written by a newer memwatch.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         self._lock = threading.RLock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MemwatchError(f"cannot create the folder for store {self.path}: {e}") from None
-        try:
-            # isolation_level=None: no implicit transactions; every write opens its own
-            # BEGIN IMMEDIATE below, so transaction boundaries are exactly ours.
-            self._conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as e:
-            raise MemwatchError(f"cannot open store {self.path}: {e}; pass a writable file path") from None
+        self._depth = 0  # nesting of _transaction() blocks (batch() holds one open)
+        self._conn = self._connect()
         try:
             self._configure()
-            self._init_schema()
-        except MemwatchError:
+            self._check_or_create_schema()
+        except BaseException:
             self._conn.close()
             raise
-        except sqlite3.Error as e:
-            self._conn.close()
-            raise MemwatchError(
-                f"cannot open store {self.path}: {e}; is it a memwatch database? "
-                "Point the store at a new file or delete the broken one"
-            ) from None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -228,10 +256,53 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
 
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.path.is_file():
+                raise MemwatchError(f"store {self.path} does not exist: pass a run folder that memwatch has probed")
+            # immutable=1 would skip locking; mode=ro still sees a writer's committed transactions.
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            try:
+                return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)  # fmt: skip
+            except sqlite3.Error as e:
+                raise self._error(e, "open") from None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MemwatchError(
+                f"cannot create the folder of store {self.path} ({e.strerror}): pass a writable path"
+            ) from None
+        try:
+            # isolation_level=None: no implicit transactions; every write opens its own
+            # BEGIN IMMEDIATE below, so transaction boundaries are exactly ours.
+            return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise self._error(e, "open") from None
+
     def _configure(self) -> None:
         conn = self._conn
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            # Read the header before changing anything: another application's file is left as it is.
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as e:
+            raise self._error(e, "open") from None
+        if tables and "meta" not in tables:
+            raise MemwatchError(
+                f"{self.path} is a SQLite database of another application (tables: {', '.join(sorted(tables)[:5])}), "
+                "not a memwatch store; it was not changed: pass another store path"
+            )
+        if self.readonly:
+            if not tables:
+                raise MemwatchError(f"{self.path} is an empty database, not a memwatch store: nothing to read")
+            return
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise self._error(e, "open") from None
         if str(mode).lower() != "wal":
             # Some network file systems refuse WAL; the store still works (rollback journal),
             # but readers then block the writer.
@@ -240,54 +311,178 @@ class Store:
                 "put the store on a local disk for concurrent readers",
                 stacklevel=3,
             )
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
 
-    def _init_schema(self) -> None:
-        with self._transaction() as conn:
+    def _check_or_create_schema(self) -> None:
+        version = self._schema_version()
+        if version is not None and version > SCHEMA_VERSION:
+            raise MemwatchError(
+                f"store {self.path} has schema version {version}, newer than this memwatch understands "
+                f"({SCHEMA_VERSION}): upgrade memwatch or use another store file"
+            )
+        if self.readonly:
+            if version != SCHEMA_VERSION:
+                raise MemwatchError(
+                    f"store {self.path} has schema version {version} of an older memwatch: open it once with a "
+                    "writing command (memwatch probe on its run folder) to upgrade it, then read it"
+                )
+            return
+        if version is not None and version < SCHEMA_VERSION:
+            self._migrate(version)
+        with self._transaction("create its tables") as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            else:
-                try:
-                    version = int(row[0])
-                except ValueError:
-                    version = -1
-                if version > SCHEMA_VERSION:
-                    raise MemwatchError(
-                        f"store {self.path} has schema version {version}, newer than this memwatch "
-                        f"understands ({SCHEMA_VERSION}): upgrade memwatch or use another store file"
-                    )
-                if version < 1:
-                    raise MemwatchError(
-                        f"store {self.path} has an unknown schema version {row[0]!r}: use another store file"
-                    )
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             for statement in _SCHEMA:
                 conn.execute(statement)
 
+    def _schema_version(self) -> int | None:
+        try:
+            has_meta = self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+            row = (
+                self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if has_meta
+                else None
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, "read") from None
+        if not has_meta:
+            return None
+        try:
+            return int(row[0]) if row else -1
+        except ValueError:
+            raise MemwatchError(
+                f"store {self.path} has an unknown schema version {row[0]!r}: it is not a memwatch store; "
+                "pass another store path"
+            ) from None
+
+    def _migrate(self, version: int) -> None:
+        """Upgrade a schema-1 store (snapshots keyed by step and path) to weights-keyed snapshots."""
+        if version != 1:
+            raise MemwatchError(f"store {self.path} has an unknown schema version {version}: use another store file")
+        conn = self._conn
+        try:
+            conn.execute("PRAGMA foreign_keys = OFF")  # the tables are rebuilt; references are kept by id
+            with self._transaction("upgrade it") as c:
+                c.execute("ALTER TABLE snapshots RENAME TO snapshots_v1")
+                c.execute("ALTER TABLE events ADD COLUMN snapshot_id INTEGER")
+                for statement in _SCHEMA:
+                    c.execute(statement)
+                keep: dict[tuple[int, str], int] = {}
+                for row in c.execute("SELECT * FROM snapshots_v1 ORDER BY id").fetchall():
+                    sid, run, step, path, sha, kind, created = (row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+                    target = keep.get((run, sha)) if sha else None
+                    if target is None:
+                        c.execute(
+                            "INSERT INTO snapshots (id, run_id, step, kind, path, weights_sha256, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (sid, run, step, kind, path, sha, created),
+                        )
+                        target = sid
+                        if sha:
+                            keep[(run, sha)] = sid
+                    else:  # the same weights seen twice: one snapshot, its duplicate results dropped
+                        c.execute(
+                            "DELETE FROM probe_results WHERE snapshot_id = ? AND status = 'ok' AND EXISTS (SELECT 1 "
+                            "FROM probe_results o WHERE o.snapshot_id = ? AND o.probe = probe_results.probe AND "
+                            "o.config_hash = probe_results.config_hash AND o.status = 'ok')",
+                            (sid, target),
+                        )
+                        for table in ("probe_results", "metrics"):
+                            c.execute(f"UPDATE {table} SET snapshot_id = ? WHERE snapshot_id = ?", (target, sid))
+                    c.execute(
+                        "INSERT OR IGNORE INTO sightings (snapshot_id, step, kind, path, first_seen, last_seen) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (target, step, kind, path, created, created),
+                    )
+                c.execute("DROP TABLE snapshots_v1")
+                c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
+
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: commit on success, roll back on any exception (all or nothing)."""
+    def batch(self) -> Iterator[Store]:
+        """Make every write inside the block one transaction: all of it is stored, or none.
+
+        Example:
+            >>> with store.batch():  # doctest: +SKIP
+            ...     snap = store.add_snapshot(run, 500, kind="checkpoint", path="c-500", weights_sha256="ab")
+            ...     store.write_result(snap, result, config_hash="c1")
+            ...     store.add_event(run, event)
+        """
+        with self._transaction("write to it"):
+            yield self
+
+    @contextmanager
+    def _transaction(self, doing: str = "write to it") -> Iterator[sqlite3.Connection]:
+        """One write transaction: commit on success, roll back on any exception (all or nothing).
+
+        Nested blocks join the outermost one.
+        """
+        if self.readonly:
+            raise MemwatchError(f"store {self.path} was opened read-only: cannot {doing}")
         with self._lock:
             conn = self._conn
-            # IMMEDIATE takes the write lock up front, so a concurrent writer waits (busy
-            # timeout) at BEGIN instead of failing halfway with an upgrade deadlock.
-            conn.execute("BEGIN IMMEDIATE")
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield conn
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                # IMMEDIATE takes the write lock up front, so a concurrent writer waits (busy
+                # timeout) at BEGIN instead of failing halfway with an upgrade deadlock.
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise self._error(e, doing) from None
+            self._depth = 1
             try:
                 yield conn
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 # Some errors (disk full, I/O) make SQLite roll back on its own.
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(e, sqlite3.Error):
+                    raise self._error(e, doing) from None
                 raise
+            finally:
+                self._depth = 0
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            cur = self._conn.cursor()
-            cur.row_factory = sqlite3.Row
-            return cur.execute(sql, params).fetchall()
+            try:
+                cur = self._conn.cursor()
+                cur.row_factory = sqlite3.Row
+                return cur.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise self._error(e, "read it") from None
+
+    def _error(self, e: sqlite3.Error, doing: str) -> MemwatchError:
+        """One line for the user: which file, what is wrong, and what to do."""
+        text = str(e).lower()
+        where = f"store {self.path}"
+        if "malformed" in text or "corrupt" in text:
+            return MemwatchError(
+                f"{where} is corrupt ({e}): move it aside or delete it; memwatch starts a new store and probes again"
+            )
+        if "not a database" in text or "file is encrypted" in text:
+            return MemwatchError(f"{where} is not a SQLite database (another kind of file): pass another store path")
+        if "disk is full" in text or "disk i/o" in text and "full" in text:
+            return MemwatchError(f"cannot {doing}: the disk of {where} is full; free space and run again")
+        if "readonly" in text or "read-only" in text or "permission" in text:
+            return MemwatchError(
+                f"cannot {doing}: {where} or its folder is read-only; check permissions or pass a writable folder"
+            )
+        if "unable to open" in text:
+            return MemwatchError(
+                f"cannot open {where} ({e}): check that its folder exists and is readable and writable"
+            )
+        if "locked" in text or "busy" in text:
+            return MemwatchError(f"cannot {doing}: {where} is locked by another process ({e}); try again")
+        return MemwatchError(f"cannot {doing}: {where}: {e}")
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -310,9 +505,6 @@ class Store:
             holdout: the same summary for the holdout set.
             info: environment facts (package versions, host).
             created_at: ``time.time()`` stamp; now if None.
-
-        Example:
-            >>> run_id = store.ensure_run("sd-faces", config={"every": 500})  # doctest: +SKIP
         """
         row = (
             name,
@@ -323,7 +515,7 @@ class Store:
             _json_or_none(holdout),
             _json_or_none(info),
         )
-        with self._transaction() as conn:
+        with self._transaction("record the run") as conn:
             conn.execute(
                 "INSERT INTO runs (name, created_at, config_json, config_hash, reference_json, "
                 "holdout_json, info_json) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
@@ -339,35 +531,58 @@ class Store:
         kind: str = "live",
         path: str | Path | None = None,
         weights_sha256: str | None = None,
+        weights: str | None = None,
+        info: Mapping[str, Any] | None = None,
         created_at: float | None = None,
     ) -> int:
-        """Id of the snapshot ``(run_id, step, kind, path)``, creating it if missing.
+        """Id of the snapshot with these weights (or, unhashed, at this step and path), recording the sighting.
 
-        An existing row is kept; only a missing ``weights_sha256`` is filled in when one is given
-        (the hash of a checkpoint may be computed after it was first seen).
+        The same weights seen again (at another step, path or kind) are the same snapshot with one
+        more sighting; an unhashed snapshot is identified by ``(step, kind, path)``.
 
         Args:
             run_id: id from :meth:`ensure_run`.
             step: training step of the weights.
-            kind: ``"live"`` (a module inside training) or ``"checkpoint"`` (a saved folder).
-            path: checkpoint folder, or None for a live snapshot.
-            weights_sha256: hash of the weights file, if known.
+            kind: ``"live"``, ``"checkpoint"`` or ``"final"``.
+            path: the folder, or None for a live snapshot.
+            weights_sha256: hash of the weights, if known.
+            weights: ``"raw"`` or ``"ema"``, if known.
+            info: facts about how it was loaded (noise scheduler and where it came from, notes).
             created_at: ``time.time()`` stamp; now if None.
-
-        Example:
-            >>> snap = store.add_snapshot(run_id, 500, kind="checkpoint", path="out/checkpoint-500")  # doctest: +SKIP
         """
-        key = (int(run_id), int(step), kind, "" if path is None else str(path))
-        with self._transaction() as conn:
+        if kind not in KINDS:
+            raise ValueError(f"add_snapshot: kind {kind!r} is unknown; use one of {KINDS}")
+        step = _int(step, "snapshot step")
+        where = "" if path is None else str(path)
+        now = _now(created_at)
+        with self._transaction("record the snapshot") as conn:
+            if weights_sha256 is not None:
+                row = conn.execute(
+                    "SELECT id FROM snapshots WHERE run_id = ? AND weights_sha256 = ?", (run_id, weights_sha256)
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT id FROM snapshots WHERE run_id = ? AND step = ? AND kind = ? AND path = ? "
+                    "AND weights_sha256 IS NULL",
+                    (run_id, step, kind, where),
+                ).fetchone()
+            if row is None:
+                snap = conn.execute(
+                    "INSERT INTO snapshots (run_id, step, kind, path, weights_sha256, weights, info_json, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, step, kind, where, weights_sha256, weights, _dumps(dict(info or {})), now),
+                ).lastrowid
+            else:
+                snap = row[0]
+                if info:
+                    conn.execute("UPDATE snapshots SET info_json = ? WHERE id = ?", (_dumps(dict(info)), snap))
             conn.execute(
-                "INSERT INTO snapshots (run_id, step, kind, path, weights_sha256, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step, kind, path) DO UPDATE SET "
-                "weights_sha256 = COALESCE(snapshots.weights_sha256, excluded.weights_sha256)",
-                (*key, weights_sha256, _now(created_at)),
+                "INSERT INTO sightings (snapshot_id, step, kind, path, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (snapshot_id, step, kind, path) "
+                "DO UPDATE SET last_seen = excluded.last_seen",
+                (snap, step, kind, where, now, now),
             )
-            return conn.execute(
-                "SELECT id FROM snapshots WHERE run_id = ? AND step = ? AND kind = ? AND path = ?", key
-            ).fetchone()[0]
+            return snap
 
     def write_result(
         self,
@@ -398,13 +613,10 @@ class Store:
 
         Returns:
             The probe_results id.
-
-        Example:
-            >>> rid = store.write_result(snap, ProbeResult("loss", {"auc": 0.61}), config_hash="ab12")  # doctest: +SKIP
         """
         finished = _now(finished_at)
         duration = None if started_at is None else finished - float(started_at)
-        with self._transaction() as conn:
+        with self._transaction("write a probe result") as conn:
             existing = conn.execute(
                 "SELECT id FROM probe_results WHERE snapshot_id = ? AND probe = ? AND config_hash = ? "
                 "AND status = 'ok'",
@@ -466,13 +678,10 @@ class Store:
             config_hash: hash of the probe's configuration.
             error: one-line description of what went wrong.
             started_at, finished_at, host: as in :meth:`write_result`.
-
-        Example:
-            >>> store.record_failure(snap, "regurgitation", config_hash="ab12", error="CUDA OOM")  # doctest: +SKIP
         """
         finished = _now(finished_at)
         duration = None if started_at is None else finished - float(started_at)
-        with self._transaction() as conn:
+        with self._transaction("record a failed probe") as conn:
             cur = conn.execute(
                 "INSERT INTO probe_results (snapshot_id, probe, config_hash, status, error, started_at, "
                 "finished_at, duration_s, host) VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?)",
@@ -490,11 +699,7 @@ class Store:
             return cur.lastrowid
 
     def has_result(self, snapshot_id: int, probe: str, config_hash: str) -> bool:
-        """True if a successful result for ``(snapshot_id, probe, config_hash)`` is stored.
-
-        Example:
-            >>> if not store.has_result(snap, "membership", cfg_hash): ...  # doctest: +SKIP
-        """
+        """True if a successful result for ``(snapshot_id, probe, config_hash)`` is stored."""
         rows = self._query(
             "SELECT 1 FROM probe_results WHERE snapshot_id = ? AND probe = ? AND config_hash = ? "
             "AND status = 'ok' LIMIT 1",
@@ -502,22 +707,25 @@ class Store:
         )
         return bool(rows)
 
-    def add_event(self, run_id: int, event: Mapping[str, Any]) -> int:
-        """Store an alert event (every call adds a row; rules decide what is new).
+    def find_snapshot(self, run_id: int, weights_sha256: str) -> int | None:
+        """Id of the run's snapshot with these weights, or None."""
+        rows = self._query("SELECT id FROM snapshots WHERE run_id = ? AND weights_sha256 = ?", (run_id, weights_sha256))
+        return rows[0][0] if rows else None
+
+    def add_event(self, run_id: int, event: Mapping[str, Any]) -> int | None:
+        """Store an alert event; an event of the same rule, step and snapshot is stored once.
 
         Args:
             run_id: id from :meth:`ensure_run`.
             event: ``step``, ``rule``, ``severity``, ``metric``, ``value``, ``threshold``,
-                ``forecast_step``, ``message``, ``evidence`` (a dict, stored as JSON) and optional
-                ``created_at``. ``rule`` and ``severity`` are required; other keys default to None.
+                ``forecast_step``, ``message``, ``evidence`` (a dict, stored as JSON), and optional
+                ``snapshot_id`` and ``created_at``. ``rule`` and ``severity`` are required.
+
+        Returns:
+            The new row's id, or None if the event was already stored.
 
         Raises:
             ValueError: an unknown key, or a missing ``rule``/``severity``.
-
-        Example:
-            >>> store.add_event(run, {"step": 900, "rule": "mem_fraction_above", "severity": "warning",
-            ...                       "metric": "mem_fraction", "value": 0.12, "threshold": 0.1,
-            ...                       "message": "mem_fraction 0.12 > 0.1"})  # doctest: +SKIP
         """
         unknown = set(event) - _EVENT_KEYS
         if unknown:
@@ -527,6 +735,7 @@ class Store:
                 raise ValueError(f"add_event: the event needs a {required!r}")
         row = (
             run_id,
+            _int(event.get("snapshot_id"), "event snapshot_id"),
             _int(event.get("step"), "event step"),
             str(event["rule"]),
             str(event["severity"]),
@@ -538,34 +747,40 @@ class Store:
             _dumps(event.get("evidence") or {}),
             _now(event.get("created_at")),
         )
-        with self._transaction() as conn:
+        with self._transaction("record an event") as conn:
             cur = conn.execute(
-                "INSERT INTO events (run_id, step, rule, severity, metric, value, threshold, forecast_step, "
-                "message, evidence_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO events (run_id, snapshot_id, step, rule, severity, metric, value, threshold, "
+                "forecast_step, message, evidence_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-            return cur.lastrowid
+            return cur.lastrowid if cur.rowcount else None
+
+    def cached_file_hash(self, path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+        """The sha256 recorded for this file when it had this size, modification time and inode."""
+        rows = self._query(
+            "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ? AND inode = ?",
+            (path, size, mtime_ns, inode),
+        )
+        return rows[0][0] if rows else None
+
+    def remember_file_hash(self, path: str, size: int, mtime_ns: int, inode: int, sha256: str) -> None:
+        """Record a file's sha256 with the size, modification time and inode it was computed at."""
+        with self._transaction("cache a file hash") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, inode, sha256) VALUES (?, ?, ?, ?, ?)",
+                (path, size, mtime_ns, inode, sha256),
+            )
 
     # -- views -----------------------------------------------------------------------------------
 
     def run_id(self, name: str) -> int | None:
-        """Id of the run called ``name``, or None.
-
-        Example:
-            >>> store.run_id("sd-faces")  # doctest: +SKIP
-            1
-        """
+        """Id of the run called ``name``, or None."""
         rows = self._query("SELECT id FROM runs WHERE name = ?", (name,))
         return rows[0][0] if rows else None
 
     def runs(self) -> list[dict[str, Any]]:
         """All runs by id: ``id, name, created_at, config, config_hash, reference, holdout, info``
-        (the JSON columns decoded; None where not given).
-
-        Example:
-            >>> [r["name"] for r in store.runs()]  # doctest: +SKIP
-            ['sd-faces']
-        """
+        (the JSON columns decoded; None where not given)."""
         out = []
         for r in self._query("SELECT * FROM runs ORDER BY id"):
             out.append(
@@ -584,27 +799,34 @@ class Store:
 
     def snapshots(self, run_id: int) -> list[dict[str, Any]]:
         """Snapshots of a run by step, kind, path: ``id, run_id, step, kind, path`` (None for live),
-        ``weights_sha256, created_at``.
-
-        Example:
-            >>> [s["step"] for s in store.snapshots(run)]  # doctest: +SKIP
-            [500, 1000]
-        """
+        ``weights_sha256, weights, info, created_at`` and ``sightings`` (``step, kind, path,
+        first_seen, last_seen``, in the order they were first seen)."""
         rows = self._query(
-            "SELECT id, run_id, step, kind, path, weights_sha256, created_at FROM snapshots "
+            "SELECT id, run_id, step, kind, path, weights_sha256, weights, info_json, created_at FROM snapshots "
             "WHERE run_id = ? ORDER BY step, kind, path, id",
             (run_id,),
         )
-        return [{**dict(r), "path": r["path"] or None} for r in rows]
+        seen: dict[int, list[dict[str, Any]]] = {}
+        for s in self._query(
+            "SELECT g.snapshot_id, g.step, g.kind, g.path, g.first_seen, g.last_seen FROM sightings g "
+            "JOIN snapshots s ON s.id = g.snapshot_id WHERE s.run_id = ? ORDER BY g.first_seen, g.id",
+            (run_id,),
+        ):
+            seen.setdefault(s["snapshot_id"], []).append(
+                {k: s[k] for k in ("step", "kind", "first_seen", "last_seen")} | {"path": s["path"] or None}
+            )
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["info"] = json.loads(d.pop("info_json"))
+            d["path"] = r["path"] or None
+            d["sightings"] = seen.get(r["id"], [])
+            out.append(d)
+        return out
 
     def results(self, run_id: int) -> list[dict[str, Any]]:
         """Probe results (ok and failed) by step, probe, id: the probe_results columns plus
-        ``step`` and ``kind``, with ``timings`` (dict) and ``evidence`` (list) decoded.
-
-        Example:
-            >>> [(r["step"], r["probe"], r["status"]) for r in store.results(run)]  # doctest: +SKIP
-            [(500, 'regurgitation', 'ok')]
-        """
+        ``step`` and ``kind``, with ``timings`` (dict) and ``evidence`` (list) decoded."""
         rows = self._query(
             "SELECT r.*, s.step, s.kind FROM probe_results r JOIN snapshots s ON s.id = r.snapshot_id "
             "WHERE s.run_id = ? ORDER BY s.step, r.probe, r.id",
@@ -620,12 +842,7 @@ class Store:
 
     def metrics(self, run_id: int) -> list[dict[str, Any]]:
         """Metric rows by step, probe, metric: ``step, kind, probe, metric, value`` (NaN where
-        undefined), ``snapshot_id, result_id``.
-
-        Example:
-            >>> [(m["step"], m["value"]) for m in store.metrics(run) if m["metric"] == "mem_fraction"]  # doctest: +SKIP
-            [(500, 0.0), (1000, 0.125)]
-        """
+        undefined), ``snapshot_id, result_id``."""
         rows = self._query(
             "SELECT s.step, s.kind, m.probe, m.metric, m.value, m.snapshot_id, m.result_id "
             "FROM metrics m JOIN snapshots s ON s.id = m.snapshot_id WHERE s.run_id = ? "
@@ -642,10 +859,6 @@ class Store:
         Args:
             run_id: the run.
             probe: only rows of this probe, if given.
-
-        Example:
-            >>> [(m["step"], m["seed"], m["nn1"]) for m in store.matches(run) if m["memorized"]]  # doctest: +SKIP
-            [(1000, 7, 'img_003.png')]
         """
         sql = (
             f"SELECT s.step, s.kind, r.probe, r.snapshot_id, x.result_id, "
@@ -677,10 +890,6 @@ class Store:
         Args:
             run_id: the run.
             probe: only rows of this probe, if given.
-
-        Example:
-            >>> [(i["step"], i["item"], i["loss"]) for i in store.items(run, "membership")]  # doctest: +SKIP
-            [(500, 'img_000.png', 0.081)]
         """
         sql = (
             "SELECT s.step, s.kind, r.probe, r.snapshot_id, x.result_id, x.item, x.data_json "
@@ -701,12 +910,7 @@ class Store:
 
     def events(self, run_id: int) -> list[dict[str, Any]]:
         """Alert events by step, id: the events columns with ``evidence`` decoded (value and
-        threshold None where not given).
-
-        Example:
-            >>> [(e["step"], e["severity"], e["message"]) for e in store.events(run)]  # doctest: +SKIP
-            [(900, 'warning', 'mem_fraction 0.12 > 0.1')]
-        """
+        threshold None where not given)."""
         rows = self._query("SELECT * FROM events WHERE run_id = ? ORDER BY step, id", (run_id,))
         out = []
         for r in rows:
@@ -714,6 +918,10 @@ class Store:
             d["evidence"] = json.loads(d.pop("evidence_json"))
             out.append(d)
         return out
+
+    def integrity(self) -> str:
+        """SQLite's integrity check of the file: ``"ok"`` or the first problem."""
+        return str(self._query("PRAGMA integrity_check")[0][0])
 
 
 # -- value conversion ---------------------------------------------------------------------------

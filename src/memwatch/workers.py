@@ -40,6 +40,15 @@ class Workers:
     def is_main(self) -> bool:
         return self.process_index == 0
 
+    def broadcast(self, value: T) -> T:
+        """The main process's ``value`` on every process (collective: every process must call it).
+
+        Example:
+            >>> Workers().broadcast({"skip": False})
+            {'skip': False}
+        """
+        return value if self.num_processes == 1 else self.gather([value])[0]
+
     def share(self, items: Sequence[T]) -> list[T]:
         """This process's contiguous share of ``items`` (see :func:`memwatch.sampling.split_for_process`)."""
         return split_for_process(items, self.process_index, self.num_processes)  # type: ignore[arg-type]

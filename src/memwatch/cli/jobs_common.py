@@ -11,7 +11,13 @@ from memwatch.errors import MemwatchError
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="memwatch YAML config (reference, holdout, probes, rules)")
+    p.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="memwatch YAML config (reference, holdout, probes, rules); give it once for every RUN_DIR, or once "
+        "per RUN_DIR in the same order",
+    )
     p.add_argument(
         "--fail-on",
         choices=("info", "warning", "critical"),
@@ -21,12 +27,19 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", default=None, help="write a JSON summary")
 
 
-def load_job_config(path: str) -> Any:
+def load_job_configs(paths: list[str], runs: int) -> list[Any]:
+    """One validated config per run: the single ``--config`` for all, or one ``--config`` per RUN_DIR."""
     from memwatch.config import load_config
 
-    if not Path(path).is_file():
-        raise MemwatchError(f"--config {path} does not exist: pass a YAML file (see configs/default.yaml)")
-    return load_config(path)
+    if len(paths) not in (1, runs):
+        raise MemwatchError(
+            f"{len(paths)} --config files for {runs} RUN_DIRs: give one config for all, or one per RUN_DIR in order"
+        )
+    for path in paths:
+        if not Path(path).is_file():
+            raise MemwatchError(f"--config {path} does not exist: pass a YAML file (see configs/default.yaml)")
+    configs = [load_config(path) for path in paths]
+    return configs * runs if len(configs) == 1 else configs
 
 
 def finish(reports: list, args: argparse.Namespace) -> int:
@@ -34,17 +47,23 @@ def finish(reports: list, args: argparse.Namespace) -> int:
     from memwatch.jobs import fails
 
     for r in reports:
-        state = (
-            "locked by another job: nothing done"
-            if r.locked
-            else (
+        if r.locked:
+            state = f"locked by another job: nothing done ({len(r.events)} events stored)"
+        else:
+            state = (
                 f"probed {len(r.probed)}, already done {r.already_done}, failed {len(r.failed)}, "
-                f"new events {len(r.new_events)}, last clean step {r.last_clean_step}"
+                f"deleted before probing {len(r.rotated)}, new events {len(r.new_events)}, "
+                f"last clean step {r.last_clean_step}"
             )
-        )
         print(f"{r.run_dir}: {state}")
         for f in r.failed:
             print(f"  failed: {f['path']}: {f['error']}")
+        for s in r.skipped:
+            print(f"  skipped: {s['path']}: {s['reason']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2, default=str) + "\n")
+        out = Path(args.json)
+        try:
+            out.write_text(json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2, default=str) + "\n")
+        except OSError as e:
+            raise MemwatchError(f"cannot write --json {out} ({e.strerror}): pass a writable file path") from None
     return 1 if any(fails(r, args.fail_on) for r in reports) else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memwatch.cli.jobs_common import add_job_options, finish, load_job_config
+from memwatch.cli.jobs_common import add_job_options, finish, load_job_configs
 
 NAME = "probe"
 
@@ -26,5 +26,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from memwatch.jobs import probe_run_dir
 
-    config = load_job_config(args.config)
-    return finish([probe_run_dir(d, config, wait=args.wait) for d in args.run_dirs], args)
+    configs = load_job_configs(args.config, len(args.run_dirs))
+    return finish([probe_run_dir(d, c, wait=args.wait) for d, c in zip(args.run_dirs, configs, strict=True)], args)

@@ -28,6 +28,7 @@ implemented:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -300,6 +301,11 @@ class CondNoiseProbe(Probe):
         return [{k: r[k] for k in ("item", "group", "score")} for r in part.items]
 
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        bad = [r["item"] for r in rows if not math.isfinite(r["score"])]
+        if bad:
+            raise MemwatchError(
+                f"{len(bad)} of {len(rows)} conditional-noise scores are NaN or Inf: the model's outputs are not finite"
+            )
         images = dict(zip(self._members.prompts, self._members.images, strict=True))
         for row in rows:  # how many training images carry the caption (duplicates memorize sooner)
             row["images"] = images.get(row["item"], 0) if row["group"] == "member" else 0

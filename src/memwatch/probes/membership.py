@@ -13,6 +13,7 @@ item's id, so the same image gets the same noise at every probe whatever subset 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from torch import nn
 
 from memwatch.errors import MemwatchError, ProbeUnavailable
 from memwatch.hashing import sha256_bytes
-from memwatch.images import load_image
 from memwatch.modes import eval_mode, unwrap_model
 from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
 from memwatch.refset import ReferenceSet
@@ -307,9 +307,11 @@ class _Subset:
 
 
 def _load_subset(refs: ReferenceSet | None, n: int, resolution: int, *, captioned: bool = False) -> _Subset:
-    """The first ``n`` items in a stable pseudo-random order (by hash of id), as [0, 1] tensors.
+    """The first ``n`` decodable items in a stable pseudo-random order (by hash of id), as [0, 1] tensors.
 
-    With ``captioned``, only items with a caption are candidates; the others are counted.
+    With ``captioned``, only items with a caption are candidates; the others are counted. An item
+    that cannot be decoded is skipped and counted by the set (:meth:`ReferenceSet.load`) and the next
+    one takes its place.
     """
     candidates = list(refs.items) if refs is not None else []
     uncaptioned = 0
@@ -317,13 +319,15 @@ def _load_subset(refs: ReferenceSet | None, n: int, resolution: int, *, captione
         kept = [it for it in candidates if caption_of(it) is not None]
         uncaptioned = len(candidates) - len(kept)
         candidates = kept
-    items = sorted(candidates, key=lambda it: sha256_bytes(it.id.encode()))[:n]
-    images = (
-        torch.stack([load_image(it.path, resolution) for it in items])
-        if items
-        else torch.empty(0, 3, resolution, resolution)
-    )
-    return _Subset(images, [it.id for it in items], [caption_of(it) or "" for it in items], uncaptioned)
+    order = sorted(candidates, key=lambda it: sha256_bytes(it.id.encode()))
+    images, items = [], []
+    while order and len(items) < n and refs is not None:
+        batch, order = order[: n - len(items)], order[n - len(items) :]
+        decoded, ok = refs.load(batch, resolution)
+        images.append(decoded)
+        items += ok
+    stacked = torch.cat(images) if images else torch.empty(0, 3, resolution, resolution)
+    return _Subset(stacked, [it.id for it in items], [caption_of(it) or "" for it in items], uncaptioned)
 
 
 class MembershipProbe(Probe):
@@ -402,6 +406,12 @@ class MembershipProbe(Probe):
         return part.items
 
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        bad = [r["item"] for r in rows if not math.isfinite(r["loss"])]
+        if bad:
+            raise MemwatchError(
+                f"{len(bad)} of {len(rows)} denoising losses are NaN or Inf (e.g. {bad[0]}): the model's outputs are "
+                "not finite, so membership cannot be measured"
+            )
         result = membership_from_items(rows, seconds=self._seconds)
         if ctx.parts.text_to_image:
             data = self._data(ctx)

@@ -73,6 +73,7 @@ class Snapshot:
         weights: ``"raw"`` or ``"ema"``.
         base_model: the base pipeline folder a LoRA or checkpoint was combined with.
         notes: things the user should know (e.g. a default scheduler was assumed).
+        scheduler_source: where the noise scheduler came from (see :func:`load_snapshot`).
     """
 
     step: int | None
@@ -84,6 +85,26 @@ class Snapshot:
     weights: str = "raw"
     base_model: Path | None = None
     notes: list[str] = field(default_factory=list)
+    scheduler_source: str = ""
+
+    @property
+    def scheduler_guessed(self) -> bool:
+        """Whether no scheduler was found and the default was assumed."""
+        return self.scheduler_source == GUESSED
+
+    def info(self) -> dict[str, Any]:
+        """How the snapshot was loaded, for the store: its noise scheduler, where that came from, notes."""
+        config = self.parts.scheduler.config
+        return {
+            "layout": self.layout,
+            "scheduler": {
+                "class": type(self.parts.scheduler).__name__,
+                **{k: config.get(k) for k in ("num_train_timesteps", "prediction_type", "beta_schedule")},
+            },
+            "scheduler_source": self.scheduler_source,
+            "scheduler_guessed": self.scheduler_guessed,
+            "notes": list(self.notes),
+        }
 
 
 def step_from_name(path: str | Path) -> int | None:
@@ -165,29 +186,56 @@ def snapshot_complete(path: str | Path) -> bool:
     return layout.complete(path)
 
 
+def snapshot_files(path: str | Path, *, weights: str = "raw", base_model: str | Path | None = None) -> dict[str, Path]:
+    """label -> file of every weights file that makes up a snapshot's denoiser, without loading it.
+
+    Their sha256 (:func:`memwatch.snapshots.files.combined_sha256`) identifies the snapshot, so a
+    front-end can tell weights it has measured before without paying for a load.
+
+    Raises:
+        MemwatchError: not a snapshot folder, or its weights are missing or incomplete.
+
+    Example:
+        >>> snapshot_files("runs/ddpm/checkpoint-500")  # doctest: +SKIP
+        {'unet/diffusion_pytorch_model.safetensors': PosixPath('runs/ddpm/checkpoint-500/unet/...')}
+    """
+    path = Path(path).expanduser()
+    layout = _layout_of(path)
+    if layout is None:
+        raise MemwatchError(f"{path}: not a snapshot folder (no pipeline, model, LoRA or checkpoint files)")
+    return layout.weight_files(path, LoadOptions(weights=weights, base_model=base_model))
+
+
 def load_snapshot(
     path: str | Path,
     *,
     weights: str = "raw",
     base_model: str | Path | None = None,
     scheduler: Any = None,
+    run_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     load_text: bool = True,
 ) -> Snapshot:
     """Load the snapshot in ``path`` (see the module docstring for the layouts).
 
+    The noise scheduler is the run's training schedule, taken from the first of: ``scheduler``
+    (given), the snapshot's own pipeline (``scheduler/``), ``run_dir/scheduler/`` (the training
+    output folder: train_unconditional.py saves its pipeline there from the first epoch on), the
+    base model's, and otherwise a guessed ``DDPMScheduler(1000)`` with a note
+    (:attr:`Snapshot.scheduler_source` says which).
+
     Args:
         path: a pipeline, model, LoRA or ``checkpoint-<step>`` folder.
-        weights: ``"raw"`` (the trained weights, ``unet/``) or ``"ema"`` (``unet_ema/``, written by
-            the full fine-tune scripts with ``--use_ema``; only checkpoint folders have it: a final
-            pipeline already holds the EMA weights when EMA was on).
+        weights: ``"raw"`` (the trained weights, ``unet/``) or ``"ema"`` (``unet_ema/`` of a checkpoint).
+            A pipeline or model folder holds one set of weights and is loaded as it is for either
+            (the scripts save the EMA weights there when EMA was on).
         base_model: local folder of the pipeline the run started from. Required for LoRA; for
             checkpoint and model folders it supplies the noise scheduler and, for text-to-image
             UNets, the tokenizer, text encoder and VAE.
-        scheduler: the noise scheduler to use instead (instance, config mapping, or a folder with
-            ``scheduler_config.json`` or a pipeline folder). Otherwise: the pipeline's, then the
-            base model's, then ``DDPMScheduler(1000)`` with a note.
+        scheduler: the noise scheduler to use (instance, config mapping, or a folder with
+            ``scheduler_config.json`` or a pipeline folder).
+        run_dir: the training output folder the snapshot belongs to.
         device: where the models are put.
         dtype: cast weights to this dtype (default: as saved).
         load_text: load tokenizer / text encoder / VAE for text-conditioned UNets (needs
@@ -218,16 +266,14 @@ def load_snapshot(
         )
     loaded = layout.load(path, LoadOptions(weights=weights, base_model=base_model, dtype=dtype, load_text=load_text))
     notes = list(loaded.notes)
-    sched = scheduler_from(scheduler, "scheduler")
-    if sched is None and loaded.scheduler_from is not None:
-        sched = scheduler_from(loaded.scheduler_from, str(loaded.scheduler_from))
+    sched, source = _scheduler(scheduler, loaded, layout.name, run_dir)
     if sched is None:
-        sched = default_scheduler()
+        sched, source = default_scheduler(), GUESSED
         conditional = is_text_conditioned(loaded.parts.unet)
         notes.append(
-            f"{path}: no noise scheduler saved with a checkpoint; assumed DDPMScheduler("
+            f"{path}: no noise scheduler found for this run; assumed DDPMScheduler("
             f"num_train_timesteps={DEFAULT_NUM_TRAIN_TIMESTEPS}) (train_unconditional.py's default): "
-            "set 'base_model' or 'scheduler' if training used another"
+            "set 'scheduler' or 'base_model' in the config if training used another"
             + (" (Stable Diffusion uses scaled_linear betas)" if conditional else "")
         )
     for note in notes:
@@ -246,7 +292,26 @@ def load_snapshot(
         weights=weights,
         base_model=loaded.base,
         notes=notes,
+        scheduler_source=source,
     )
+
+
+#: :attr:`Snapshot.scheduler_source` when no scheduler was found and the default was assumed
+GUESSED = "guessed: DDPMScheduler(1000), train_unconditional.py's default"
+
+
+def _scheduler(given: Any, loaded: Any, layout: str, run_dir: str | Path | None) -> tuple[Any, str]:
+    """The run's noise scheduler and where it came from, in the documented order (None if nowhere)."""
+    if given is not None:
+        return scheduler_from(given, "scheduler"), "given (config 'scheduler')"
+    if layout == "pipeline" and loaded.scheduler_from is not None:
+        return scheduler_from(loaded.scheduler_from, str(loaded.scheduler_from)), "the pipeline's own scheduler/"
+    if run_dir is not None and (Path(run_dir) / "scheduler" / "scheduler_config.json").is_file():
+        folder = Path(run_dir) / "scheduler"
+        return scheduler_from(folder, str(folder)), f"the run's {folder}/ (saved by the training script)"
+    if loaded.scheduler_from is not None:
+        return scheduler_from(loaded.scheduler_from, str(loaded.scheduler_from)), "base_model's scheduler/"
+    return None, ""
 
 
 __all__ = [
@@ -263,5 +328,6 @@ __all__ = [
     "merge_lora",
     "model_weight_files",
     "snapshot_complete",
+    "snapshot_files",
     "step_from_name",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from memwatch.errors import MemwatchError
 from memwatch.model_parts import ModelParts, is_text_conditioned
 from memwatch.snapshots.components import base_pipeline, load_unet
-from memwatch.snapshots.files import model_folder_complete, read_json
+from memwatch.snapshots.files import check_weight_files, model_folder_complete, model_weight_files, read_json
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, listing, text_parts_from
 
 #: written by accelerate's save_accelerator_state after the save hook, the models, the optimizer and
@@ -38,7 +38,7 @@ class CheckpointLayout(Layout):
         subs = [path / s for s in SUBFOLDERS.values() if (path / s).exists()]
         return bool(subs) and all(model_folder_complete(s) for s in subs)
 
-    def load(self, path: Path, options: LoadOptions) -> Loaded:
+    def weight_files(self, path: Path, options: LoadOptions) -> dict[str, Path]:
         folder = path / SUBFOLDERS[options.weights]
         if not folder.is_dir():
             if options.weights == "ema":
@@ -47,11 +47,18 @@ class CheckpointLayout(Layout):
                 f"{path}: no unet/ weights (found: {listing(path)}): the save is incomplete, or the "
                 "script saved no diffusers model"
             )
-        unet, unet_files = load_unet(folder, dtype=options.dtype)
+        unet_files = model_weight_files(folder)
+        check_weight_files(folder, unet_files)
         files = {str(f.relative_to(path)): f for f in unet_files}
         trained_enc = path / "text_encoder"  # DreamBooth --train_text_encoder saves it beside unet/
         if trained_enc.is_dir():
             files.update({f"text_encoder/{f.name}": f for f in sorted(trained_enc.glob("*.safetensors"))})
+        return files
+
+    def load(self, path: Path, options: LoadOptions) -> Loaded:
+        files = self.weight_files(path, options)
+        unet, _ = load_unet(path / SUBFOLDERS[options.weights], dtype=options.dtype)
+        trained_enc = path / "text_encoder"
         return from_base(path, ModelParts(unet, None), files, options, trained_enc if trained_enc.is_dir() else None)
 
 

@@ -30,15 +30,17 @@ DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
 @contextlib.contextmanager
 def quiet_diffusers() -> Iterator[None]:
-    """Hide diffusers' warning about EMAModel's extra config keys (decay, optimization_step...)."""
+    """Hide diffusers' loading bars and its warning about EMAModel's extra config keys (decay, optimization_step...)."""
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
     try:
         yield
     finally:
         dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
 
 
 def load_unet(folder: Path, *, dtype: torch.dtype | None) -> tuple[nn.Module, list[Path]]:
@@ -57,7 +59,8 @@ def load_unet(folder: Path, *, dtype: torch.dtype | None) -> tuple[nn.Module, li
     kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         with quiet_diffusers():
-            model = cls.from_pretrained(folder, **kwargs)
+            # local_files_only: a folder deleted meanwhile must not turn into a hub id to download
+            model = cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except MemwatchError:
         raise
     except Exception as e:  # diffusers raises many types for a bad folder; one line for the user
@@ -144,9 +147,10 @@ def load_text_parts(
         raise MemwatchError(f"{root / 'model_index.json'}: transformers has no {tok_spec[1]} / {enc_spec[1]}")
     enc_dir = text_encoder_dir or root / "text_encoder"
     try:
-        tokenizer = tok_cls.from_pretrained(root / "tokenizer")
+        tokenizer = tok_cls.from_pretrained(root / "tokenizer", local_files_only=True)
         kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
-        text_encoder = enc_cls.from_pretrained(enc_dir, **kwargs).eval()
+        with _quiet_transformers(transformers):
+            text_encoder = enc_cls.from_pretrained(enc_dir, local_files_only=True, **kwargs).eval()
     except Exception as e:
         raise MemwatchError(f"{enc_dir}: could not load the text encoder ({type(e).__name__}: {first_line(e)})") from e
     vae = None
@@ -160,10 +164,25 @@ def load_text_parts(
         vae_files = model_weight_files(root / "vae")
         check_weight_files(root / "vae", vae_files)
         try:
-            vae = vae_cls.from_pretrained(root / "vae", **kwargs).eval()
+            with quiet_diffusers():
+                vae = vae_cls.from_pretrained(root / "vae", local_files_only=True, **kwargs).eval()
         except Exception as e:
             raise MemwatchError(f"{root / 'vae'}: could not load the VAE ({type(e).__name__}: {first_line(e)})") from e
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """No loading bars or info lines from transformers while memwatch loads a text encoder."""
+    tlog = transformers.utils.logging
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        tlog.enable_progress_bar()
 
 
 def base_pipeline(base_model: str | Path | None, *, needed_for: Path) -> Path:

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from memwatch.errors import MemwatchError
 from memwatch.model_parts import ModelParts
 
 
@@ -64,15 +63,18 @@ class Layout:
         """Whether every file the save writes is present and whole."""
         raise NotImplementedError
 
+    def weight_files(self, path: Path, options: LoadOptions) -> dict[str, Path]:
+        """label -> file of every weights file that makes up the denoiser, found without loading anything
+        (their hashes identify the snapshot). Labels are relative to ``path``, or ``base_model/...``.
+
+        Raises:
+            MemwatchError: the weights the options ask for are not there.
+        """
+        raise NotImplementedError
+
     def load(self, path: Path, options: LoadOptions) -> Loaded:
         """Load the parts, checking every weights file first."""
         raise NotImplementedError
-
-
-def no_ema(weights: str, path: Path, why: str) -> None:
-    """Refuse ``weights='ema'`` for a layout that holds one set of weights."""
-    if weights == "ema":
-        raise MemwatchError(f"{path}: no unet_ema/ ({why}): use weights='raw'")
 
 
 def listing(path: Path, limit: int = 8) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from memwatch.errors import MemwatchError
 from memwatch.model_parts import ModelParts
 from memwatch.snapshots.components import base_pipeline, load_unet
-from memwatch.snapshots.files import check_safetensors
+from memwatch.snapshots.files import check_safetensors, check_weight_files, model_weight_files
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, text_parts_from
 from memwatch.snapshots.lora_merge import lora_scale_from_metadata, merge_lora, read_lora_file, split_lora
 
@@ -37,14 +37,24 @@ class LoraLayout(Layout):
             return False
         return True
 
-    def load(self, path: Path, options: LoadOptions) -> Loaded:
+    def weight_files(self, path: Path, options: LoadOptions) -> dict[str, Path]:
         if options.weights == "ema":
             raise MemwatchError(f"{path}: LoRA folders have no EMA weights (unet_ema/): use weights='raw'")
         base = base_pipeline(options.base_model, needed_for=path)
-        unet, unet_files = load_unet(base / "unet", dtype=options.dtype)
+        unet_files = model_weight_files(base / "unet")
+        check_weight_files(base / "unet", unet_files)
         files = {f"base_model/{f.relative_to(base)}": f for f in unet_files}
         lora_file = _lora_file(path)
+        if lora_file.suffix == ".safetensors":
+            check_safetensors(lora_file)
         files[lora_file.name] = lora_file
+        return files
+
+    def load(self, path: Path, options: LoadOptions) -> Loaded:
+        files = self.weight_files(path, options)
+        base = base_pipeline(options.base_model, needed_for=path)
+        unet, _ = load_unet(base / "unet", dtype=options.dtype)
+        lora_file = _lora_file(path)
         lora, metadata = read_lora_file(lora_file)
         groups = split_lora(lora)
         if "unet" in groups:

@@ -7,8 +7,8 @@ from pathlib import Path
 from memwatch.model_parts import ModelParts
 from memwatch.snapshots.checkpoint import from_base
 from memwatch.snapshots.components import load_unet
-from memwatch.snapshots.files import model_folder_complete, read_json
-from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, no_ema
+from memwatch.snapshots.files import check_weight_files, model_folder_complete, model_weight_files, read_json
+from memwatch.snapshots.layout import Layout, Loaded, LoadOptions
 
 
 class ModelLayout(Layout):
@@ -24,7 +24,13 @@ class ModelLayout(Layout):
     def complete(self, path: Path) -> bool:
         return model_folder_complete(path)
 
+    def weight_files(self, path: Path, options: LoadOptions) -> dict[str, Path]:
+        # One set of weights, whatever `weights` says (the EMA ones if the run saved those here).
+        files = model_weight_files(path)
+        check_weight_files(path, files)
+        return {str(f.relative_to(path)): f for f in files}
+
     def load(self, path: Path, options: LoadOptions) -> Loaded:
-        no_ema(options.weights, path, "a model folder holds one set of weights")
-        unet, unet_files = load_unet(path, dtype=options.dtype)
-        return from_base(path, ModelParts(unet, None), {str(f.relative_to(path)): f for f in unet_files}, options)
+        files = self.weight_files(path, options)
+        unet, _ = load_unet(path, dtype=options.dtype)
+        return from_base(path, ModelParts(unet, None), files, options)

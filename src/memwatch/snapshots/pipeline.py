@@ -13,7 +13,7 @@ from memwatch.errors import MemwatchError
 from memwatch.model_parts import ModelParts, is_text_conditioned
 from memwatch.snapshots.components import UNET_CLASSES, component_spec, load_text_parts, load_unet
 from memwatch.snapshots.files import check_weight_files, model_weight_files, read_json, transformers_weight_files
-from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, no_ema
+from memwatch.snapshots.layout import Layout, Loaded, LoadOptions
 
 
 class PipelineLayout(Layout):
@@ -34,21 +34,28 @@ class PipelineLayout(Layout):
             return False
         return all(component_spec(index, name) is None or _component_complete(path / name) for name in index)
 
-    def load(self, path: Path, options: LoadOptions) -> Loaded:
+    def weight_files(self, path: Path, options: LoadOptions) -> dict[str, Path]:
+        # One set of weights, whatever `weights` says: with --use_ema the scripts save the EMA weights here.
         index = read_json(path / "model_index.json")
         spec = component_spec(index, "unet")
         if spec is None or spec[1] not in UNET_CLASSES:
             raise MemwatchError(
                 f"{path / 'model_index.json'}: no unet of {UNET_CLASSES}: this pipeline is not supported"
             )
-        no_ema(options.weights, path, "a pipeline folder holds one set of weights (the EMA ones when --use_ema was on)")
-        unet, unet_files = load_unet(path / "unet", dtype=options.dtype)
+        files = model_weight_files(path / "unet")
+        check_weight_files(path / "unet", files)
+        return {str(f.relative_to(path)): f for f in files}
+
+    def load(self, path: Path, options: LoadOptions) -> Loaded:
+        files = self.weight_files(path, options)
+        index = read_json(path / "model_index.json")
+        unet, _ = load_unet(path / "unet", dtype=options.dtype)
         parts = ModelParts(unet, None)
         if is_text_conditioned(unet) and options.load_text:
             parts = dataclasses.replace(
                 parts, **load_text_parts(path, index, text_encoder_dir=None, dtype=options.dtype)
             )
-        return Loaded(parts, {str(f.relative_to(path)): f for f in unet_files}, scheduler_from=path)
+        return Loaded(parts, files, scheduler_from=path)
 
 
 def _component_complete(folder: Path) -> bool:
