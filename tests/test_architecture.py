@@ -27,3 +27,18 @@ def test_every_how_to_names_a_test_that_exists() -> None:
         assert test == "" or re.search(rf"^def {test}\(", source, re.M), f"{path}::{test}"
     for module in re.findall(r"`((?:probes|embedders|snapshots|cli)/\w+\.py)`", text):
         assert (ROOT / "src" / "memwatch" / module).is_file() or "<" in module, module
+
+
+def test_probes_report_only_the_metrics_they_declare(demo_run: dict) -> None:
+    from memwatch.history import find_store
+    from memwatch.probes.base import probe_class
+    from memwatch.store import Store
+
+    with Store(find_store(demo_run["run_dir"]), readonly=True) as store:
+        rows = store.metrics(store.runs()[0]["id"])
+    seen: dict[str, set[str]] = {}
+    for m in rows:
+        seen.setdefault(m["probe"], set()).add(m["metric"])
+    assert {"membership", "regurgitation"} <= set(seen)
+    for probe, metrics in seen.items():
+        assert metrics <= set(probe_class(probe).metrics), probe

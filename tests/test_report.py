@@ -81,11 +81,16 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
     assert overall["verdict"] == "memorizing"
     assert overall["onset_step"] == overall["since_step"] == MEMORIZING_STEPS[0]
     assert overall["last_clean_step"] == TRAIN_STEPS
-    assert overall["last_clean_checkpoint"] == {
-        "step": TRAIN_STEPS,
-        "path": str(demo_run["checkpoint"]),
-        "weights_sha256": demo_run["weights_sha256"],
-    }
+    assert (
+        overall["last_clean_checkpoint"]
+        == overall["last_clean_checkpoint_on_disk"]
+        == {
+            "step": TRAIN_STEPS,
+            "path": str(demo_run["checkpoint"]),
+            "weights_sha256": demo_run["weights_sha256"],
+            "exists": True,
+        }
+    )
     assert snaps[(TRAIN_STEPS, "checkpoint")]["verdict"] == "clean"
     first = snaps[(MEMORIZING_STEPS[0], "live")]
     assert first["verdict"] == "memorizing"
@@ -355,11 +360,16 @@ def test_verdicts_follow_the_documented_definition(hand_report: dict[str, Any]) 
     assert overall["verdict"] == "memorizing" and overall["since_step"] == 300
     assert overall["onset_step"] == 200 and overall["first_alarm_step"] == 200 and overall["identity_onset_step"] == 400
     assert overall["last_clean_step"] == 100
+    # the hand-written run's folders do not exist: the last clean checkpoint is known, but not on disk
     assert overall["last_clean_checkpoint"] == {
         "step": 100,
         "path": "ckpt/checkpoint-100",
         "weights_sha256": f"{100:064x}",
+        "exists": False,
     }
+    assert overall["last_clean_checkpoint_on_disk"] is None
+    codes = {x["code"]: x["message"] for x in report["limitations"]}
+    assert "ckpt/checkpoint-100 has been deleted" in codes["checkpoint-deleted"]
     assert overall["snapshots_by_verdict"] == {
         v: list(HAND_VERDICTS.values()).count(v) for v in ("unaudited", "clean", "warning", "memorizing")
     }

@@ -26,13 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memwatch.errors import MemwatchError
 from memwatch.history import RunHistory, find_store, load_history, training_images
+from memwatch.output import ensure_folder, write_output
 from memwatch.rules import SEVERITIES
 from memwatch.store import Store
 
@@ -93,13 +92,9 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
         PosixPath('out/memwatch/curves/metrics.csv')
     """
     store_path = find_store(run_dir)
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         data = load_history(store, run)
-    out = Path(out_dir) if out_dir is not None else store_path.parent / CURVES_SUBDIR
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MemwatchError(f"cannot create output folder {out}: {e}; pass a writable --out") from None
+    out = ensure_folder(Path(out_dir) if out_dir is not None else store_path.parent / CURVES_SUBDIR, "--out")
 
     steps = data.steps
     columns = list(data.metrics)
@@ -116,11 +111,7 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
         ),
         EVENTS_CSV: _csv(EVENT_COLUMNS, [[e.get(c) for c in EVENT_COLUMNS] for e in data.events]),
     }
-    paths = {}
-    for name, content in files.items():
-        paths[name] = out / name
-        _write_atomic(paths[name], content)
-    return paths
+    return {name: write_output(out / name, content, "--out") for name, content in files.items()}
 
 
 def format_written(paths: Mapping[str, Path]) -> str:
@@ -158,16 +149,6 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MemwatchError(f"cannot write {path}: {e}; pass a writable --out") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +191,7 @@ def curves_figure(data: RunHistory) -> Figure:
         >>> [ax.get_title() for ax in curves_figure(data).axes]  # doctest: +SKIP
         ['membership/mia_auc', 'regurgitation/mem_fraction']
     """
-    names = list(data.metrics)
+    names = list(dict.fromkeys(n.split("@", 1)[0] for n in data.metrics))  # "m@ema" is drawn on m's panel
     n = max(1, len(names))
     ncols = min(GRID_COLUMNS, n)
     nrows = math.ceil(n / ncols)
@@ -231,7 +212,7 @@ def curves_figure(data: RunHistory) -> Figure:
 
 
 def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
-    series = data.metrics[name]
+    series = data.metrics.get(name, {})
     steps = list(series)
     # Infinite values would wreck the axis limits; they stay in metrics.csv and are gaps here, like NaN.
     values = [v if math.isfinite(v) else math.nan for v in series.values()]
@@ -241,6 +222,12 @@ def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
     ax.grid(True, alpha=0.3)
     # Markers: a single probe, or a point between two NaNs, is still visible.
     ax.plot(steps, values, "o-", color="tab:blue", markersize=3, linewidth=1.2, label="_nolegend_")
+    for other in (n for n in data.metrics if n.startswith(name + "@")):  # another kind of weights: its own series
+        points = data.metrics[other]
+        finite = [v if math.isfinite(v) else math.nan for v in points.values()]
+        values += finite
+        kind = other.split("@", 1)[1]
+        ax.plot(list(points), finite, "s--", color="tab:purple", markersize=4, linewidth=1, label=f"{kind} weights")
     if not any(math.isfinite(v) for v in values):
         ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes, fontsize="small")
     for rule in data.rules:

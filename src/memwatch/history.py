@@ -6,7 +6,7 @@ agree on which value a step has when a step was measured twice (the later result
 can be evaluated, and which memorization threshold the run used.
 
 Example:
-    >>> with Store(find_store("out/")) as store:  # doctest: +SKIP
+    >>> with Store(find_store("out/"), readonly=True) as store:  # doctest: +SKIP
     ...     history = load_history(store)
     >>> history.metrics["regurgitation/mem_fraction"]  # doctest: +SKIP
     {250: 0.0, 500: 0.0, 750: 0.03125}
@@ -38,6 +38,9 @@ class RunHistory:
         info: the store's run row (``config``, ``config_hash``, ``reference``, ``holdout``, ``info``,
             ``created_at``).
         metrics: ``"probe/metric"`` -> {step: value}; NaN where the probe ran but the value is undefined.
+            Snapshots whose weights are not the run's own kind (the EMA final model of a run probed
+            with ``weights: raw``) form their own series, ``"probe/metric@ema"``, so a curve never
+            mixes raw and EMA weights.
         rules: the rule dicts of the run's config that can be evaluated (a metric, a known operator and
             a finite threshold).
         events: event dicts (the store's ``events`` rows).
@@ -138,29 +141,40 @@ def load_history(store: Store, run: str | None = None) -> RunHistory:
     config = info["config"] if isinstance(info["config"], dict) else {}
     metric_rows = store.metrics(run_id)
     matches = store.matches(run_id)
+    snapshots = store.snapshots(run_id)
+    own = config.get("weights") or "raw"
+    series = {s["id"]: f"@{s['weights']}" for s in snapshots if s.get("weights") not in (None, own)}
     return RunHistory(
         run=info["name"],
         run_id=run_id,
         info=info,
-        metrics=metric_table(metric_rows),
+        metrics=metric_table(metric_rows, series),
         rules=valid_rules(config.get("rules")),
         events=store.events(run_id),
         seeds=_seed_rows(m for m in matches if m["probe"] == REGURGITATION),
         mem_ratio=_mem_ratio(config),
-        snapshots=store.snapshots(run_id),
+        snapshots=snapshots,
         results=store.results(run_id),
         metric_rows=metric_rows,
         matches=matches,
     )
 
 
-def metric_table(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+def metric_table(
+    rows: Iterable[Mapping[str, Any]], series: Mapping[int, str] | None = None
+) -> dict[str, dict[int, float]]:
     """``probe/metric`` -> {step: value}. Two results for one step (a live and a checkpoint
-    snapshot, or two probe configs) give one value: the later-written result (higher id) wins."""
+    snapshot, or two probe configs) give one value: the later-written result (higher id) wins.
+
+    Args:
+        rows: the store's metric rows.
+        series: snapshot id -> suffix of the series its values belong to (e.g. ``"@ema"``).
+    """
+    series = series or {}
     table: dict[str, dict[int, float]] = {}
     written: dict[tuple[str, int], int] = {}
     for m in rows:
-        key, step = f"{m['probe']}/{m['metric']}", int(m["step"])
+        key, step = f"{m['probe']}/{m['metric']}{series.get(m['snapshot_id'], '')}", int(m["step"])
         if written.get((key, step), -1) > m["result_id"]:
             continue
         written[(key, step)] = m["result_id"]

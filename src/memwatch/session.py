@@ -102,7 +102,7 @@ class ProbeSession:
         self.data = ProbeData(
             refs, holdout, lambda resolution: build_embedder(config.embedder, resolution), config.cache_dir
         )
-        self.engine = RuleEngine(self.rules())
+        self.engine = RuleEngine(check_rule_metrics(self.rules(), self.probes, config.source))
         self.events: list[Event] = []
         self.should_stop = False
         self.onset_step: int | None = None
@@ -119,6 +119,7 @@ class ProbeSession:
         self.closed = False
         self._last_args: tuple[Any, Any, Any] | None = None
         self._repeat_warned = False
+        self._skipped = (len(refs.skipped), len(holdout.skipped) if holdout else 0)
         self.store: Store | None = None
         self.run_id = 0
         name = run_name or config.run_name
@@ -473,6 +474,11 @@ class ProbeSession:
             self.failures.append({"step": step, "probe": name, "error": reason})
         try:
             with self.store.batch():
+                skipped = (len(self.refs.skipped), len(self.holdout.skipped) if self.holdout else 0)
+                if skipped != self._skipped:  # images found unreadable while probing: counted and named
+                    holdout = self.holdout.summary() if self.holdout else None
+                    self.store.update_run_sets(self.run_id, self.refs.summary(), holdout)
+                    self._skipped = skipped
                 snap = self.store.add_snapshot(self.run_id, **snapshot)
                 for name, reason in failures.items():
                     self.store.record_failure(snap, name, config_hash=self.probe_hash(by_name[name]), error=reason)
@@ -611,6 +617,31 @@ class ProbeSession:
             self.store.close()
             self.store = None
         return summary
+
+
+def check_rule_metrics(rules: list[Rule], probes: Sequence[Probe], source: str = "config") -> list[Rule]:
+    """``rules``, after checking that each names a metric one of ``probes`` reports (a typo never fires).
+
+    Raises:
+        MemwatchError: naming the rule, its metric and the metrics that exist.
+    """
+    declared = {p.name: set(p.metrics) for p in probes}
+    free = {c for p in probes for c in p.companions} | {p.name for p in probes if not p.metrics}
+    for rule in rules:
+        probe, _, metric = rule.metric.partition("/")
+        if probe in free:
+            continue
+        if probe not in declared:
+            raise MemwatchError(
+                f"{source}: rule {rule.name!r}: setting 'metric' is {rule.metric!r}, but no probe is called "
+                f"{probe!r}; probes: {', '.join(sorted(declared))}"
+            )
+        if metric not in declared[probe]:
+            raise MemwatchError(
+                f"{source}: rule {rule.name!r}: setting 'metric' is {rule.metric!r}, which probe {probe} does not "
+                f"report; its metrics: {', '.join(sorted(declared[probe]))}"
+            )
+    return rules
 
 
 def _merge_probes(configured: list[Probe], given: Sequence[Probe]) -> list[Probe]:

@@ -260,13 +260,24 @@ class Store:
         if self.readonly:
             if not self.path.is_file():
                 raise MemwatchError(f"store {self.path} does not exist: pass a run folder that memwatch has probed")
-            # immutable=1 would skip locking; mode=ro still sees a writer's committed transactions.
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            try:
-                return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                       check_same_thread=False)  # fmt: skip
-            except sqlite3.Error as e:
-                raise self._error(e, "open") from None
+            # mode=ro sees a writer's committed transactions. An archived store in a read-only folder may
+            # lack the WAL's -shm file, which SQLite cannot create there: then it is read as immutable.
+            uri = self.path.resolve().as_uri()
+            error: sqlite3.Error | None = None
+            for query in ("?mode=ro", "?mode=ro&immutable=1"):
+                conn = None
+                try:
+                    conn = sqlite3.connect(
+                        uri + query, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                    )
+                    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                    return conn
+                except sqlite3.Error as e:
+                    error = e
+                    if conn is not None:
+                        conn.close()
+            assert error is not None
+            raise self._error(error, "open") from None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -522,6 +533,14 @@ class Store:
                 row,
             )
             return conn.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()[0]
+
+    def update_run_sets(self, run_id: int, reference: dict[str, Any], holdout: dict[str, Any] | None) -> None:
+        """Replace a run's reference and holdout summaries (files found unreadable while probing are added)."""
+        with self._transaction("update the run") as conn:
+            conn.execute(
+                "UPDATE runs SET reference_json = ?, holdout_json = ? WHERE id = ?",
+                (_json_or_none(reference), _json_or_none(holdout), run_id),
+            )
 
     def add_snapshot(
         self,

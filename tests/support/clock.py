@@ -59,3 +59,25 @@ def copy_save(staged: Path, run_dir: Path, name: str | None = None) -> Callable[
 def delete(path: Path) -> Callable[[], None]:
     """An action that deletes a folder, as ``--checkpoints_total_limit`` rotation does."""
     return lambda: shutil.rmtree(path)
+
+
+def copy_pipeline(staged: Path, run_dir: Path) -> Callable[[], None]:
+    """An action that saves a staged pipeline folder into ``run_dir`` itself, as ``pipeline.save_pretrained``
+    does (files are overwritten)."""
+
+    def act() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staged, run_dir, dirs_exist_ok=True)
+
+    return act
+
+
+def touch_log(run_dir: Path, line: str = "x") -> Callable[[], None]:
+    """An action that appends to the run's TensorBoard-like log (``logs/events``), as a flush does."""
+
+    def act() -> None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "logs" / "events", "a") as f:
+            f.write(line + "\n")
+
+    return act

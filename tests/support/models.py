@@ -231,3 +231,62 @@ def text_to_image_parts(vae: bool = True) -> ModelParts:
         unet = UNet2DConditionModel.from_config({**tiny_cond_unet().config, "in_channels": 3, "out_channels": 3})
     vae_model = tiny_vae(seed=0) if vae else None
     return ModelParts(unet, sd_scheduler(), tiny_clip_tokenizer(), tiny_clip_text_encoder(seed=0), vae_model)
+
+
+def stage_unconditional_saves(
+    root: Path,
+    data: Path,
+    *,
+    steps: int,
+    checkpoint_every: int,
+    pipeline_steps: tuple[int, ...],
+    use_ema: bool = False,
+    scheduler: DDPMScheduler | None = None,
+) -> Path:
+    """Train like train_unconditional.py and keep every save apart, for scripted replays of a run.
+
+    ``root/checkpoint-<s>/`` are the checkpoints as the script's save hook writes them (``unet/``, and
+    ``unet_ema/`` with ``use_ema``); ``root/pipeline-<s>/`` is the ``DDPMPipeline`` the script saves in
+    OUTPUT_DIR at step ``s`` (holding the EMA weights with ``use_ema``, as the script swaps them in).
+    """
+    from diffusers.training_utils import EMAModel
+
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(root)))
+    torch.manual_seed(0)
+    model = tiny_unet()
+    sched = scheduler or DDPMScheduler(num_train_timesteps=1000)
+    ema = EMAModel(model.parameters(), decay=0.9, model_cls=UNet2DModel, model_config=model.config) if use_ema else None
+
+    def save_model_hook(models, weights, output_dir):  # as in train_unconditional.py
+        if acc.is_main_process:
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for m in models:
+                m.save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()
+
+    acc.register_save_state_pre_hook(save_model_hook)
+    images = torch.stack([load_image(it.path, 16) for it in load_reference_set(data).items]) * 2 - 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = acc.prepare(model, opt)
+    for step in range(1, steps + 1):
+        noise = torch.randn_like(images)
+        t = torch.randint(0, sched.config.num_train_timesteps, (images.shape[0],))
+        target = {"epsilon": noise, "sample": images}.get(sched.config.prediction_type, noise)
+        loss = torch.nn.functional.mse_loss(model(sched.add_noise(images, noise, t), t).sample, target)
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        if ema is not None:
+            ema.step(model.parameters())
+        if step % checkpoint_every == 0:
+            acc.save_state(str(root / f"checkpoint-{step}"))
+        if step in pipeline_steps:
+            unet = acc.unwrap_model(model)
+            if ema is not None:
+                ema.store(unet.parameters())
+                ema.copy_to(unet.parameters())
+            DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(root / f"pipeline-{step}"))
+            if ema is not None:
+                ema.restore(unet.parameters())
+    return root

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from memwatch.errors import MemwatchError
+from memwatch.output import write_output
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
@@ -61,9 +62,6 @@ def finish(reports: list, args: argparse.Namespace) -> int:
         for s in r.skipped:
             print(f"  skipped: {s['path']}: {s['reason']}")
     if args.json:
-        out = Path(args.json)
-        try:
-            out.write_text(json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2, default=str) + "\n")
-        except OSError as e:
-            raise MemwatchError(f"cannot write --json {out} ({e.strerror}): pass a writable file path") from None
+        write_output(args.json, json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2, default=str) + "\n",
+                     "--json")  # fmt: skip
     return 1 if any(fails(r, args.fail_on) for r in reports) else 0

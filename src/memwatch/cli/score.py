@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from memwatch.errors import MemwatchError
+from memwatch.output import write_output
 
 NAME = "score"
 
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from memwatch.probes.regurgitation import RegurgitationConfig
     from memwatch.score import format_summary, score_folders
 
+    if args.resolution is not None and args.resolution < 1:
+        raise MemwatchError(f"--resolution {args.resolution}: give a side length in pixels >= 1")
+    if args.top < 0:
+        raise MemwatchError(f"--top {args.top}: give a number of matches >= 0")
     for label, folder in (("SAMPLES_DIR", args.samples), ("REFERENCE_DIR", args.reference)):
         if not Path(folder).exists():
             raise MemwatchError(f"{label} {folder} does not exist: pass a folder of images or a .jsonl manifest")
@@ -90,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
             f"identities leaked {m['identities_leaked']:.0f}, interpolation rate {m['identity_interpolation_rate']:.3f}"
         )
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
+        out = write_output(args.json, json.dumps(doc, indent=2, allow_nan=True) + "\n", "--json")
         print(f"\nwrote {out}")
     return 0

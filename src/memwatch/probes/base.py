@@ -7,7 +7,8 @@ A probe subclasses :class:`Probe` and declares, as class attributes:
   :func:`memwatch.settings.setting`); ``every`` is the cadence in training steps, 0 turns it off;
 * what it needs: ``needs_holdout`` (non-member images), ``needs_samples`` (the shared fixed-seed
   generated samples), ``text_to_image_only`` (a text-conditioned model);
-* ``metrics``: the metric names it reports (rules are checked against them);
+* ``metrics``: the metric names it reports (rules are checked against them; a probe that declares
+  none accepts any);
 * ``onset_metric``: optionally, the metric whose first value above 0 marks the onset of memorization
   (the first copy), for the run summary;
 * ``default_rules``: warning rules that ship with it (dicts in the YAML shape of :mod:`memwatch.rules`).
@@ -195,6 +196,8 @@ class Probe:
     needs_samples: ClassVar[bool] = False
     text_to_image_only: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ()
+    #: names of companion results the probe may return after its own (their metrics are not declared)
+    companions: ClassVar[tuple[str, ...]] = ()
     onset_metric: ClassVar[str | None] = None
     default_rules: ClassVar[tuple[dict[str, Any], ...]] = ()
 

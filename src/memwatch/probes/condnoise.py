@@ -244,6 +244,8 @@ def condnoise_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0.
         return float(x.mean()) if x.numel() else float("nan")
 
     metrics = {
+        "num_member_prompts": float(member.numel()),
+        "num_holdout_prompts": float(holdout.numel()),
         "condnoise_member": mean(member),
         "condnoise_holdout": mean(holdout),
         "condnoise_gap": mean(member) - mean(holdout),
@@ -270,8 +272,8 @@ class CondNoiseProbe(Probe):
     name = "condnoise"
     Settings = CondNoiseConfig
     text_to_image_only = True
-    metrics = ("condnoise_member", "condnoise_holdout", "condnoise_gap", "condnoise_auc", "condnoise_tpr_at_1fpr",
-               "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+    metrics = ("num_member_prompts", "num_holdout_prompts", "condnoise_member", "condnoise_holdout", "condnoise_gap",
+               "condnoise_auc", "condnoise_tpr_at_1fpr", "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
     default_rules = (
         {
             "name": "condnoise-separable",

@@ -22,11 +22,13 @@ class IdentityProbe(Probe):
     name = "identity"
     Settings = IdentityConfig
     needs_samples = True
+    companions = ("identity_gallery",)
     metrics = ("num_samples", "faces_found", "face_detection_rate", "face_detect_errors", "identity_leak_rate",
                "identities_leaked", "identity_interpolation_rate", "identity_interpolations",
                "identity_pairs_interpolated", "identity_sim_p50", "identity_sim_p95", "identity_sim_max",
-               "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated", "threshold_fmr",
-               "impostor_pairs", "identity_leak_baseline", "identity_leak_excess")  # fmt: skip
+               "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated",
+               "threshold_target_fmr", "threshold_fmr", "threshold_fnmr", "threshold_impostor_pairs",
+               "identity_leak_baseline", "identity_leak_excess")  # fmt: skip
     default_rules = (
         {
             "name": "first-identity-leak",

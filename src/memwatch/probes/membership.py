@@ -287,6 +287,8 @@ def membership_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0
 
     loss_member, loss_holdout = mean(member), mean(holdout)
     metrics = {
+        "num_members": float(member.numel()),
+        "num_holdout": float(holdout.numel()),
         "loss_member": loss_member,
         "loss_holdout": loss_holdout,
         "loss_gap": loss_holdout - loss_member,
@@ -342,8 +344,8 @@ class MembershipProbe(Probe):
     name = "membership"
     Settings = MembershipConfig
     needs_holdout = True
-    metrics = ("loss_member", "loss_holdout", "loss_gap", "mia_auc", "tpr_at_1fpr", "uncaptioned_member",
-               "uncaptioned_holdout")  # fmt: skip
+    metrics = ("num_members", "num_holdout", "loss_member", "loss_holdout", "loss_gap", "mia_auc", "tpr_at_1fpr",
+               "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
     default_rules = (
         {
             "name": "membership-separable",

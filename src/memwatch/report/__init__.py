@@ -10,10 +10,9 @@ Example:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from memwatch.errors import MemwatchError
+from memwatch.output import write_output
 from memwatch.report.build import build_report, report_json
 from memwatch.report.html import render_html
 from memwatch.report.pdf import write_pdf
@@ -56,22 +55,9 @@ def write_report(
 
     report = build_report(run_dir, run=run, redact=redact)
     html_path = Path(html_out) if html_out is not None else find_store(run_dir).parent / REPORT_NAME
-    paths = {"html": _write_text(html_path, render_html(report))}
+    paths = {"html": write_output(html_path, render_html(report), "-o")}
     if json_out is not None:
-        paths["json"] = _write_text(Path(json_out), report_json(report))
+        paths["json"] = write_output(Path(json_out), report_json(report), "--json")
     if pdf_out is not None:
         paths["pdf"] = write_pdf(html_path, pdf_out)
     return paths
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """UTF-8 with "\\n" line ends, via a temporary file and a rename (a reader never sees half a report)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MemwatchError(f"cannot write {path}: {e}; pass a writable output path") from None
-    return path

@@ -62,6 +62,9 @@ VERDICT_DEFINITION = (
     "was memorized (d1/d2 below mem_ratio). Last clean checkpoint: the last saved checkpoint before "
     "the first snapshot that is not clean."
 )
+#: Fewest members (and held-out items) per group for an AUC to mean something: with 10 vs 10 the AUC's
+#: standard error at 0.5 is about 0.13 (Hanley & McNeil 1982).
+MIN_AUC_GROUP = 10
 # Two-sided 95% standard normal quantile, for Wilson's (1927) score interval on mem_fraction.
 Z95 = 1.959963984540054
 
@@ -88,7 +91,7 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     """
     store_path = find_store(run_dir)
     store_dir = store_path.parent
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         history = load_history(store, run)
         identity_rows = store.items(history.run_id, IDENTITY)
     info, config, rules = history.info, history.config, history.rules
@@ -112,7 +115,7 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         "provenance": _provenance(info, config, snapshots, results, metric_rows, limits),
         "limitations": [],
     }
-    _general_limits(report, info, config, snapshots, results, matches, redact, limits)
+    _general_limits(report, info, config, snapshots, results, matches, metric_rows, redact, limits)
     report["limitations"] = limits.ordered()
     return _json_safe(report)
 
@@ -172,6 +175,7 @@ def _verdicts(
             verdict, reasons = "clean", []
         else:
             verdict, reasons = "unaudited", []
+        info = snap.get("info") or {}
         rows.append(
             {
                 "snapshot_id": snap["id"],
@@ -179,6 +183,10 @@ def _verdicts(
                 "kind": snap["kind"],
                 "path": snap["path"],
                 "weights_sha256": snap["weights_sha256"],
+                "weights": snap.get("weights"),
+                "sightings": [sighting_status(g, snap, snapshots) for g in snap.get("sightings") or []],
+                "scheduler_source": info.get("scheduler_source"),
+                "scheduler_guessed": bool(info.get("scheduler_guessed")),
                 "verdict": verdict,
                 "reasons": reasons,
                 "mem_fraction": _mem_fraction(own),
@@ -186,6 +194,32 @@ def _verdicts(
         )
     overall = _overall(rows, matches, identity_rows, events)
     return {"definition": VERDICT_DEFINITION, "overall": overall, "snapshots": rows}
+
+
+def sighting_status(
+    sighting: Mapping[str, Any], snap: Mapping[str, Any], snapshots: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One place a snapshot was seen, with whether it still holds these weights there.
+
+    ``status``: ``live`` (inside training), ``deleted`` (the folder is gone: checkpoint rotation),
+    ``superseded`` (the same path was seen later with other weights: a rewritten final model), else
+    ``current``.
+    """
+    path = sighting.get("path")
+    status = "live" if not path else "current"
+    if path:
+        later = [
+            g["first_seen"]
+            for other in snapshots
+            if other["id"] != snap["id"]
+            for g in other.get("sightings") or []
+            if g.get("path") == path and g["first_seen"] > sighting["last_seen"]
+        ]
+        if later:
+            status = "superseded"
+        elif not Path(path).exists():
+            status = "deleted"
+    return {k: sighting.get(k) for k in ("step", "kind", "path")} | {"status": status}
 
 
 def _values_by_snapshot(metric_rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, float]]:
@@ -273,9 +307,17 @@ def _overall(
         if r["verdict"] != "clean":
             break
         last_clean = r
-        if r["kind"] == "checkpoint" and r["path"]:
+        if any(g["kind"] == "checkpoint" for g in r["sightings"]):
             last_checkpoint = r
     alarms = [int(e["step"]) for e in events if e["severity"] in ("warning", "critical") and e.get("step") is not None]
+    on_disk = None
+    for r in rows:
+        if r["verdict"] == "unaudited":
+            continue
+        if r["verdict"] != "clean":
+            break
+        if any(g["kind"] == "checkpoint" and g["status"] == "current" for g in r["sightings"]):
+            on_disk = r
     return {
         "verdict": worst,
         "since_step": first_worst["step"] if first_worst and worst in ("warning", "memorizing") else None,
@@ -284,12 +326,20 @@ def _overall(
         "identity_onset_step": _first_step(r for r in identity_rows if r.get("leak")),
         "first_alarm_step": min(alarms, default=None),
         "last_clean_step": last_clean["step"] if last_clean else None,
-        "last_clean_checkpoint": (
-            {k: last_checkpoint[k] for k in ("step", "path", "weights_sha256")} if last_checkpoint else None
-        ),
+        "last_clean_checkpoint": _checkpoint_ref(last_checkpoint),
+        "last_clean_checkpoint_on_disk": _checkpoint_ref(on_disk),
         "snapshots": len(rows),
         "snapshots_by_verdict": {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS},
     }
+
+
+def _checkpoint_ref(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A clean snapshot as a checkpoint to keep: its step, folder, weights hash, and whether the folder exists."""
+    if row is None:
+        return None
+    folder = next((g for g in row["sightings"] if g["kind"] == "checkpoint"), {"path": row["path"], "status": ""})
+    exists = folder["status"] == "current"
+    return {"step": row["step"], "path": folder["path"], "weights_sha256": row["weights_sha256"], "exists": exists}
 
 
 def _first_step(rows: Iterable[Mapping[str, Any]]) -> int | None:
@@ -351,7 +401,12 @@ def _provenance(
             "the store may have been edited",
         )
     return {
-        "weights": [{k: s[k] for k in ("step", "kind", "path", "weights_sha256")} for s in snapshots],
+        "weights": [
+            {**sighting_status(g, s, snapshots), "weights_sha256": s["weights_sha256"], "weights": s.get("weights")}
+            for s in snapshots
+            for g in s.get("sightings")
+            or [{"step": s["step"], "kind": s["kind"], "path": s["path"], "first_seen": 0, "last_seen": 0}]
+        ],
         "reference": info.get("reference"),
         "holdout": info.get("holdout"),
         "config": info["config"],
@@ -515,6 +570,7 @@ def _general_limits(
     snapshots: Sequence[Mapping[str, Any]],
     results: Sequence[Mapping[str, Any]],
     matches: Sequence[Mapping[str, Any]],
+    metric_rows: Sequence[Mapping[str, Any]],
     redact: bool,
     limits: Limits,
 ) -> None:
@@ -550,13 +606,51 @@ def _general_limits(
             f"Carlini et al.'s extraction statistic is undefined (null): the reference set has {n_ref} images, fewer "
             f"than its n = {n_extract} nearest neighbours; 'extracted' is never set",
         )
-    live = sum(1 for s in snapshots if not s["weights_sha256"])
-    if live:
+    unhashed = sum(1 for s in snapshots if not s["weights_sha256"])
+    if unhashed:
         limits.add(
             "weights-unhashed",
-            f"{live} snapshot(s) have no weights hash (live models probed inside training, or unhashed checkpoints): "
-            "which weights they were cannot be verified",
+            f"{unhashed} snapshot(s) have no weights hash (folders that could not be read): which weights they "
+            "were cannot be verified",
         )
+    verdicts = report["verdict"]["snapshots"]
+    guessed = [r["step"] for r in verdicts if r["scheduler_guessed"]]
+    if guessed:
+        limits.add(
+            "schedule-guessed",
+            f"the training noise schedule of {len(guessed)} snapshot(s) (steps {_steps(guessed)}) was not found and "
+            "DDPMScheduler(1000) was assumed: their membership losses rest on a guessed schedule; set 'scheduler' "
+            "or 'base_model' in the config",
+        )
+    superseded = [g for r in verdicts for g in r["sightings"] if g["status"] == "superseded"]
+    if superseded:
+        limits.add(
+            "final-superseded",
+            f"{len(superseded)} model(s) saved in the run folder were later rewritten with other weights (e.g. "
+            f"{superseded[0]['path']}): they are listed as superseded; the newest one is the released model",
+        )
+    lcc = report["verdict"]["overall"]["last_clean_checkpoint"]
+    if lcc is not None and not lcc["exists"]:
+        kept = report["verdict"]["overall"]["last_clean_checkpoint_on_disk"]
+        limits.add(
+            "checkpoint-deleted",
+            f"the last clean checkpoint {lcc['path']} has been deleted since it was probed (checkpoint rotation); "
+            + (f"the last clean checkpoint still on disk is {kept['path']}" if kept else "no clean checkpoint is left"),
+        )
+    for probe, members, holdout in (
+        ("membership", "num_members", "num_holdout"),
+        ("condnoise", "num_member_prompts", "num_holdout_prompts"),
+    ):
+        sizes = {(m["metric"], m["snapshot_id"]): m["value"] for m in metric_rows if m["probe"] == probe}
+        counts = {(int(n), int(sizes.get((holdout, sid), 0))) for (k, sid), n in sizes.items() if k == members}
+        small = sorted((a, b) for a, b in counts if min(a, b) < MIN_AUC_GROUP)
+        if small:
+            limits.add(
+                f"{probe}-few-items",
+                f"the {probe} AUC compares as few as {small[0][0]} members with {small[0][1]} held-out items: below "
+                f"{MIN_AUC_GROUP} per group it says little (its standard error at 0.5 is above 0.1, Hanley & McNeil "
+                "1982)",
+            )
     if any(r["probe"] == IDENTITY for r in results):
         identity = [t for t in report["provenance"]["thresholds"] if t["name"].startswith("identity verification")]
         if identity and identity[0]["source"].startswith("NOT calibrated"):
@@ -576,6 +670,11 @@ def _general_limits(
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _steps(steps: Sequence[int], most: int = 5) -> str:
+    shown = ", ".join(str(s) for s in steps[:most])
+    return shown + (f" and {len(steps) - most} more" if len(steps) > most else "")
 
 
 def _utc(t: float | None) -> str | None:

@@ -14,6 +14,11 @@ REGURGITATION = "regurgitation"
 LIMIT_ORDER = (
     "no-results",
     "probe-failed",
+    "schedule-guessed",
+    "final-superseded",
+    "checkpoint-deleted",
+    "membership-few-items",
+    "condnoise-few-items",
     "config-hash-mismatch",
     "no-regurgitation",
     "face-threshold-uncalibrated",

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from memwatch.errors import MemwatchError
+from memwatch.output import ensure_folder
 
 #: Browser executables tried in order (Debian's package installs ``chromium``).
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -96,10 +97,9 @@ def write_pdf(html_path: str | Path, pdf_path: str | Path) -> Path:
             "--pdf needs headless Chromium and none was found (chromium, google-chrome; or set MEMWATCH_CHROMIUM): "
             "install it (Debian: apt-get install chromium) or leave out --pdf and print the HTML page"
         )
-    try:
-        pdf_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MemwatchError(f"cannot create the folder for {pdf_path}: {e}; pass a writable --pdf path") from None
+    if pdf_path.is_dir():
+        raise MemwatchError(f"--pdf {pdf_path} is a folder: pass a file path")
+    ensure_folder(pdf_path.parent, "the folder of --pdf")
     tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
     with tempfile.TemporaryDirectory(prefix="memwatch-chromium-") as profile:
         cmd = [browser, *browser_flags(profile), *PDF_FLAGS, f"--print-to-pdf={tmp}", html_path.resolve().as_uri()]
@@ -112,5 +112,9 @@ def write_pdf(html_path: str | Path, pdf_path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise MemwatchError(f"{browser} could not print {html_path} to PDF (exit {proc.returncode}): {detail[0]}")
-    os.replace(tmp, pdf_path)
+    try:
+        os.replace(tmp, pdf_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MemwatchError(f"cannot write --pdf {pdf_path} ({e.strerror or e}): pass a writable file path") from None
     return pdf_path

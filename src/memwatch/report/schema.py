@@ -69,6 +69,10 @@ _DEFS: dict[str, Any] = {
             "kind": {"type": "string"},
             "path": _STR,
             "weights_sha256": _SHA256,
+            "weights": {"enum": ["raw", "ema", None]},
+            "sightings": _list({"$ref": "#/$defs/sighting"}),
+            "scheduler_source": _STR,
+            "scheduler_guessed": {"type": "boolean"},
             "verdict": {"enum": list(VERDICTS)},
             "reasons": _list({"$ref": "#/$defs/reason"}),
             "mem_fraction": {
@@ -91,7 +95,17 @@ _DEFS: dict[str, Any] = {
             },
         }
     ),
-    "checkpoint_ref": _obj({"step": {"type": "integer"}, "path": _STR, "weights_sha256": _SHA256}),
+    "sighting": _obj(
+        {
+            "step": {"type": "integer"},
+            "kind": {"enum": ["live", "checkpoint", "final"]},
+            "path": _STR,
+            "status": {"enum": ["live", "current", "superseded", "deleted"]},
+        }
+    ),
+    "checkpoint_ref": _obj(
+        {"step": {"type": "integer"}, "path": _STR, "weights_sha256": _SHA256, "exists": {"type": "boolean"}}
+    ),
     "point": _obj({"step": {"type": "integer"}, "value": _NUM}),
     "forecast": _obj(
         {
@@ -267,6 +281,9 @@ _SCHEMA: dict[str, Any] = {
                             "first_alarm_step": _INT,
                             "last_clean_step": _INT,
                             "last_clean_checkpoint": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/checkpoint_ref"}]},
+                            "last_clean_checkpoint_on_disk": {
+                                "anyOf": [{"type": "null"}, {"$ref": "#/$defs/checkpoint_ref"}]
+                            },
                             "snapshots": {"type": "integer", "minimum": 0},
                             "snapshots_by_verdict": _obj({v: {"type": "integer", "minimum": 0} for v in VERDICTS}),
                         }
@@ -307,7 +324,9 @@ _SCHEMA: dict[str, Any] = {
                                 "step": {"type": "integer"},
                                 "kind": {"type": "string"},
                                 "path": _STR,
+                                "status": {"enum": ["live", "current", "superseded", "deleted"]},
                                 "weights_sha256": _SHA256,
+                                "weights": {"enum": ["raw", "ema", None]},
                             }
                         )
                     ),
