@@ -3,7 +3,8 @@
 
 A plain training script in the style of diffusers' ``train_unconditional.py``, for users to copy.
 memwatch is added in three lines, marked ``# memwatch (n/3)``. It runs on CPU or GPU, and under
-``accelerate launch --num_processes 2`` (CPU: add ``--cpu``).
+``accelerate launch --multi_gpu --num_processes 2`` (on a machine without GPUs the processes run on the
+CPU; ``--cpu --num_processes 2`` would start only one).
 
     python scripts/train_ddpm.py --train-data assets/demo/train --holdout-data assets/demo/holdout \\
         --output-dir runs/my-ddpm --steps 2000
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     accelerator = Accelerator(
+        # Without GPUs, accelerate runs `launch --multi_gpu` processes as one-process runs unless cpu=True.
+        cpu=not torch.cuda.is_available(),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
         log_with=args.report_to,
     )

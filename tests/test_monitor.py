@@ -172,6 +172,7 @@ def test_two_processes_give_the_same_metrics_as_one(train_holdout, tmp_path: Pat
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         with Store(out / "memwatch.sqlite") as store:
+            assert store.runs()[0]["info"]["processes"] == n  # n processes really shared the probes
             run = store.runs()[0]["id"]
             results[n] = (
                 {(m["probe"], m["metric"]): m["value"] for m in store.metrics(run)},

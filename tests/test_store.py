@@ -292,9 +292,9 @@ def test_failing_write_leaves_no_partial_rows(store: Store) -> None:
     snap = store.add_snapshot(run, 1)
     bad = _regurgitation_result(n=3)
     # The second match row carries an integer SQLite cannot hold (64-bit limit): the probe_results
-    # row, all metrics and the first match row are already inserted when binding fails.
+    # row, all metrics and the first match row are already inserted when it is refused.
     bad.matches[1]["seed"] = 2**70
-    with pytest.raises(OverflowError):
+    with pytest.raises(MemwatchError, match=r"matches\[1\]\['seed'\] 1180591620717411303424 is beyond 64 bits"):
         store.write_result(snap, bad, config_hash="c")
     bad_item = _regurgitation_result()
     bad_item.items.append({"item": "z", "value": object()})  # not JSON-serialisable, after everything else

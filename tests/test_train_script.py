@@ -62,7 +62,7 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Store(out / "memwatch" / "memwatch.sqlite") as store:
         run = store.runs()[0]
-        assert run["name"] == "script"
+        assert run["name"] == "script" and run["info"]["processes"] == 2  # two processes really trained
         probed = sorted({(m["step"], m["probe"]) for m in store.metrics(run["id"])})
     assert probed == [
         (4, "membership"),

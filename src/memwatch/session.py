@@ -119,6 +119,7 @@ class ProbeSession:
         self.closed = False
         self._last_args: tuple[Any, Any, Any] | None = None
         self._repeat_warned = False
+        self._closed_warned = False
         self._skipped = (len(refs.skipped), len(holdout.skipped) if holdout else 0)
         self.store: Store | None = None
         self.run_id = 0
@@ -152,7 +153,7 @@ class ProbeSession:
             config=self.run_config(),
             reference=self.refs.summary(),
             holdout=self.holdout.summary() if self.holdout else None,
-            info=environment_info(),
+            info={**environment_info(), "processes": self.workers.num_processes},
         )
         self.replay()
 
@@ -218,9 +219,9 @@ class ProbeSession:
             The events raised (main process; empty elsewhere).
         """
         if self.closed:
-            if not self._repeat_warned:
+            if not self._closed_warned:
                 log.warning("memwatch: step() after close(): nothing is probed any more")
-                self._repeat_warned = True
+                self._closed_warned = True
             return []
         step = int(step)
         if self.last_step == step and not self._repeat_warned:
@@ -268,8 +269,8 @@ class ProbeSession:
                 snap = self.store.add_snapshot(self.run_id, step, kind="live")
                 for p in probes:
                     self.store.record_failure(snap, p.name, config_hash=self.probe_hash(p), error=reason)
-        except MemwatchError as e:
-            log.warning("memwatch: could not record the failure either: %s", e)
+        except Exception as e:  # e.g. a step the store cannot hold: said, never raised into training
+            log.warning("memwatch: could not record the failure either: %s", _reason(e))
 
     def _sync_stop(self) -> None:
         """Make every process agree on ``should_stop`` (only the main process sees events)."""
@@ -488,9 +489,9 @@ class ProbeSession:
                                                 host=socket.gethostname())  # fmt: skip
                 for event in events:
                     self.store.add_event(self.run_id, {**event.to_dict(), "snapshot_id": snap})
-        except MemwatchError as e:
+        except Exception as e:
             # The training goes on; the warnings below still reach the log and the callback.
-            log.error("memwatch: step %d could not be recorded: %s", step, e)
+            log.error("memwatch: step %d could not be recorded: %s", step, _reason(e))
         self._add_time("store", time.perf_counter() - t0)
         self.latest.update(flat)
         if self.log_metrics is not None and flat:

@@ -260,11 +260,13 @@ class Store:
         if self.readonly:
             if not self.path.is_file():
                 raise MemwatchError(f"store {self.path} does not exist: pass a run folder that memwatch has probed")
-            # mode=ro sees a writer's committed transactions. An archived store in a read-only folder may
-            # lack the WAL's -shm file, which SQLite cannot create there: then it is read as immutable.
+            # A store with a -wal file has a writer (or committed data not yet checkpointed): mode=ro reads it
+            # with SQLite's locking. Without one nobody writes it: it is read as immutable, which creates no
+            # -wal/-shm file, so a reader never writes anything (and works in a read-only folder).
             uri = self.path.resolve().as_uri()
             error: sqlite3.Error | None = None
-            for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            wal = self.path.with_name(self.path.name + "-wal").exists()
+            for query in ("?mode=ro", "?mode=ro&immutable=1") if wal else ("?mode=ro&immutable=1",):
                 conn = None
                 try:
                     conn = sqlite3.connect(
@@ -391,12 +393,18 @@ class Store:
                         if sha:
                             keep[(run, sha)] = sid
                     else:  # the same weights seen twice: one snapshot, its duplicate results dropped
-                        c.execute(
-                            "DELETE FROM probe_results WHERE snapshot_id = ? AND status = 'ok' AND EXISTS (SELECT 1 "
-                            "FROM probe_results o WHERE o.snapshot_id = ? AND o.probe = probe_results.probe AND "
-                            "o.config_hash = probe_results.config_hash AND o.status = 'ok')",
-                            (sid, target),
-                        )
+                        dup = [
+                            r[0]
+                            for r in c.execute(
+                                "SELECT id FROM probe_results p WHERE snapshot_id = ? AND status = 'ok' AND EXISTS "
+                                "(SELECT 1 FROM probe_results o WHERE o.snapshot_id = ? AND o.probe = p.probe AND "
+                                "o.config_hash = p.config_hash AND o.status = 'ok')",
+                                (sid, target),
+                            ).fetchall()
+                        ]
+                        for table in ("metrics", "matches", "items"):
+                            c.executemany(f"DELETE FROM {table} WHERE result_id = ?", [(r,) for r in dup])
+                        c.executemany("DELETE FROM probe_results WHERE id = ?", [(r,) for r in dup])
                         for table in ("probe_results", "metrics"):
                             c.execute(f"UPDATE {table} SET snapshot_id = ? WHERE snapshot_id = ?", (target, sid))
                     c.execute(
@@ -973,9 +981,11 @@ def _int(v: Any, what: str) -> int | None:
     if v is None:
         return None
     if isinstance(v, float) and v.is_integer():
-        return int(v)
+        v = int(v)
     if not isinstance(v, int):
         raise TypeError(f"{what}: expected an integer, got {type(v).__name__} {v!r}")
+    if not -(2**63) <= v < 2**63:
+        raise MemwatchError(f"{what} {v} is beyond 64 bits: SQLite cannot store it")
     return int(v)
 
 

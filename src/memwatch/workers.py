@@ -8,10 +8,12 @@ With one process, sharing is the identity and gathering a plain copy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from memwatch.errors import MemwatchError
 from memwatch.sampling import split_for_process
 
 T = TypeVar("T")
@@ -55,7 +57,19 @@ class Workers:
 
     @classmethod
     def from_accelerator(cls, accelerator: Any) -> Workers:
-        """Workers for an ``accelerate.Accelerator`` (``gather_object`` across its processes)."""
+        """Workers for an ``accelerate.Accelerator`` (``gather_object`` across its processes).
+
+        Raises:
+            MemwatchError: the launcher started several processes (``WORLD_SIZE``) but the Accelerator
+                runs as one (accelerate does so without GPUs unless ``cpu=True``): every process would
+                probe and write the same store alone.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if accelerator.num_processes == 1 and world > 1:
+            raise MemwatchError(
+                f"the launcher started {world} processes (WORLD_SIZE) but the Accelerator runs as 1 process: on a "
+                "machine without GPUs create it with Accelerator(cpu=True), so that the processes share the work"
+            )
         if accelerator.num_processes == 1:
             return cls()
         from accelerate.utils import gather_object

@@ -52,11 +52,17 @@ def tiny_unet(sample_size: int = 16, seed: int = 0) -> UNet2DModel:
 
 
 def accelerate_launch(num_processes: int, port: int, script: str | Path, *args: str) -> list[str]:
-    """The command line that runs ``script`` under ``accelerate launch`` on CPU processes (gloo)."""
+    """The command line that runs ``script`` under ``accelerate launch`` in ``num_processes`` CPU processes (gloo).
+
+    ``--cpu`` would start ONE process whatever ``--num_processes`` says (accelerate's simple launcher);
+    ``--multi_gpu`` starts them through torchrun, and on a machine without GPUs (and with
+    ``Accelerator(cpu=True)`` in the script) they run on the CPU with the gloo backend.
+    """
     import sys
 
+    multi = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+        sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(port), str(script), *args,
     ]  # fmt: skip
