@@ -420,14 +420,14 @@ def test_a_checkpoint_deleted_before_hashing_is_counted_not_failed(
 
     import memwatch.jobs as jobs
 
-    real = jobs.snapshot_files
+    real = jobs.snapshot_sha256
 
     def rotate_first(path, **kw):  # rotation removes checkpoint-2 just as the job reaches it
         if Path(path).name == "checkpoint-2":
             shutil.rmtree(path)
         return real(path, **kw)
 
-    monkeypatch.setattr(jobs, "snapshot_files", rotate_first)
+    monkeypatch.setattr(jobs, "snapshot_sha256", rotate_first)
     code = main(["probe", str(run_dir), "--config", str(config_file)])
     out = capsys.readouterr().out
     assert code == 0 and "probed 1, already done 1, failed 0, deleted before probing 1" in out

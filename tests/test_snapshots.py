@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler, PNDMScheduler
 from support.layouts import (
     save_ddpm_pipeline,
+    save_final_lora,
     save_full_checkpoint,
     save_lora_checkpoint,
     save_sd_pipeline,
@@ -23,11 +24,11 @@ from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
 from memwatch.snapshots import (
     check_safetensors,
-    combined_sha256,
     detect_layout,
     load_snapshot,
     merge_lora,
     snapshot_complete,
+    snapshot_sha256,
 )
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -168,7 +169,23 @@ def test_lora_checkpoint_is_merged_into_the_base_unet(layouts: dict, script: str
         "base_model/unet/diffusion_pytorch_model.safetensors": sha256_file(base_file),
         "pytorch_lora_weights.safetensors": sha256_file(lora_file),
     }
-    assert snap.weights_sha256 == combined_sha256(snap.weights_files) != sha256_file(lora_file)
+    assert snap.weights_sha256 == snapshot_sha256(folder, base_model=root / "sd-base") != sha256_file(lora_file)
+
+
+def test_a_lora_saved_in_two_key_forms_is_one_snapshot(tmp_path: Path, layouts: dict) -> None:
+    """train_text_to_image_lora.py: peft keys in checkpoints, diffusers keys in the final file."""
+    base = layouts["root"] / "sd-base"
+    run = tmp_path / "run"
+    save_lora_checkpoint(run, 7, script="text_to_image_lora", seed=3)
+    save_final_lora(run, seed=3)  # the same adapter, other bytes
+    checkpoint, final = run / "checkpoint-7", run
+    lora = "pytorch_lora_weights.safetensors"
+    assert sha256_file(checkpoint / lora) != sha256_file(final / lora)
+    same = snapshot_sha256(checkpoint, base_model=base)
+    assert same == snapshot_sha256(final, base_model=base)
+    assert load_snapshot(final, base_model=base, load_text=False).weights_sha256 == same
+    save_final_lora(run, seed=4)  # another adapter
+    assert snapshot_sha256(checkpoint, base_model=base) != snapshot_sha256(final, base_model=base)
 
 
 def test_lora_needs_a_base_model(layouts: dict) -> None:

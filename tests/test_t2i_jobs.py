@@ -221,6 +221,16 @@ def test_lora_run_is_probed_end_to_end(world: dict, tmp_path: Path) -> None:
     assert report.probed == [] and report.already_done == 2 and report.failed == []
 
 
+def test_a_final_lora_equal_to_the_last_checkpoint_is_measured_once(world: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "sd-lora-same"
+    save_lora_checkpoint(run_dir, 2, script="text_to_image_lora", seed=1)
+    save_final_lora(run_dir, seed=1)  # training ended at the checkpoint: same adapter, diffusers key form
+    report = probe_run_dir(run_dir, load_config(world["config"]))
+    assert report.probed == [2] and report.already_done == 1 and report.failed == []
+    data = _store(run_dir)
+    assert len(data["snapshots"]) == 1
+
+
 def test_full_fine_tune_run_is_watched_end_to_end(world: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "sd-full"
     base = Path(world["settings"]["base_model"])

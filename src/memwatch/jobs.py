@@ -45,12 +45,11 @@ from memwatch.history import load_history
 from memwatch.rules import severity_at_least
 from memwatch.session import ProbeSession, as_refset
 from memwatch.snapshots import (
-    combined_sha256,
     denoiser_class,
     detect_layout,
     load_snapshot,
     snapshot_complete,
-    snapshot_files,
+    snapshot_sha256,
 )
 from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
 
@@ -197,7 +196,7 @@ class CheckpointProber:
         return "raw"
 
     def weights_sha256(self, ref: SnapshotRef) -> str:
-        """The sha256 of the snapshot's weights files, reading only files that changed since last hashed.
+        """The sha256 that identifies the snapshot's weights, reading only files that changed since last hashed.
 
         Raises:
             MemwatchError: the weights are missing or incomplete.
@@ -205,19 +204,20 @@ class CheckpointProber:
         """
         s = self.session
         assert s is not None and s.store is not None
-        # The weights a checkpoint folder is probed with: unet_ema/ when the config asks for EMA.
-        which = self.config.weights if ref.kind == "checkpoint" else "raw"
-        files = snapshot_files(ref.path, weights=which, base_model=self.config.base_model)
-        hashes = {}
-        for label, path in files.items():
+        store = s.store
+
+        def cached_sha256(path: Path) -> str:
             st = path.stat()
             key = str(path.resolve())
-            sha = s.store.cached_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino)
+            sha = store.cached_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino)
             if sha is None:
                 sha = sha256_file(path)
-                s.store.remember_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino, sha)
-            hashes[label] = sha
-        return combined_sha256(hashes)
+                store.remember_file_hash(key, st.st_size, st.st_mtime_ns, st.st_ino, sha)
+            return sha
+
+        # The weights a checkpoint folder is probed with: unet_ema/ when the config asks for EMA.
+        which = self.config.weights if ref.kind == "checkpoint" else "raw"
+        return snapshot_sha256(ref.path, weights=which, base_model=self.config.base_model, file_sha256=cached_sha256)
 
     def probe(self, ref: SnapshotRef) -> str:
         """Probe one snapshot if its weights are new (or miss a probe).

@@ -247,7 +247,7 @@ def no_captions(refs: ReferenceSet, why: str) -> str:
     """Why a probe cannot prompt with ``refs``, and how to give it captions."""
     return (
         f"reference set {refs.root}: none of its {len(refs)} items has a caption ({why}): write a JSONL manifest "
-        "beside the images ({\"path\": ..., \"caption\": ...} per line) and set 'reference' to it; not a "
+        'beside the images ({"path": ..., "caption": ...} per line) and set \'reference\' to it; not a '
         "metadata.jsonl inside a DreamBooth instance folder, which the script would open as an image"
     )
 

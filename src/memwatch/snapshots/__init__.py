@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,16 @@ class Snapshot:
     base_model: Path | None = None
     notes: list[str] = field(default_factory=list)
     scheduler_source: str = ""
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser (``parts.unet``)."""
+        return self.parts.unet
+
+    @property
+    def scheduler(self) -> Any:
+        """The noise scheduler (``parts.scheduler``)."""
+        return self.parts.scheduler
 
     @property
     def scheduler_guessed(self) -> bool:
@@ -186,24 +197,39 @@ def snapshot_complete(path: str | Path) -> bool:
     return layout.complete(path)
 
 
-def snapshot_files(path: str | Path, *, weights: str = "raw", base_model: str | Path | None = None) -> dict[str, Path]:
-    """label -> file of every weights file that makes up a snapshot's denoiser, without loading it.
+def snapshot_sha256(
+    path: str | Path,
+    *,
+    weights: str = "raw",
+    base_model: str | Path | None = None,
+    file_sha256: Callable[[Path], str] = sha256_file,
+) -> str:
+    """The sha256 that identifies a snapshot's weights, without loading them.
 
-    Their sha256 (:func:`memwatch.snapshots.files.combined_sha256`) identifies the snapshot, so a
-    front-end can tell weights it has measured before without paying for a load.
+    Over the sha256 of every weights file that makes up the denoiser
+    (:func:`memwatch.snapshots.files.combined_sha256`); a LoRA is hashed by its content, so the same
+    LoRA saved in two key forms is one snapshot. A front-end tells weights it has measured before by
+    this hash without paying for a load; :attr:`Snapshot.weights_sha256` is the same value.
+
+    Args:
+        path: a pipeline, model, LoRA or ``checkpoint-<step>`` folder.
+        weights: ``"raw"`` or ``"ema"``, as for :func:`load_snapshot`.
+        base_model: the base pipeline (LoRA folders).
+        file_sha256: hashes one file; a front-end passes one that caches by size and mtime.
 
     Raises:
         MemwatchError: not a snapshot folder, or its weights are missing or incomplete.
+        FileNotFoundError: a file vanished while it was read (rotation).
 
     Example:
-        >>> snapshot_files("runs/ddpm/checkpoint-500")  # doctest: +SKIP
-        {'unet/diffusion_pytorch_model.safetensors': PosixPath('runs/ddpm/checkpoint-500/unet/...')}
+        >>> snapshot_sha256("runs/ddpm/checkpoint-500")[:8]  # doctest: +SKIP
+        '3f2a9c10'
     """
     path = Path(path).expanduser()
     layout = _layout_of(path)
     if layout is None:
         raise MemwatchError(f"{path}: not a snapshot folder (no pipeline, model, LoRA or checkpoint files)")
-    return layout.weight_files(path, LoadOptions(weights=weights, base_model=base_model))
+    return layout.identity(path, LoadOptions(weights=weights, base_model=base_model), file_sha256)
 
 
 def load_snapshot(
@@ -279,6 +305,9 @@ def load_snapshot(
     for note in notes:
         log.info(note)
     hashes = {label: sha256_file(f) for label, f in loaded.files.items()}
+    by_file = {f: hashes[label] for label, f in loaded.files.items()}
+    options = LoadOptions(weights=weights, base_model=base_model)
+    identity = layout.identity(path, options, lambda f: by_file.get(f) or sha256_file(f))
     parts = dataclasses.replace(loaded.parts, scheduler=sched)
     for module in parts.modules():
         module.to(device)
@@ -287,7 +316,7 @@ def load_snapshot(
         path=path,
         layout=layout.name,
         parts=parts,
-        weights_sha256=combined_sha256(hashes),
+        weights_sha256=identity,
         weights_files=hashes,
         weights=weights,
         base_model=loaded.base,
@@ -322,12 +351,12 @@ __all__ = [
     "Snapshot",
     "check_safetensors",
     "combined_sha256",
+    "snapshot_sha256",
     "denoiser_class",
     "detect_layout",
     "load_snapshot",
     "merge_lora",
     "model_weight_files",
     "snapshot_complete",
-    "snapshot_files",
     "step_from_name",
 ]

@@ -8,6 +8,7 @@ says when a save is complete, and loads the parts. :mod:`memwatch.snapshots` tri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +72,20 @@ class Layout:
             MemwatchError: the weights the options ask for are not there.
         """
         raise NotImplementedError
+
+    def identity(self, path: Path, options: LoadOptions, file_sha256: Callable[[Path], str]) -> str:
+        """The sha256 that identifies the snapshot's weights: by default over its weights files' hashes
+        (:func:`memwatch.snapshots.files.combined_sha256`). A layout whose files can hold the same weights
+        in different bytes overrides it with a canonical hash.
+
+        Args:
+            path: the folder.
+            options: which weights.
+            file_sha256: hashes one file (a front-end may pass a cached one).
+        """
+        from memwatch.snapshots.files import combined_sha256
+
+        return combined_sha256({label: file_sha256(f) for label, f in self.weight_files(path, options).items()})
 
     def load(self, path: Path, options: LoadOptions) -> Loaded:
         """Load the parts, checking every weights file first."""

@@ -6,14 +6,25 @@ from (setting ``base_model``); its UNet (and text encoder) weights are merged in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from memwatch.errors import MemwatchError
 from memwatch.model_parts import ModelParts
 from memwatch.snapshots.components import base_pipeline, load_unet
-from memwatch.snapshots.files import check_safetensors, check_weight_files, model_weight_files
+from memwatch.snapshots.files import check_safetensors, check_weight_files, combined_sha256, model_weight_files
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, text_parts_from
-from memwatch.snapshots.lora_merge import lora_scale_from_metadata, merge_lora, read_lora_file, split_lora
+from memwatch.snapshots.lora_merge import (
+    lora_effective,
+    lora_modules,
+    lora_scale_from_metadata,
+    merge_lora,
+    read_lora_file,
+    split_lora,
+)
 
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # LORA_WEIGHT_NAME(_SAFE)
 
@@ -49,6 +60,27 @@ class LoraLayout(Layout):
             check_safetensors(lora_file)
         files[lora_file.name] = lora_file
         return files
+
+    def identity(self, path: Path, options: LoadOptions, file_sha256: Callable[[Path], str]) -> str:
+        """The base UNet's files and the LoRA's content, not its bytes.
+
+        train_text_to_image_lora.py saves checkpoints in peft's key form (``lora_A``/``lora_B``) and the
+        final file in diffusers' (``lora.down``/``lora.up``): the same weights in other bytes. Hashing each
+        module's name, scale and float32 matrices makes a final LoRA equal to the last checkpoint one snapshot.
+        """
+        files = self.weight_files(path, options)
+        lora_file = files.pop(_lora_file(path).name)
+        lora, metadata = read_lora_file(lora_file)
+        digest = hashlib.sha256(b"memwatch-lora-v1\n")
+        for component, state in sorted(split_lora(lora).items()):
+            scale = lora_scale_from_metadata(metadata, component, str(lora_file))
+            for module, (s, down, up) in sorted(lora_effective(lora_modules(state, str(lora_file)), scale).items()):
+                digest.update(f"{component}.{module} {s!r} {tuple(down.shape)} {tuple(up.shape)}\n".encode())
+                for t in (down, up):
+                    digest.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        hashes = {label: file_sha256(f) for label, f in files.items()}
+        hashes["lora (canonical)"] = digest.hexdigest()
+        return combined_sha256(hashes)
 
     def load(self, path: Path, options: LoadOptions) -> Loaded:
         files = self.weight_files(path, options)

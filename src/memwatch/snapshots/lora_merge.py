@@ -37,8 +37,15 @@ _LORA_PATTERNS: list[tuple[re.Pattern[str], str]] = [
 _OLD_PROC = re.compile(r"^(?P<a>.+)\.processor\.(?P<p>to_q|to_k|to_v|to_out)_lora\.(?P<d>down|up)\.weight$")
 
 
-def _lora_modules(state_dict: Mapping[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Group LoRA tensors by target module: ``{module: {"down", "up"[, "alpha"]}}``."""
+def lora_modules(state_dict: Mapping[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Group LoRA tensors by target module: ``{module: {"down", "up"[, "alpha"]}}``, whichever key form
+    the file uses (see above).
+
+    Example:
+        >>> t = torch.zeros(2, 4)
+        >>> sorted(lora_modules({"a.to_q.lora_A.weight": t, "a.to_q.lora_B.weight": t.T}, "x"))
+        ['a.to_q']
+    """
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         old = _OLD_PROC.match(key)
@@ -110,8 +117,8 @@ def merge_lora(
         >>> merge_lora(unet, {f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b})  # doctest: +SKIP
         1
     """
-    groups = _lora_modules(state_dict, where)
-    for name, parts in groups.items():
+    groups = lora_effective(lora_modules(state_dict, where), scale)
+    for name, (s, down, up) in groups.items():
         try:
             module = model.get_submodule(name)
         except AttributeError as e:
@@ -122,10 +129,7 @@ def merge_lora(
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear | nn.Conv2d) or weight is None:
             raise MemwatchError(f"{where}: LoRA target {name!r} is a {type(module).__name__}, not a linear/conv layer")
-        down, up = parts["down"].float(), parts["up"].float()
-        rank = down.shape[0]
-        s = float(parts["alpha"]) / rank if "alpha" in parts else (1.0 if scale is None else scale)
-        delta = up.flatten(1) @ down.flatten(1)  # (out, r) @ (r, in * kh * kw)
+        delta = up.float().flatten(1) @ down.float().flatten(1)  # (out, r) @ (r, in * kh * kw)
         if delta.numel() != weight.numel():
             raise MemwatchError(
                 f"{where}: LoRA for {name!r} has shape {tuple(delta.shape)}, the layer {tuple(weight.shape)}: "
@@ -163,3 +167,27 @@ def split_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, to
         else:
             parts.setdefault("unet", {})[key] = value
     return parts
+
+
+def lora_effective(
+    modules: Mapping[str, Mapping[str, torch.Tensor]], scale: float | None
+) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """module -> (scale, down, up) as :func:`merge_lora` applies them: a LoRA's content, whatever its key form.
+
+    The scale is ``alpha / rank`` where the file stores ``alpha``, else ``scale`` (from metadata), else 1.
+
+    Args:
+        modules: from :func:`lora_modules`.
+        scale: ``lora_alpha / r`` from the file's metadata, if any.
+
+    Example:
+        >>> t = torch.zeros(2, 4)
+        >>> lora_effective({"a": {"down": t, "up": t.T, "alpha": torch.tensor(4.0)}}, None)["a"][0]
+        2.0
+    """
+    out = {}
+    for name, parts in modules.items():
+        rank = parts["down"].shape[0]
+        s = float(parts["alpha"]) / rank if "alpha" in parts else (1.0 if scale is None else scale)
+        out[name] = (s, parts["down"], parts["up"])
+    return out
