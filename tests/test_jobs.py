@@ -135,7 +135,7 @@ def test_odd_names_are_left_alone_and_corrupt_snapshots_fail_alone(data, tmp_pat
         run = store.runs()[0]["id"]
         assert not any("final-notes" in (s["path"] or "") for s in store.snapshots(run))
         failed = [(r["step"], r["probe"]) for r in store.results(run) if r["status"] == "failed"]
-    assert sorted(failed) == [(4, "membership"), (4, "regurgitation")]
+    assert sorted(failed) == [(4, "forecast"), (4, "membership"), (4, "regurgitation")]
 
 
 def _probe_cmd(run_dir: Path, config: Path) -> list[str]:
@@ -157,11 +157,11 @@ def test_killed_probe_resumes_without_duplicates(data, tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = _ok_results(run_dir)
-    assert 2 <= len(partial) < 10, partial  # killed mid-way
+    assert 2 <= len(partial) < 12, partial  # killed mid-way
 
     assert main(["probe", str(run_dir), "--config", str(data["config"])]) == 0
     final = _ok_results(run_dir)
-    expected = sorted((s, "checkpoint", p) for s in (2, 4, 6, 8) for p in ("membership", "regurgitation"))
+    expected = sorted((s, "checkpoint", p) for s in (2, 4, 6, 8) for p in ("forecast", "membership", "regurgitation"))
     assert final == expected  # nothing missing, nothing twice
     with Store(store_path) as store:
         assert store._query("PRAGMA integrity_check")[0][0] == "ok"

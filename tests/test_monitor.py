@@ -43,9 +43,17 @@ def test_probing_does_not_change_the_loss_trajectory(train_holdout, tmp_path: Pa
     acc = Accelerator(cpu=True)
     monitor = MemorizationMonitor(acc, FAST, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "mw")
     watched = train(acc, train_dir, 9, monitor=monitor)
-    assert monitor.session.probed_at == {"membership": 9, "regurgitation": 8}  # probes really ran in between
+    assert monitor.session.probed_at == {
+        "membership": 9,
+        "regurgitation": 8,
+        "forecast": 8,
+    }  # probes really ran in between
     monitor.close()
-    assert monitor.session.probed_at == {"membership": 9, "regurgitation": 9}  # close() probes the last step
+    assert monitor.session.probed_at == {
+        "membership": 9,
+        "regurgitation": 9,
+        "forecast": 9,
+    }  # close() probes the last step
     assert watched == plain  # bit-identical losses: RNG streams, modes and gradients were restored
 
 
@@ -86,8 +94,10 @@ def test_results_events_and_tracker_logs(train_holdout, tmp_path: Path) -> None:
         # close() adds the final membership probe at the last step (8).
         assert steps == [
             (3, "membership"),
+            (4, "forecast"),
             (4, "regurgitation"),
             (6, "membership"),
+            (8, "forecast"),
             (8, "membership"),
             (8, "regurgitation"),
         ]
@@ -128,7 +138,7 @@ def test_ema_weights_are_probed_and_restored(train_holdout, tmp_path: Path) -> N
     ema = EMAModel(tiny_unet(seed=1).parameters())  # deliberately different weights
     before = [p.detach().clone() for p in model.parameters()]
     sched = DDPMScheduler(num_train_timesteps=1000)
-    cfg = {**FAST, "probes": {**FAST["probes"], "regurgitation": {"every": 0}}}
+    cfg = {**FAST, "probes": {**FAST["probes"], "regurgitation": {"every": 0}, "forecast": {"every": 0}}}
     losses = {}
     for which in ("raw", "ema"):
         acc = Accelerator(cpu=True)

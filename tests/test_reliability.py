@@ -193,7 +193,7 @@ def test_non_finite_weights_are_a_finding_not_clean(train_holdout, tmp_path: Pat
                                   output_dir=tmp_path / "mw")  # fmt: skip
     assert monitor.step(12, model, DDPMScheduler()) == []
     summary = monitor.close()
-    assert {f["probe"] for f in summary["failed_probes"]} == {"membership", "regurgitation"}
+    assert {f["probe"] for f in summary["failed_probes"]} == {"forecast", "membership", "regurgitation"}
     assert "NaN or Inf" in summary["failed_probes"][0]["error"]
     report = build_report(tmp_path / "mw")
     assert [s["verdict"] for s in report["verdict"]["snapshots"]] == ["unaudited"]
@@ -304,8 +304,8 @@ def test_failures_on_one_process_reach_all_without_a_hang(train_holdout, tmp_pat
         "    def reduce(self, rows, ctx): return ProbeResult(self.name, {'x': 1.0})\n"
         "acc = Accelerator(cpu=True)\n"
         "m = MemorizationMonitor(acc, {'probes': {'membership': {'every': 4, 'num_members': 4, 'num_holdout': 4,"
-        " 'timesteps': [100]}, 'regurgitation': {'every': 0}}}, reference=sys.argv[1], holdout=sys.argv[2],"
-        " output_dir=sys.argv[3], probes=[RankOne(every=4)])\n"
+        " 'timesteps': [100]}, 'regurgitation': {'every': 0}, 'forecast': {'every': 0}}},"
+        " reference=sys.argv[1], holdout=sys.argv[2], output_dir=sys.argv[3], probes=[RankOne(every=4)])\n"
         "m.step(4, acc.prepare(tiny_unet()), DDPMScheduler())\n"
         "m.close()\n"
     )

@@ -371,7 +371,7 @@ def test_verdicts_follow_the_documented_definition(hand_report: dict[str, Any]) 
     codes = {x["code"]: x["message"] for x in report["limitations"]}
     assert "ckpt/checkpoint-100 has been deleted" in codes["checkpoint-deleted"]
     assert overall["snapshots_by_verdict"] == {
-        v: list(HAND_VERDICTS.values()).count(v) for v in ("unaudited", "clean", "warning", "memorizing")
+        v: list(HAND_VERDICTS.values()).count(v) for v in ("unaudited", "clean", "at-risk", "warning", "memorizing")
     }
     (forecast,) = report["curves"]["forecasts"]
     assert forecast == {

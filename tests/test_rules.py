@@ -72,7 +72,7 @@ def test_docstring_yaml_example_parses():
             break
         block.append(line)
     parsed = parse_rules(yaml.safe_load(textwrap.dedent("\n".join(block))), "docstring")
-    assert [r.type for r in parsed] == ["threshold", "first", "trend"]
+    assert [r.type for r in parsed] == ["threshold", "first", "trend", "forecast"]
     assert parsed[0].consecutive == 2 and parsed[2].horizon == 2000.0
     # to_dict gives back the YAML shape, which parses to the same rules.
     assert parse_rules([r.to_dict() for r in parsed]) == parsed

@@ -50,7 +50,7 @@ HOLDOUT_PROMPTS = {"a green boat"}
 K = 2  # samples per prompt
 CONDNOISE = {"every": 1, "num_members": 4, "num_holdout": 4, "num_steps": 1, "num_generations": 1}
 CONDNOISE.update({"num_inference_steps": 3, "batch_size": 4})
-PROBES = {"membership", "regurgitation", "condnoise"}
+PROBES = {"membership", "regurgitation", "forecast", "condnoise"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -28,6 +28,7 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
                 "probes": {
                     "membership": {"every": 4, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400]},
                     "regurgitation": {"every": 6, "num_samples": 6, "inference_steps": 3, "batch_size": 4},
+                    "forecast": {"every": 6},
                 },
             }
         )
@@ -66,8 +67,10 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
         probed = sorted({(m["step"], m["probe"]) for m in store.metrics(run["id"])})
     assert probed == [
         (4, "membership"),
+        (6, "forecast"),
         (6, "regurgitation"),
         (8, "membership"),
+        (12, "forecast"),
         (12, "membership"),
         (12, "regurgitation"),
     ]

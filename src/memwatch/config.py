@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from memwatch.cadence import CadenceSettings
 from memwatch.embedders import EmbedderConfig
 from memwatch.errors import MemwatchError
 from memwatch.hashing import config_hash
@@ -35,7 +36,7 @@ from memwatch.settings import SettingError, Settings, build_section, declaration
 #: Probe settings that hold the shared sample plan's settings (config files keep them there).
 SAMPLING_SECTION = "regurgitation"
 #: Sections that are not plain settings.
-_SECTIONS = ("embedder", "probes", "rules")
+_SECTIONS = ("embedder", "cadence", "probes", "rules")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class MonitorConfig(Settings):
         [], "your own probes: import paths module:Class of Probe subclasses; set them under probes.<name>"
     )
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    cadence: CadenceSettings = field(default_factory=CadenceSettings)
     probes: dict[str, ProbeSettings] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     #: whether ``rules`` are the probes' default rules (no ``rules:`` in the user's config)
@@ -115,13 +117,14 @@ class MonitorConfig(Settings):
     def identity_hash(self) -> str:
         """Hash of what decides a run's results (data, weights, schedule, probes, embedder, rules), not of
         where output goes: a job that repeats with the same config resumes the same run."""
-        ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top")
+        ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top", "cadence")
         return config_hash({k: v for k, v in self.raw.items() if k not in ignored})
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML/JSON data (what ``raw`` holds)."""
         out = Settings.to_dict(self)
         out["embedder"] = self.embedder.to_dict()
+        out["cadence"] = self.cadence.to_dict()
         out["probes"] = {name: s.to_dict() for name, s in self.probes.items()}
         out["rules"] = [r.to_dict() for r in self.rules]
         return out
@@ -188,6 +191,7 @@ def defaults_yaml() -> str:
     ]
     lines += _section_lines(config, "")
     lines += ["", "embedder:"] + _section_lines(config.embedder, "  ")
+    lines += ["", "cadence:  # in-training front-ends only"] + _section_lines(config.cadence, "  ")
     lines += ["", "probes:"]
     for cls in config.probe_classes():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
@@ -271,6 +275,7 @@ def _build(user: dict[str, Any], source: str) -> MonitorConfig:
     return dataclasses.replace(
         general,
         embedder=build_section(EmbedderConfig, mapping("embedder"), source=source),
+        cadence=build_section(CadenceSettings, mapping("cadence"), source=source),
         probes=probes,
         rules=parse_rules(rules_raw, source),
         default_rules="rules" not in user,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from memwatch.history import RunHistory, find_store, load_history, training_images
 from memwatch.output import ensure_folder, write_output
-from memwatch.rules import SEVERITIES
+from memwatch.rules import FORECAST, SEVERITIES
 from memwatch.store import Store
 
 if TYPE_CHECKING:  # matplotlib is imported inside the functions that draw: `import memwatch` stays light
@@ -191,7 +191,9 @@ def curves_figure(data: RunHistory) -> Figure:
         >>> [ax.get_title() for ax in curves_figure(data).axes]  # doctest: +SKIP
         ['membership/mia_auc', 'regurgitation/mem_fraction']
     """
-    names = list(dict.fromkeys(n.split("@", 1)[0] for n in data.metrics))  # "m@ema" is drawn on m's panel
+    bands = _band_metrics(data)
+    # "m@ema" is drawn on m's panel; a forecast's band edges on its forecast's panel
+    names = [n for n in dict.fromkeys(n.split("@", 1)[0] for n in data.metrics) if n not in bands]
     n = max(1, len(names))
     ncols = min(GRID_COLUMNS, n)
     nrows = math.ceil(n / ncols)
@@ -209,6 +211,28 @@ def curves_figure(data: RunHistory) -> Figure:
         for ax, name in zip(axes, names, strict=False):
             _metric_panel(ax, name, data)
     return fig
+
+
+def _band_metrics(data: RunHistory) -> set[str]:
+    """``<metric>_low`` / ``_high`` of every forecast rule's metric: drawn as that metric's band."""
+    return {f"{r['metric']}_{edge}" for r in data.rules if r.get("type") == FORECAST for edge in ("low", "high")}
+
+
+def _forecast_panel(ax: Any, rule: Mapping[str, Any], data: RunHistory) -> None:
+    """A forecast's band, the line ``forecast = step`` (onset now) and the rule's horizon line."""
+    low, high = data.metrics.get(f"{rule['metric']}_low", {}), data.metrics.get(f"{rule['metric']}_high", {})
+    steps = [s for s in low if s in high and math.isfinite(low[s]) and math.isfinite(high[s])]
+    if steps:
+        ax.fill_between(steps, [low[s] for s in steps], [high[s] for s in steps], color="tab:blue", alpha=0.15,
+                        label="forecast band")  # fmt: skip
+    xs = list(data.metrics.get(rule["metric"], {}))
+    if xs:
+        share = float(rule.get("horizon_share") or 0)
+        ax.plot(xs, xs, "-", color="black", linewidth=0.8, label="now (onset reached)")
+        colour = SEVERITY_COLOURS.get(rule.get("severity"), "black")
+        ax.plot(xs, [x * (1 + share) for x in xs], "--", color=colour, linewidth=1,
+                label=f"{rule.get('name', 'rule')}: within {share:g} x step")  # fmt: skip
+    ax.set_ylabel("forecast step", fontsize="small")
 
 
 def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
@@ -233,10 +257,14 @@ def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
     for rule in data.rules:
         if rule["metric"] != name:
             continue
+        if rule.get("type") == FORECAST:
+            _forecast_panel(ax, rule, data)
+            continue
         colour = SEVERITY_COLOURS.get(rule.get("severity"), "black")
         label = f"{rule.get('name', 'rule')} {rule.get('op', '')} {float(rule['value']):g}"
         ax.axhline(float(rule["value"]), linestyle="--", linewidth=1, color=colour, label=label)
     labelled: set[str] = set()
+    types = {r.get("name"): r.get("type") for r in data.rules}
     for e in data.events:
         if e.get("metric") != name or e.get("step") is None:
             continue
@@ -245,7 +273,8 @@ def _metric_panel(ax: Any, name: str, data: RunHistory) -> None:
         label = f"{severity} event" if severity not in labelled else "_nolegend_"
         labelled.add(severity)
         ax.axvline(e["step"], color=colour, linewidth=1.2, alpha=0.8, label=label)
-        if e.get("forecast_step") is not None and e.get("threshold") is not None:
+        trend = types.get(e.get("rule")) == "trend"  # a forecast rule's threshold is a horizon, not a value
+        if trend and e.get("forecast_step") is not None and e.get("threshold") is not None:
             fx, fy = e["forecast_step"], e["threshold"]
             if e.get("value") is not None and math.isfinite(e["value"]):
                 ax.plot([e["step"], fx], [e["value"], fy], ":", color=colour, linewidth=1.2, label="_nolegend_")

@@ -94,6 +94,7 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
         "memwatch demo summary",
         f"  steps trained:          {summary['last_step']}",
         f"  onset (first copy):     {_step(summary['onset_step'])}",
+        f"  at risk (forecast):     {_step(summary.get('at_risk_step'))}",
         f"  first warning:          {_step(summary['first_alarm_step'])}",
         f"  last clean step:        {_step(summary['last_clean_step'])}",
         f"  last clean checkpoint:  {_rel(summary.get('last_clean_checkpoint')) or '-'}",

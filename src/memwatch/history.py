@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memwatch.errors import MemwatchError
-from memwatch.rules import OPS
+from memwatch.rules import FORECAST, OPS
 from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
 
 #: The probe whose per-sample match rows are the per-seed trajectories.
@@ -183,7 +183,8 @@ def metric_table(
 
 
 def valid_rules(raw: Any) -> list[dict[str, Any]]:
-    """Rules with a metric, a known operator and a finite numeric threshold; others cannot be evaluated.
+    """Rules with a metric and a finite numeric threshold (a known operator, or a forecast rule's
+    ``horizon_share``); others cannot be evaluated.
 
     Example:
         >>> [r["name"] for r in valid_rules([{"name": "a", "metric": "p/m", "op": ">", "value": 1},
@@ -192,9 +193,12 @@ def valid_rules(raw: Any) -> list[dict[str, Any]]:
     """
     out = []
     for r in raw if isinstance(raw, list) else []:
-        if not isinstance(r, dict) or r.get("op") not in OPS or not isinstance(r.get("metric"), str):
+        if not isinstance(r, dict) or not isinstance(r.get("metric"), str):
             continue
-        value = r.get("value")
+        forecast = r.get("type") == FORECAST
+        if not forecast and r.get("op") not in OPS:
+            continue
+        value = r.get("horizon_share" if forecast else "value")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             continue
         out.append(r)

@@ -3,7 +3,7 @@
 A monitor probes a training run every so often and gets metric values keyed ``"probe/metric"``
 (e.g. ``"regurgitation/mem_fraction"``) at a training step. A :class:`RuleEngine` holds the rules
 and their per-rule state, and :meth:`RuleEngine.observe` returns the :class:`Event` objects one
-probe result triggers. Three rule types exist:
+probe result triggers. Four rule types exist:
 
 * ``threshold``: fires when ``metric op value`` holds for ``for`` consecutive probes of that metric,
   then stays quiet until the condition stops holding (re-arm), so a sustained breach is one event.
@@ -13,11 +13,18 @@ probe result triggers. Three rule types exist:
   fires when the forecast crossing of ``value`` lies within ``horizon`` steps of the current step
   while the metric has not crossed yet. It re-arms when the forecast leaves the horizon or the
   metric crosses.
+* ``forecast``: reads a forecast step (``metric``, e.g. ``forecast/onset``) and the early edge of its
+  band (``<metric>_low``) and fires when that edge lies within ``horizon_share`` x the current step
+  (or within ``horizon`` steps, whichever is larger) of the current step. It re-arms when a later
+  forecast lies beyond the horizon again; a probe without a forecast (NaN) changes nothing. The
+  adaptive cadence (:mod:`memwatch.cadence`) reads the same band, and the probe's ``slope_t`` (the
+  precursor's trend in standard errors; >= 0 means it is not approaching).
 
 Missing metrics (the probe did not run) and NaN values are not evaluated: they neither breach nor
 reset a counter. ``message`` is a template for :meth:`str.format_map` and may use ``{value}``,
-``{threshold}``, ``{step}``, ``{forecast_step}`` (trend rules only), ``{metric}``, ``{rule}``,
-``{op}`` and ``{severity}``.
+``{threshold}``, ``{step}``, ``{forecast_step}`` (trend and forecast rules), ``{forecast_low}`` and
+``{forecast_high}`` (forecast rules), ``{metric}``, ``{rule}``, ``{op}``, ``{severity}`` and ``{keep}``
+(the front-end's advice on what to keep: the last clean checkpoint).
 
 Example (YAML)::
 
@@ -46,6 +53,12 @@ Example (YAML)::
       horizon: 2000
       severity: info
       message: "membership AUC {value:.3f} is forecast to reach {threshold} at step {forecast_step}"
+    - name: onset-forecast
+      type: forecast
+      metric: forecast/onset
+      horizon_share: 0.5
+      severity: warning
+      message: "step {step}: copying forecast at step {forecast_step}; keep {keep}"
 
 Quote the operators (``">"``): a bare ``>`` starts a YAML folded block. Write small numbers as
 ``1.0e-3``: PyYAML reads ``1e-3`` as text, and :func:`parse_rules` says so.
@@ -65,7 +78,9 @@ import numpy as np
 
 from memwatch.errors import MemwatchError
 
-RULE_TYPES = ("threshold", "first", "trend")
+#: The rule type that reads a forecast and its band (see the module docstring).
+FORECAST = "forecast"
+RULE_TYPES = ("threshold", "first", "trend", FORECAST)
 # Ordered from least to most severe; the CLI's --fail-on compares against this order.
 SEVERITIES = ("info", "warning", "critical")
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -79,12 +94,22 @@ DEFAULT_FOR = 1  # one breaching probe is enough unless the rule asks for more
 DEFAULT_WINDOW = 5  # points in the trend fit: recent enough to follow a change in slope
 DEFAULT_MIN_POINTS = 3  # two points always fit a line exactly; three give the fit some support
 
-REQUIRED = ("name", "type", "metric", "severity", "message", "op", "value")
+REQUIRED = ("name", "type", "metric", "severity", "message")
+#: Settings every rule type but ``forecast`` needs: the comparison.
+COMPARISON = ("op", "value")
 #: Optional settings of every rule: where its threshold comes from (shown in the audit report).
 OPTIONAL = ("source",)
 # Settings each type accepts beyond REQUIRED and OPTIONAL; anything else is a typo and is rejected.
-EXTRA_SETTINGS = {"threshold": ("for",), "first": (), "trend": ("window", "min_points", "horizon")}
-TEMPLATE_FIELDS = ("value", "threshold", "step", "forecast_step", "metric", "rule", "op", "severity")
+EXTRA_SETTINGS = {
+    "threshold": (*COMPARISON, "for"),
+    "first": COMPARISON,
+    "trend": (*COMPARISON, "window", "min_points", "horizon"),
+    "forecast": ("horizon", "horizon_share"),
+}
+TEMPLATE_FIELDS = ("value", "threshold", "step", "forecast_step", "forecast_low", "forecast_high", "metric", "rule",
+                   "op", "severity", "keep")  # fmt: skip
+#: Template fields only some rule types fill.
+TYPE_FIELDS = {"forecast_step": ("trend", "forecast"), "forecast_low": ("forecast",), "forecast_high": ("forecast",)}
 STATE_VERSION = 1
 
 
@@ -98,12 +123,14 @@ class Rule:
         metric: ``"probe/metric"`` key the rule watches.
         severity: ``info``, ``warning`` or ``critical``.
         message: :meth:`str.format_map` template for the event message.
-        op: comparison operator, one of ``>``, ``>=``, ``<``, ``<=``.
-        value: the threshold.
+        op: comparison operator, one of ``>``, ``>=``, ``<``, ``<=`` (forecast rules: ``<=``).
+        value: the threshold (forecast rules: ``horizon_share``).
         consecutive: YAML ``for``: consecutive breaching probes a threshold rule needs.
         window: trend rules: number of most recent points in the least-squares fit.
         min_points: trend rules: fewest points before a forecast is made.
-        horizon: trend rules: fire when the forecast crossing is at most this many steps ahead.
+        horizon: trend rules: fire when the forecast crossing is at most this many steps ahead;
+            forecast rules: the smallest horizon in steps (default 0).
+        horizon_share: forecast rules: the horizon as a share of the current step.
         source: where the threshold comes from (a paper, or why this value), if stated.
     """
 
@@ -118,6 +145,7 @@ class Rule:
     window: int = DEFAULT_WINDOW
     min_points: int = DEFAULT_MIN_POINTS
     horizon: float | None = None
+    horizon_share: float | None = None
     source: str | None = None
 
     @property
@@ -140,15 +168,19 @@ class Rule:
             "name": self.name,
             "type": self.type,
             "metric": self.metric,
-            "op": self.op,
-            "value": self.value,
             "severity": self.severity,
             "message": self.message,
         }
+        if self.type != "forecast":
+            out.update(op=self.op, value=self.value)
         if self.type == "threshold":
             out["for"] = self.consecutive
         elif self.type == "trend":
             out.update(window=self.window, min_points=self.min_points, horizon=self.horizon)
+        elif self.type == "forecast":
+            out["horizon_share"] = self.horizon_share
+            if self.horizon:
+                out["horizon"] = self.horizon
         if self.source is not None:
             out["source"] = self.source
         return out
@@ -165,7 +197,7 @@ class Event:
         metric: ``"probe/metric"`` key.
         value: the metric's value at ``step``.
         threshold: the rule's threshold.
-        forecast_step: trend rules: forecast step of the crossing (rounded); else ``None``.
+        forecast_step: trend and forecast rules: forecast step of the crossing (rounded); else ``None``.
         message: the rule's message template, filled in.
         evidence: the probe's evidence passed to :meth:`RuleEngine.observe` (seeds, training ids...).
     """
@@ -336,12 +368,18 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
     severity = item["severity"]
     if severity not in SEVERITIES:
         raise fail("severity", f"is {severity!r}: use one of {', '.join(SEVERITIES)}")
-    op = item["op"]
-    if op not in OPS:
-        raise fail("op", f"is {op!r}: use one of {', '.join(OPS)} (quoted in YAML)")
-    value = _number(item["value"], fail("value", _number_problem(item["value"])))
 
     kwargs: dict[str, Any] = {}
+    if rtype == "forecast":
+        kwargs.update(_forecast_settings(item, fail))
+    else:
+        for key in COMPARISON:
+            if key not in item or item[key] is None:
+                raise fail(key, f"is missing: a {rtype} rule needs {', '.join(COMPARISON)}")
+        op = item["op"]
+        if op not in OPS:
+            raise fail("op", f"is {op!r}: use one of {', '.join(OPS)} (quoted in YAML)")
+        kwargs.update(op=op, value=_number(item["value"], fail("value", _number_problem(item["value"]))))
     if rtype == "threshold":
         kwargs["consecutive"] = _count(item.get("for", DEFAULT_FOR), 1, fail, "for")
     elif rtype == "trend":
@@ -364,7 +402,23 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
         raise fail("source", f"must be a string (where the threshold comes from), got {type(source).__name__}")
     kwargs["source"] = source
     _check_template(message, rtype, fail)
-    return Rule(name=name, type=rtype, metric=metric, severity=severity, message=message, op=op, value=value, **kwargs)
+    return Rule(name=name, type=rtype, metric=metric, severity=severity, message=message, **kwargs)
+
+
+def _forecast_settings(item: Mapping[str, Any], fail: Callable[[str, str], MemwatchError]) -> dict[str, Any]:
+    """``horizon_share`` (required, > 0) and ``horizon`` (optional, >= 0 steps) of a forecast rule."""
+    share = item.get("horizon_share")
+    if share is None:
+        raise fail("horizon_share", "is missing: a forecast rule warns when the forecast lies within "
+                   "horizon_share x the current step (e.g. 0.5)")  # fmt: skip
+    share = _number(share, fail("horizon_share", _number_problem(share)))
+    if share <= 0:
+        raise fail("horizon_share", f"is {share}: it must be positive")
+    horizon = item.get("horizon", 0)
+    horizon = _number(horizon, fail("horizon", _number_problem(horizon)))
+    if horizon < 0:
+        raise fail("horizon", f"is {horizon}: it must be a number of steps >= 0")
+    return {"op": "<=", "value": share, "horizon_share": share, "horizon": horizon}
 
 
 def _number_problem(raw: Any) -> str:
@@ -403,8 +457,8 @@ def _check_template(message: str, rtype: str, fail: Callable[[str, str], Memwatc
         root = re.split(r"[.\[]", f, maxsplit=1)[0]
         if root not in TEMPLATE_FIELDS:
             raise fail("message", f"uses {{{f}}}: placeholders are {', '.join(TEMPLATE_FIELDS)}")
-        if root == "forecast_step" and rtype != "trend":
-            raise fail("message", "uses {forecast_step}, which only trend rules have")
+        if root in TYPE_FIELDS and rtype not in TYPE_FIELDS[root]:
+            raise fail("message", f"uses {{{root}}}, which only {' and '.join(TYPE_FIELDS[root])} rules have")
 
 
 class _KeepMissing(dict):
@@ -420,6 +474,14 @@ def _render(template: str, values: dict[str, Any]) -> str:
         return template.format_map(_KeepMissing(values))
     except (ValueError, KeyError, IndexError, AttributeError, TypeError):
         return template
+
+
+def _finite(raw: float | None, default: float) -> float:
+    """``raw`` as a float when it is a finite number, else ``default``."""
+    if raw is None:
+        return default
+    value = float(raw)
+    return value if math.isfinite(value) else default
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +526,7 @@ class RuleEngine:
         step: int,
         metrics: Mapping[str, float | None],
         evidence: Mapping[str, Mapping[str, Any]] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> list[Event]:
         """Feed one probe result; return the events it triggers, in rule order.
 
@@ -473,6 +536,7 @@ class RuleEngine:
                 NaN values are skipped: they neither breach nor reset a counter.
             evidence: ``"probe"`` -> details (sample seeds, training ids); an event for metric
                 ``"p/m"`` carries ``evidence["p"]``.
+            context: further message fields from the front-end (``keep``).
 
         Example:
             >>> engine.observe(500, {"membership/mia_auc": 0.58}, {"membership": {"n": 9}})  # doctest: +SKIP
@@ -489,14 +553,20 @@ class RuleEngine:
             if math.isnan(value):
                 continue
             state = self._state[rule.name]
+            band: dict[str, Any] = {}
             if rule.type == "threshold":
                 fired, forecast = self._threshold(rule, state, value), None
             elif rule.type == "first":
                 fired, forecast = self._first(rule, state, value), None
-            else:
+            elif rule.type == "trend":
                 fired, forecast = self._trend(rule, state, step, value)
+            else:
+                low, high = (_finite(metrics.get(f"{rule.metric}_{edge}"), value) for edge in ("low", "high"))
+                fired, forecast = self._forecast(rule, state, step, value, low), round(value)
+                band = {"forecast_low": round(low), "forecast_high": round(high)}
             if fired:
-                events.append(self._event(rule, step, value, forecast, evidence.get(rule.probe, {})))
+                fill = {"keep": "the last checkpoint saved before this step", **(context or {}), **band}
+                events.append(self._event(rule, step, value, forecast, evidence.get(rule.probe, {}), fill))
         return events
 
     @staticmethod
@@ -544,8 +614,27 @@ class RuleEngine:
         return False, None
 
     @staticmethod
-    def _event(rule: Rule, step: int, value: float, forecast: int | None, evidence: Mapping[str, Any]) -> Event:
+    def _forecast(rule: Rule, state: _RuleState, step: int, value: float, low: float) -> bool:
+        horizon = max(rule.horizon or 0.0, (rule.horizon_share or 0.0) * step)
+        if low - step > horizon:
+            state.armed = True
+            return False
+        if state.armed:
+            state.armed = False
+            return True
+        return False
+
+    @staticmethod
+    def _event(
+        rule: Rule,
+        step: int,
+        value: float,
+        forecast: int | None,
+        evidence: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Event:
         fill = {
+            **(extra or {}),
             "value": value,
             "threshold": rule.value,
             "step": step,
@@ -555,13 +644,17 @@ class RuleEngine:
             "op": rule.op,
             "severity": rule.severity,
         }
+        threshold = rule.value
+        if rule.type == "forecast":  # the horizon in steps at this step
+            threshold = max(rule.horizon or 0.0, (rule.horizon_share or 0.0) * step)
+            fill["threshold"] = threshold
         return Event(
             step=step,
             rule=rule.name,
             severity=rule.severity,
             metric=rule.metric,
             value=value,
-            threshold=rule.value,
+            threshold=threshold,
             forecast_step=forecast,
             message=_render(rule.message, fill),
             evidence=dict(evidence),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 
 from memwatch import __version__
+from memwatch.cadence import Cadence
+from memwatch.checkpoints import last_clean_checkpoint
 from memwatch.config import MonitorConfig
 from memwatch.embedders import build_embedder
 from memwatch.errors import MemwatchError, ProbeUnavailable
@@ -39,7 +42,7 @@ from memwatch.model_parts import ModelParts
 from memwatch.modes import ema_weights, eval_mode, preserved_rng, unwrap_model
 from memwatch.probes.base import Probe, ProbeContext, ProbeData, ProbeResult, Samples
 from memwatch.refset import ReferenceSet, load_reference_set
-from memwatch.rules import Event, Rule, RuleEngine, parse_rules, severity_at_least
+from memwatch.rules import FORECAST, Event, Rule, RuleEngine, parse_rules, severity_at_least
 from memwatch.samples import generate_share, plan_samples
 from memwatch.store import STORE_NAME, Store
 from memwatch.workers import Workers
@@ -71,6 +74,7 @@ class ProbeSession:
             (e.g. ``accelerator.log``).
         run_name: the run's name in the store; default ``config.run_name``, else ``run-<UTC time>``.
             A run that already exists is resumed: its stored history is replayed into the rules.
+        clock: monotonic seconds for the cadence's time budget (tests pass a fake clock).
 
     Raises:
         MemwatchError: the store cannot be opened or written (on every process alike).
@@ -92,6 +96,7 @@ class ProbeSession:
         on_event: Callable[[Event], None] | None = None,
         log_metrics: Callable[[dict[str, float], int], None] | None = None,
         run_name: str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.config = config
         self.output_dir = Path(output_dir)
@@ -103,9 +108,12 @@ class ProbeSession:
             refs, holdout, lambda resolution: build_embedder(config.embedder, resolution), config.cache_dir
         )
         self.engine = RuleEngine(check_rule_metrics(self.rules(), self.probes, config.source))
+        self.cadence = Cadence(config.cadence, clock)
         self.events: list[Event] = []
         self.should_stop = False
         self.onset_step: int | None = None
+        #: first probed step at which a forecast rule fired (copying forecast within its horizon)
+        self.at_risk_step: int | None = None
         self.first_alarm_step: int | None = None
         self.last_clean_step: int | None = None
         #: latest value of every metric, keyed "probe/metric" (for progress bars and callbacks)
@@ -194,11 +202,12 @@ class ProbeSession:
         return [p for p in self.probes if p.applies(text_to_image=text_to_image, has_holdout=has_holdout)]
 
     def due(self, step: int, *, text_to_image: bool = False) -> list[Probe]:
-        """Applicable probes whose cadence falls on ``step`` and that have not run at it yet."""
+        """Applicable probes whose cadence (:mod:`memwatch.cadence`) falls on ``step`` and that have not run at it."""
         return [
             p
             for p in self.applicable(text_to_image=text_to_image)
-            if step % p.every == 0 and self.probed_at.get(p.name) != step
+            if self.cadence.due(p.name, step, every=p.every, sample_probe=p.needs_samples)
+            and self.probed_at.get(p.name) != step
         ]
 
     def step(self, step: int, model: Any, scheduler: Any, *, ema: Any = None) -> list[Event]:
@@ -229,6 +238,7 @@ class ProbeSession:
             self._repeat_warned = True
         self.last_step = step
         self._last_args = (model, scheduler, ema)
+        self.cadence.tick()
         try:
             due = self.due(step, text_to_image=ModelParts.of(model, scheduler).text_to_image)
         except MemwatchError as e:
@@ -247,13 +257,19 @@ class ProbeSession:
         return self._probe_live(self.last_step, model, scheduler, ema, pending) if pending else []
 
     def _probe_live(self, step: int, model: Any, scheduler: Any, ema: Any, probes: list[Probe]) -> list[Event]:
+        t0 = self.cadence.clock()
         try:
             with ema_weights(model, ema, self.config.weights) as unet:
                 events = self.probe(step, unet, scheduler, [p.name for p in probes], weights=self.config.weights)
         except Exception as e:  # the last line of defence: nothing reaches the training loop
             self._fail_all(step, probes, _reason(e))
             events = []
-        self._sync_stop()
+        sampled = {p.name: p.every for p in probes if p.needs_samples}
+        if self.workers.is_main:
+            self.cadence.probed(self.cadence.clock() - t0, sampled=bool(sampled))
+            if sampled:
+                self.cadence.schedule(step, sampled, *self._forecast_now())
+        self._sync()
         return events
 
     def _fail_all(self, step: int, probes: list[Probe], reason: str) -> None:
@@ -272,9 +288,20 @@ class ProbeSession:
         except Exception as e:  # e.g. a step the store cannot hold: said, never raised into training
             log.warning("memwatch: could not record the failure either: %s", _reason(e))
 
-    def _sync_stop(self) -> None:
-        """Make every process agree on ``should_stop`` (only the main process sees events)."""
-        self.should_stop = self.workers.broadcast(self.should_stop)
+    def _forecast_now(self) -> tuple[float, bool]:
+        """The earliest band edge of the forecast rules' latest forecasts (NaN: none), and whether every
+        forecasting probe's precursor is moving away from its threshold (``<probe>/slope_t`` >= 0)."""
+        rules = [r for r in self.engine.rules if r.type == FORECAST]
+        lows = [self.latest.get(f"{r.metric}_low", math.nan) for r in rules]
+        slopes = [self.latest.get(f"{r.probe}/slope_t", math.nan) for r in rules]
+        finite = [v for v in lows if math.isfinite(v)]
+        receding = bool(slopes) and all(math.isfinite(t) and t >= 0 for t in slopes)
+        return (min(finite) if finite else math.nan), receding
+
+    def _sync(self) -> None:
+        """Make every process agree on ``should_stop`` and the cadence (only the main process sees results)."""
+        self.should_stop, cadence = self.workers.broadcast((self.should_stop, self.cadence.state()))
+        self.cadence.load(cadence)
 
     # ------------------------------------------------------------------ probing
 
@@ -337,7 +364,7 @@ class ProbeSession:
         plan = self.workers.broadcast(plan)  # every process takes the main process's decision
         todo = [known[name] for name in plan["todo"]]
         failures: dict[str, str] = dict.fromkeys(plan["fail"], plan["reason"]) if plan["fail"] else {}
-        ctx = ProbeContext(step, parts, self.data, self.workers, timings=self.timings)
+        ctx = ProbeContext(step, parts, self.data, self.workers, timings=self.timings, past=self._past(step, weights))
         outcomes: list[tuple[Probe, list[ProbeResult], float]] = []
         if todo:
             with preserved_rng(), eval_mode(*parts.modules()):
@@ -362,6 +389,22 @@ class ProbeSession:
             events = self._record(snapshot, outcomes, ctx, failures)
         self._add_time("total", time.perf_counter() - t0)
         return events
+
+    def _past(self, step: int, weights: str | None) -> Callable[[str, int], list[dict[str, Any]]] | None:
+        """Main process: the reader of a probe's results on this run's earlier snapshots (same weights kind)."""
+        store = self.store
+        if store is None:
+            return None
+        hashes = {p.name: self.probe_hash(p) for p in self.probes}
+        hashes.update({c: self.probe_hash(p) for p in self.probes for c in p.companions})
+
+        def earlier(probe: str, limit: int) -> list[dict[str, Any]]:
+            if probe not in hashes or limit < 1:
+                return []
+            return store.earlier_results(self.run_id, probe, hashes[probe], before_step=step, weights=weights,
+                                         limit=limit)  # fmt: skip
+
+        return earlier
 
     def _plan(self, parts: ModelParts, chosen: list[Probe], snapshot: dict[str, Any]) -> dict[str, Any]:
         """Main process: which probes still need these weights, or why none can run on them."""
@@ -470,7 +513,7 @@ class ProbeSession:
             evidence[probe.name] = probe.evidence(main)
             for result in results:
                 flat.update({f"{result.probe}/{k}": v for k, v in result.metrics.items()})
-        events = self.engine.observe(step, flat, evidence) if flat else []
+        events = self.engine.observe(step, flat, evidence, {"keep": self.keep_advice()}) if flat else []
         for name, reason in failures.items():
             self.failures.append({"step": step, "probe": name, "error": reason})
         try:
@@ -520,11 +563,27 @@ class ProbeSession:
         if grid is not None:
             result.evidence.append(str(grid.relative_to(self.output_dir)))
 
+    def keep_advice(self) -> str:
+        """What to keep when a warning fires now: the newest checkpoint at or before the last clean step.
+
+        Checkpoints are looked for beside the output folder (``<run>/memwatch`` -> ``<run>/checkpoint-*``).
+        """
+        if self.last_clean_step is None:
+            return "the weights from before training (no clean probe yet)"
+        run_dir = self.output_dir.parent
+        path = last_clean_checkpoint(run_dir, self.last_clean_step)
+        if path is None:
+            return f"the model as of step {self.last_clean_step} (no checkpoint saved by then in {run_dir})"
+        return f"{path} (the last clean checkpoint)"
+
     def _track(self, step: int, flat: dict[str, float], events: list[Event]) -> None:
-        """Update onset, first alarm and last clean step from one probed step."""
+        """Update onset, at-risk, first alarm and last clean step from one probed step."""
         onset = [f"{p.name}/{p.onset_metric}" for p in self.probes if p.onset_metric]
         if self.onset_step is None and any(flat.get(m, 0) > 0 for m in onset):
             self.onset_step = step
+        forecast_rules = {r.name for r in self.engine.rules if r.type == FORECAST}
+        if self.at_risk_step is None and any(e.rule in forecast_rules for e in events):
+            self.at_risk_step = step
         if self.first_alarm_step is None and any(severity_at_least(e.severity, "warning") for e in events):
             self.first_alarm_step = step
         if self.first_alarm_step is None:
@@ -587,7 +646,7 @@ class ProbeSession:
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> dict[str, Any]:
-        """Onset step, last clean step, events by severity, failed probes and the paths written."""
+        """Onset, at-risk and last clean step, events by severity, failed probes and the paths written."""
         by_sev: dict[str, int] = {}
         for e in self.events:
             by_sev[e.severity] = by_sev.get(e.severity, 0) + 1
@@ -595,6 +654,7 @@ class ProbeSession:
             "run": self.run_name,
             "last_step": self.last_step,
             "onset_step": self.onset_step,
+            "at_risk_step": self.at_risk_step,
             "first_alarm_step": self.first_alarm_step,
             "last_clean_step": self.last_clean_step,
             "events": by_sev,
@@ -604,6 +664,8 @@ class ProbeSession:
             "store": str(self.output_dir / STORE_NAME),
             "events_file": str(self.output_dir / EVENTS_NAME),
             "timings": {k: round(v, 3) for k, v in sorted(self.timings.items())},
+            # probe time / training time, as the cadence measured it (in-loop front-ends)
+            "probe_overhead": _rounded(self.cadence.overhead(), 4),
         }
 
     def close(self) -> dict[str, Any]:
@@ -653,6 +715,11 @@ def _merge_probes(configured: list[Probe], given: Sequence[Probe]) -> list[Probe
     by_name = {p.name: p for p in given}
     out = [by_name.pop(p.name, p) for p in configured]
     return out + list(by_name.values())
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    """``value`` rounded, None when it is not finite (JSON has no NaN)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def _results(out: ProbeResult | Sequence[ProbeResult]) -> list[ProbeResult]:

@@ -935,6 +935,43 @@ class Store:
             out.append(d)
         return out
 
+    def earlier_results(
+        self, run_id: int, probe: str, config_hash: str, *, before_step: int, weights: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The latest ``limit`` successful results of ``probe`` (these settings) on this run's snapshots
+        before ``before_step`` with the same weights kind, oldest first: ``step``, ``metrics`` (dict) and
+        ``items`` (list). Probes that follow a trajectory (the onset forecast) read their past here.
+
+        Args:
+            run_id: the run.
+            probe: the probe's name.
+            config_hash: its settings' hash (results of other settings are another series).
+            before_step: only snapshots at smaller steps.
+            weights: ``"ema"`` or raw (``None`` and ``"raw"`` are one series).
+            limit: how many results at most (the most recent ones).
+        """
+        rows = self._query(
+            "SELECT r.id, s.step FROM probe_results r JOIN snapshots s ON s.id = r.snapshot_id "
+            "WHERE s.run_id = ? AND r.probe = ? AND r.config_hash = ? AND r.status = 'ok' AND s.step < ? "
+            "AND COALESCE(s.weights, 'raw') = ? ORDER BY s.step DESC, r.id DESC",
+            (run_id, probe, config_hash, _int(before_step, "step"), weights or "raw"),
+        )
+        chosen: dict[int, int] = {}  # step -> result id: the newest result at each step
+        for r in rows:
+            if len(chosen) >= limit:
+                break
+            chosen.setdefault(r["step"], r["id"])
+        out = []
+        for step, result_id in sorted(chosen.items()):
+            metrics = {
+                m["metric"]: _nan_if_none(m["value"])
+                for m in self._query("SELECT metric, value FROM metrics WHERE result_id = ?", (result_id,))
+            }
+            rows_of = self._query("SELECT item, data_json FROM items WHERE result_id = ? ORDER BY rowid", (result_id,))
+            items = [{**json.loads(x["data_json"]), "item": x["item"]} for x in rows_of]
+            out.append({"step": step, "metrics": metrics, "items": items})
+        return out
+
     def events(self, run_id: int) -> list[dict[str, Any]]:
         """Alert events by step, id: the events columns with ``evidence`` decoded (value and
         threshold None where not given)."""

@@ -33,7 +33,9 @@ DEMO_CONFIG = {
     "probes": {
         "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
         "regurgitation": {"every": 4, "num_samples": 8, "inference_steps": 4, "batch_size": 8},
+        "forecast": {"every": 4},
     },
+    "cadence": {"adaptive": False},
 }
 TRAIN_STEPS = 4
 MEMORIZING_STEPS = (8, 12)  # probes of the memorizing model, after the checkpoint at TRAIN_STEPS

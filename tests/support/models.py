@@ -32,7 +32,9 @@ FAST_MONITOR = {
     "probes": {
         "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
         "regurgitation": {"every": 4, "num_samples": 6, "inference_steps": 4, "batch_size": 4},
-    }
+        "forecast": {"every": 4},
+    },
+    "cadence": {"adaptive": False},  # the fixed cadence: tests of the adaptive one pass a fake clock
 }
 
 

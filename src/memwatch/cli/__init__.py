@@ -14,11 +14,11 @@ import logging
 import sys
 
 from memwatch import __version__
-from memwatch.cli import config, curves, demo, probe, report, score, watch
+from memwatch.cli import config, curves, demo, forecast, probe, report, score, watch
 from memwatch.errors import MemwatchError
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (score, demo, curves, probe, watch, report, config)
+COMMANDS = (score, demo, curves, probe, watch, report, forecast, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,6 +116,7 @@ class ProbeContext:
         workers: this process's share of the work and the gather across processes.
         samples: the shared generated samples (sample probes, main process), else None.
         timings: phase -> seconds of the host, which probes add to with :meth:`add_time`.
+        past: the host's reader of earlier results (see :meth:`earlier`), None without a store.
     """
 
     step: int
@@ -124,6 +125,16 @@ class ProbeContext:
     workers: Workers
     samples: Samples | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    past: Callable[[str, int], list[dict[str, Any]]] | None = None
+
+    def earlier(self, probe: str, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` results of ``probe`` on this run's earlier snapshots (same weights kind),
+        oldest first, each ``{"step", "metrics", "items"}`` (main process; empty without a store).
+
+        Probes that follow a trajectory read their own past here: the onset forecast, the
+        holdout-loss turning point.
+        """
+        return self.past(probe, limit) if self.past is not None else []
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -250,6 +261,7 @@ class Probe:
 #: (cheap), then the sample probes on one shared set of samples.
 BUILTIN_PROBES = {
     "regurgitation": "memwatch.probes.regurgitation:RegurgitationProbe",
+    "forecast": "memwatch.probes.forecast:ForecastProbe",
     "identity": "memwatch.probes.identity:IdentityProbe",
     "membership": "memwatch.probes.membership:MembershipProbe",
     "condnoise": "memwatch.probes.condnoise:CondNoiseProbe",

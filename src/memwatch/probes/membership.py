@@ -263,6 +263,49 @@ def membership_probe(
     return membership_from_items(items, seconds=time.perf_counter() - start)
 
 
+#: Probes in the holdout-loss turning-point fit (this one and the ones before it).
+TURN_WINDOW = 5
+
+
+def loss_turn(earlier: Sequence[dict[str, Any]], step: int, now: dict[str, float]) -> dict[str, float]:
+    """The holdout-loss turning point: is the holdout loss rising while the member loss falls?
+
+    Least-squares slopes (per 1,000 steps) of ``loss_holdout`` and ``loss_member`` over the last
+    :data:`TURN_WINDOW` probes, their t values, and ``holdout_turn`` = 1 when the holdout slope is
+    significantly positive and the member slope significantly negative (one-sided 95% each), else 0
+    (NaN with fewer than 3 probes). The validation loss turning up while the training loss keeps
+    falling marks the onset of memorization (Bonnaire et al. 2025) but alone gives false alarms
+    (Kaiser & Kollmann 2026), so it is a precursor, reported with an info rule only.
+
+    Args:
+        earlier: earlier results of the probe (``{"step", "metrics"}``), oldest first.
+        step: this probe's step.
+        now: this probe's metrics.
+
+    Example:
+        >>> past = [{"step": s, "metrics": {"loss_holdout": h, "loss_member": m}}
+        ...         for s, h, m in [(100, 0.30, 0.30), (200, 0.31, 0.28)]]
+        >>> loss_turn(past, 300, {"loss_holdout": 0.32, "loss_member": 0.26})["holdout_turn"]
+        1.0
+    """
+    from memwatch.forecast import fit_line, t95
+
+    points = [(e["step"], e["metrics"]) for e in earlier][-(TURN_WINDOW - 1) :] + [(step, now)]
+    out: dict[str, float] = {}
+    significant = []
+    for name in ("holdout", "member"):
+        pts = [(s, m.get(f"loss_{name}")) for s, m in points]
+        pts = [(s, float(v)) for s, v in pts if v is not None and math.isfinite(v)]
+        fit = fit_line([s for s, _ in pts], [v for _, v in pts])
+        if fit is None:
+            out[f"{name}_slope"] = out[f"{name}_slope_t"] = math.nan
+            continue
+        out[f"{name}_slope"], out[f"{name}_slope_t"] = fit.slope * 1000, fit.slope_t
+        significant.append(fit.slope_t >= t95(fit.n - 2) if name == "holdout" else fit.falls())
+    out["holdout_turn"] = float(all(significant)) if len(significant) == 2 else math.nan
+    return out
+
+
 def membership_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0.0) -> ProbeResult:
     """Membership metrics from per-example rows ``{"item", "group", "loss"}``.
 
@@ -285,6 +328,9 @@ def membership_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0
     def mean(x: torch.Tensor) -> float:
         return float(x.mean()) if x.numel() else float("nan")
 
+    def var_of_mean(x: torch.Tensor) -> float:
+        return float(x.var(unbiased=True)) / x.numel() if x.numel() > 1 else float("nan")
+
     loss_member, loss_holdout = mean(member), mean(holdout)
     metrics = {
         "num_members": float(member.numel()),
@@ -292,6 +338,8 @@ def membership_from_items(items: Sequence[dict[str, Any]], *, seconds: float = 0
         "loss_member": loss_member,
         "loss_holdout": loss_holdout,
         "loss_gap": loss_holdout - loss_member,
+        # Welch's standard error of the difference of the two means: the gap's uncertainty
+        "loss_gap_se": math.sqrt(var_of_mean(member) + var_of_mean(holdout)),
         "mia_auc": roc_auc(-member, -holdout),
         "tpr_at_1fpr": tpr_at_fpr(-member, -holdout, fpr=TPR_FPR),
     }
@@ -344,8 +392,9 @@ class MembershipProbe(Probe):
     name = "membership"
     Settings = MembershipConfig
     needs_holdout = True
-    metrics = ("num_members", "num_holdout", "loss_member", "loss_holdout", "loss_gap", "mia_auc", "tpr_at_1fpr",
-               "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+    metrics = ("num_members", "num_holdout", "loss_member", "loss_holdout", "loss_gap", "loss_gap_se", "mia_auc",
+               "tpr_at_1fpr", "uncaptioned_member", "uncaptioned_holdout", "holdout_slope", "holdout_slope_t",
+               "member_slope", "member_slope_t", "holdout_turn")  # fmt: skip
     default_rules = (
         {
             "name": "membership-separable",
@@ -358,6 +407,18 @@ class MembershipProbe(Probe):
             "source": "Hanley & McNeil 1982: with 64 members vs 64 holdout the AUC's standard error at 0.5 is about "
             "0.05; 0.6 sustained over 3 probes is well beyond chance",
             "message": "step {step}: training images are separable from holdout by loss (AUC {value:.2f})",
+        },
+        {
+            "name": "holdout-loss-turning",
+            "type": "first",
+            "metric": "membership/holdout_turn",
+            "op": ">=",
+            "value": 1,
+            "severity": "info",
+            "source": "Bonnaire et al. 2025: the holdout loss turning up while the member loss falls marks onset; "
+            "alone it gives false alarms (Kaiser & Kollmann 2026), hence info only",
+            "message": "step {step}: the holdout loss is rising while the member loss falls (a precursor of "
+            "memorization)",
         },
     )
 
@@ -415,6 +476,7 @@ class MembershipProbe(Probe):
                 "not finite, so membership cannot be measured"
             )
         result = membership_from_items(rows, seconds=self._seconds)
+        result.metrics.update(loss_turn(ctx.earlier(self.name, TURN_WINDOW - 1), ctx.step, result.metrics))
         if ctx.parts.text_to_image:
             data = self._data(ctx)
             result.metrics.update({f"uncaptioned_{group}": float(s.uncaptioned) for group, s in data.items()})

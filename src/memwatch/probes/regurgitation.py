@@ -13,7 +13,11 @@ For every sample it finds the nearest training images in the embedder's space an
   (Somepalli et al. 2023 report the 95th percentile and a threshold share).
 
 and the metrics ``mem_fraction``, ``extracted_fraction``, ``copy_fraction``, ``sim_p50``,
-``sim_p95``, ``sim_max``, ``distinct_memorized`` and ``num_samples``.
+``sim_p95``, ``sim_max``, ``distinct_memorized`` and ``num_samples``, and the precursors
+``ratio_min``, ``ratio_p10`` and ``ratio_p50`` (quantiles of d1/d2 over the samples).
+
+With every result it returns the onset forecast (:mod:`memwatch.forecast`) as a companion result
+``forecast``: from the fixed seeds' d1/d2 at this and the earlier probes of the run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from memwatch.samples import SamplingSettings
 from memwatch.settings import setting
 
 PROBE = "regurgitation"
+#: The memorization threshold of d1/d2 and where it comes from (the forecast probe forecasts its crossing).
+MEM_RATIO, MEM_RATIO_SOURCE = 1 / 3, "d1/d2 < 1/3: Gu et al. 2023 (mem_ratio.py), Bonnaire et al. 2025 (f_mem)"
 
 
 @dataclass
@@ -52,13 +58,13 @@ class RegurgitationConfig(SamplingSettings):
         source="costly: num_samples x inference_steps UNet passes",
     )
     mem_ratio: float = setting(
-        1 / 3,
+        MEM_RATIO,
         "a sample is memorized when d1/d2 (nearest / second-nearest training image) is below this",
         min=0.0,
         max=1.0,
         exclusive=True,
         threshold=True,
-        source="d1/d2 < 1/3: Gu et al. 2023 (mem_ratio.py), Bonnaire et al. 2025 (f_mem)",
+        source=MEM_RATIO_SOURCE,
     )
     extraction_alpha: float = setting(
         0.5,
@@ -173,8 +179,28 @@ def regurgitation_from_embeddings(
         "sim_max": sims.max().item(),
         "distinct_memorized": float(len({m["nn1"] for m in matches if m["memorized"]})),
         "num_samples": float(n),
+        **ratio_quantiles(ratio),
     }
     return ProbeResult(probe=PROBE, metrics=metrics, matches=matches)
+
+
+def ratio_quantiles(ratio: torch.Tensor) -> dict[str, float]:
+    """``ratio_min``, ``ratio_p10``, ``ratio_p50``: how close the samples come to copying (precursors).
+
+    They fall towards ``mem_ratio`` before the first sample crosses it, while ``mem_fraction`` is still 0.
+
+    Example:
+        >>> ratio_quantiles(torch.tensor([0.9, 0.5, 0.7]))["ratio_min"]
+        0.5
+    """
+    finite = ratio[torch.isfinite(ratio)].double()
+    if finite.numel() == 0:
+        return dict.fromkeys(("ratio_min", "ratio_p10", "ratio_p50"), float("nan"))
+    return {
+        "ratio_min": finite.min().item(),
+        "ratio_p10": torch.quantile(finite, 0.10).item(),
+        "ratio_p50": torch.quantile(finite, 0.50).item(),
+    }
 
 
 def add_prompts(result: ProbeResult, prompts: Sequence[str], groups: Sequence[str]) -> ProbeResult:
@@ -265,7 +291,8 @@ class RegurgitationProbe(Probe):
     needs_samples = True
     metrics = ("mem_fraction", "extracted_fraction", "copy_fraction", "sim_p50", "sim_p95", "sim_max",
                "distinct_memorized", "num_samples", "num_prompts", "prompts_memorized", "mem_fraction_member",
-               "mem_fraction_holdout", "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+               "mem_fraction_holdout", "uncaptioned_member", "uncaptioned_holdout", "ratio_min", "ratio_p10",
+               "ratio_p50")  # fmt: skip
     onset_metric = "distinct_memorized"
     default_rules = (
         {

@@ -42,20 +42,21 @@ from memwatch.history import RunHistory, find_store, load_history
 from memwatch.report import sources
 from memwatch.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.report.evidence import ReferenceFiles, collect_evidence, sample_crops
-from memwatch.rules import OPS
+from memwatch.rules import FORECAST, OPS
 from memwatch.store import Store
 
 FORMAT = "memwatch-report"
 FORMAT_VERSION = 1
 #: Verdicts from least to most severe; a run's overall verdict is its worst snapshot's.
-VERDICTS = ("unaudited", "clean", "warning", "memorizing")
+VERDICTS = ("unaudited", "clean", "at-risk", "warning", "memorizing")
 VERDICT_DEFINITION = (
     "Per snapshot (checkpoint or live model at a step): 'memorizing' if a critical event fired at or "
     "before its step, or a value measured on it or an earlier snapshot meets a critical threshold/first "
     "rule's condition (e.g. mem_fraction at or above the critical rule's threshold; the rule's 'for' "
     "count aside); "
-    "'warning' otherwise if a warning event fired at or before its step; 'clean' otherwise if at least "
-    "one probe succeeded on it; 'unaudited' if none did and no event applies. Events and critical "
+    "'warning' otherwise if a warning event fired at or before its step; 'at-risk' if the only such events "
+    "are onset forecasts (copying forecast within the rule's horizon, nothing copied yet); 'clean' otherwise "
+    "if at least one probe succeeded on it; 'unaudited' if none did and no event applies. Events and critical "
     "measurements count cumulatively: a model that once reproduced training images is not cleared by a "
     "later checkpoint. "
     "The run's verdict is its worst snapshot's. Onset step: first step at which a generated sample "
@@ -143,7 +144,8 @@ def _verdicts(
     events: Sequence[Mapping[str, Any]],
     rules: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    ops = {r["name"]: r["op"] for r in rules if isinstance(r.get("name"), str)}
+    ops = {r["name"]: r.get("op", "<=") for r in rules if isinstance(r.get("name"), str)}
+    forecasts = {r["name"] for r in rules if r.get("type") == FORECAST}
     critical_rules = [r for r in rules if r.get("severity") == "critical" and r.get("type") in ("threshold", "first")]
     probed_ok = {r["snapshot_id"] for r in results if r["status"] == "ok"}
     values = _values_by_snapshot(metric_rows)
@@ -169,6 +171,8 @@ def _verdicts(
         warning = [_event_reason(e, ops) for e in past if e["severity"] == "warning"]
         if critical:
             verdict, reasons = "memorizing", critical
+        elif warning and all(r["rule"] in forecasts for r in warning):
+            verdict, reasons = "at-risk", warning
         elif warning:
             verdict, reasons = "warning", warning
         elif snap["id"] in probed_ok:
@@ -320,7 +324,7 @@ def _overall(
             on_disk = r
     return {
         "verdict": worst,
-        "since_step": first_worst["step"] if first_worst and worst in ("warning", "memorizing") else None,
+        "since_step": first_worst["step"] if first_worst and worst in ("at-risk", "warning", "memorizing") else None,
         "reasons": list(first_worst["reasons"]) if first_worst else [],
         "onset_step": _first_step(m for m in matches if m.get("memorized")),
         "identity_onset_step": _first_step(r for r in identity_rows if r.get("leak")),
@@ -430,14 +434,14 @@ def _thresholds(
         if not isinstance(rule, dict):
             continue
         source, packaged = sources.rule_source(rule, defaults)
-        details = {k: rule[k] for k in ("for", "window", "min_points", "horizon") if k in rule}
+        details = {k: rule[k] for k in ("for", "window", "min_points", "horizon", "horizon_share") if k in rule}
         out.append(
             {
                 "kind": "rule",
                 "name": str(rule.get("name")),
                 "metric": rule.get("metric"),
-                "op": rule.get("op"),
-                "value": rule.get("value"),
+                "op": rule.get("op", "<=" if rule.get("type") == FORECAST else None),
+                "value": rule.get("value", rule.get("horizon_share")),
                 "severity": rule.get("severity"),
                 "details": details,
                 "source": source,

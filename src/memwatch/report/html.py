@@ -25,6 +25,7 @@ _DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/]*={0,2}")
 VERDICT_TEXT = {
     "memorizing": "MEMORIZING: reproduces training data",
     "warning": "WARNING: early signs of memorization",
+    "at-risk": "AT RISK: copying is forecast soon; nothing copied yet",
     "clean": "CLEAN: no memorization detected by the probes that ran",
     "unaudited": "UNAUDITED: no probe result",
 }

@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""The warning benchmark: do memwatch's default rules warn *before* memorization begins, and how early?
+
+A sweep over training-set sizes n, several seeds each. Every run trains a small DDPM (the demo's recipe
+at 16x16: a 0.16M-parameter UNet2DModel, v-prediction, batch 32, AdamW 1e-3) with memwatch's
+in-training monitor at its default settings (default probes, cadence and rules), and measures the
+ground truth beside it with dense, large probes: every ``--dense-every`` steps (50), ``--dense-samples``
+(64) fixed-seed samples, each compared with the training set by d1/d2 (the regurgitation probe's own
+definition, so the truth and the monitor measure the same thing).
+
+* onset step: the first dense probe at which ``mem_fraction`` >= 0.05; first copy: the first dense probe
+  at which any sample has d1/d2 < 1/3;
+* first warning: the first event of severity warning or above in the monitor's store;
+* lead: onset - first warning (steps, and as a share of the onset step); a miss is an onset without an
+  earlier warning; a false alarm is any warning in a run without onset within the step budget.
+
+Images: the demo's public-domain photo crops (``assets/demo/control``, 384 crops; sizes up to 256) and
+scikit-learn's handwritten digits (1,797 images of 8x8, upsampled; sizes above 256), all at 16x16.
+Each run also gets 32 held-out images of the same family (the membership probe).
+
+Runs are independent processes (``--jobs``, one torch thread each). Each run leaves its folder under
+``--out``: the monitor's store (``memwatch/``) and ``truth.json`` (the dense probes: every seed's d1/d2 at
+every dense step). Analysis only (``--analyse``) re-reads those folders.
+
+    python scripts/bench_warnings.py --quick --json runs/bench_warnings_quick.json
+    python scripts/bench_warnings.py --json docs/bench_warnings.json --plots docs/img
+
+The summary JSON: ``{"runs": [{"n", "seed", "family", "onset_step", "first_copy_step",
+"first_warning_step", "first_warning_rule", "lead_steps", "lead_fraction", ...}], "summary": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 16
+HOLDOUT = 32
+ONSET_FRACTION = 0.05
+FULL = {"sizes": [8, 16, 32, 64, 256, 1024], "seeds": [0, 1, 2], "steps": 8000}
+QUICK = {"sizes": [8, 16, 256], "seeds": [0, 1], "steps": 3000}
+
+
+@dataclass
+class RunSpec:
+    n: int
+    seed: int
+    steps: int
+    out: str
+    dense_every: int = 50
+    dense_samples: int = 64
+    monitor: bool = True
+    config: str | None = None
+
+    @property
+    def family(self) -> str:
+        return "photos" if self.n <= 256 else "digits"
+
+    @property
+    def name(self) -> str:
+        return f"n{self.n:04d}-s{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def image_pool(family: str) -> list[Any]:
+    """The family's images as 16x16 RGB PIL images, in a fixed order."""
+    from PIL import Image
+
+    if family == "photos":
+        files = sorted((ROOT / "assets" / "demo" / "control").glob("*.png"))
+        return [Image.open(f).convert("RGB").resize((RESOLUTION, RESOLUTION), Image.BICUBIC) for f in files]
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images  # (1797, 8, 8), values 0..16
+    out = []
+    for d in digits:
+        gray = Image.fromarray((np.asarray(d) * (255 / 16)).astype("uint8"), mode="L")
+        out.append(gray.resize((RESOLUTION, RESOLUTION), Image.BICUBIC).convert("RGB"))
+    return out
+
+
+def write_sets(spec: RunSpec, run_dir: Path) -> tuple[Path, Path]:
+    """Draw n training and 32 held-out images (disjoint, by the run's seed) and write them as PNGs."""
+    import numpy as np
+
+    pool = image_pool(spec.family)
+    if spec.n + HOLDOUT > len(pool):
+        raise SystemExit(f"n={spec.n}: the {spec.family} pool has only {len(pool)} images")
+    order = np.random.default_rng(1000 + spec.seed).permutation(len(pool))
+    train, holdout = run_dir / "data" / "train", run_dir / "data" / "holdout"
+    for folder, picks in ((train, order[: spec.n]), (holdout, order[spec.n : spec.n + HOLDOUT])):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, k in enumerate(picks):
+            pool[int(k)].save(folder / f"{i:04d}_{spec.family}{int(k):04d}.png")
+    return train, holdout
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Train one run with the monitor and the dense ground truth; write and return its record."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from memwatch import MemorizationMonitor
+    from memwatch.embedders.pixel import PixelEmbedder
+    from memwatch.neighbours import ReferenceIndex
+    from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_probe
+    from memwatch.refset import load_reference_set
+    from memwatch.sampling import generate_samples
+
+    torch.set_num_threads(1)
+    run_dir = Path(spec.out) / spec.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train_dir, holdout_dir = write_sets(spec, run_dir)
+    refs = load_reference_set(train_dir)
+    images = torch.stack([_tensor(it.path) for it in refs.items])  # [0, 1]
+    index = ReferenceIndex(refs, PixelEmbedder(RESOLUTION), None)
+    regurgitation = RegurgitationConfig()
+
+    torch.manual_seed(spec.seed)
+    model = UNet2DModel(
+        sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=16,
+    )  # fmt: skip
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    config: dict[str, Any] = {"run_name": spec.name}
+    if spec.config:
+        import yaml
+
+        config.update(yaml.safe_load(Path(spec.config).read_text()) or {})
+    config["output_dir"] = str(run_dir / "memwatch")
+    monitor = (
+        MemorizationMonitor(accelerator, config, reference=refs, holdout=str(holdout_dir)) if spec.monitor else None
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+    truth: dict[str, Any] = {"steps": [], "ratios": [], "mem_fraction": []}
+    onset = first_copy = None
+    t0 = time.perf_counter()
+    monitor_s = dense_s = 0.0
+    step = 0
+    for step in range(1, spec.steps + 1):
+        x = images[torch.randint(0, len(images), (32,), generator=gen)] * 2 - 1
+        noise = torch.randn(x.shape, generator=gen)
+        t = torch.randint(0, 1000, (x.shape[0],), generator=gen)
+        pred = model(scheduler.add_noise(x, noise, t), t).sample
+        loss = F.mse_loss(pred, scheduler.get_velocity(x, noise, t))
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        if monitor is not None:
+            m0 = time.perf_counter()
+            monitor.step(step, model, scheduler)
+            monitor_s += time.perf_counter() - m0
+        if step % spec.dense_every == 0:
+            d0 = time.perf_counter()
+            samples = generate_samples(model, scheduler, range(spec.dense_samples),
+                                       num_inference_steps=regurgitation.inference_steps, batch_size=64)  # fmt: skip
+            result = regurgitation_probe(samples, index, regurgitation, seeds=list(range(spec.dense_samples)))
+            ratios = [m["ratio"] for m in result.matches]
+            frac = result.metrics["mem_fraction"]
+            truth["steps"].append(step)
+            truth["ratios"].append([round(r, 5) for r in ratios])
+            truth["mem_fraction"].append(frac)
+            if first_copy is None and frac > 0:
+                first_copy = step
+            if onset is None and frac >= ONSET_FRACTION:
+                onset = step
+            dense_s += time.perf_counter() - d0
+            # A memorizing run is followed a while past its onset, then stopped: the rest is cost only.
+            if onset is not None and step >= max(1.3 * onset, onset + 400):
+                break
+    wall = time.perf_counter() - t0
+    summary = monitor.close() if monitor is not None else {}
+    record = {
+        **asdict(spec),
+        "family": spec.family,
+        "steps_trained": step,
+        "onset_step": onset,
+        "first_copy_step": first_copy,
+        "wall_s": round(wall, 1),
+        "monitor_s": round(monitor_s, 1),
+        "dense_s": round(dense_s, 1),
+        "monitor_summary": {
+            k: summary.get(k) for k in ("onset_step", "first_alarm_step", "last_clean_step", "at_risk_step", "events")
+        },  # fmt: skip
+    }
+    (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
+    return record
+
+
+def _tensor(path: Path) -> Any:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def warnings_of(run_dir: Path) -> list[dict[str, Any]]:
+    """The monitor's stored events of severity warning or above, in step order."""
+    from memwatch.rules import severity_at_least
+    from memwatch.store import Store
+
+    store_path = run_dir / "memwatch" / "memwatch.sqlite"
+    if not store_path.is_file():
+        return []
+    with Store(store_path, readonly=True) as store:
+        run = store.runs()[0]["id"]
+        events = store.events(run)
+    return sorted((e for e in events if severity_at_least(e["severity"], "warning")), key=lambda e: e["step"])
+
+
+def analyse_run(run_dir: Path) -> dict[str, Any]:
+    """One run's row: truth, first warning, lead."""
+    data = json.loads((run_dir / "truth.json").read_text())
+    warnings = warnings_of(run_dir)
+    first = warnings[0] if warnings else None
+    onset = data["onset_step"]
+    row = {
+        "n": data["n"],
+        "seed": data["seed"],
+        "family": data["family"],
+        "steps_trained": data["steps_trained"],
+        "onset_step": onset,
+        "first_copy_step": data["first_copy_step"],
+        "first_warning_step": first["step"] if first else None,
+        "first_warning_rule": first["rule"] if first else None,
+        "forecast_at_warning": first.get("forecast_step") if first else None,
+        "lead_steps": None,
+        "lead_fraction": None,
+        "wall_s": data["wall_s"],
+        "monitor_s": data["monitor_s"],
+    }
+    if onset is not None and first is not None:
+        row["lead_steps"] = onset - first["step"]
+        row["lead_fraction"] = round((onset - first["step"]) / onset, 4)
+    return row
+
+
+def forecast_check(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``memwatch forecast`` on the stores of all but the largest memorizing size, for the largest one."""
+    from memwatch.planning import forecast_from_stores
+
+    memorizing = sorted({r["n"] for r in rows if r["onset_step"] is not None})
+    if len(memorizing) < 3:
+        return None
+    target = memorizing[-1]
+    pilots = [out / f"n{r['n']:04d}-s{r['seed']}" for r in rows if r["n"] in memorizing[:-1]]
+    plan = forecast_from_stores(pilots, target_n=target)
+    truth = [r["onset_step"] for r in rows if r["n"] == target and r["onset_step"] is not None]
+    inside = [plan.low <= t <= plan.high for t in truth]
+    return {"target_n": target, "pilot_sizes": memorizing[:-1], **plan.to_dict(), "true_onsets": truth,
+            "within_interval": sum(inside), "of": len(inside)}  # fmt: skip
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median lead, misses, false alarms, and the onset-vs-n line."""
+    memorizing = [r for r in rows if r["onset_step"] is not None]
+    controls = [r for r in rows if r["onset_step"] is None]
+    misses = [r for r in memorizing if r["first_warning_step"] is None or r["first_warning_step"] >= r["onset_step"]]
+    leads = [r["lead_fraction"] for r in memorizing if r["lead_fraction"] is not None]
+    fit = None
+    if len({r["n"] for r in memorizing}) >= 2:
+        xs, ys = [r["n"] for r in memorizing], [r["onset_step"] for r in memorizing]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+        intercept = my - slope * mx
+        ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        fit = {"slope": round(slope, 3), "intercept": round(intercept, 1),
+               "r2": round(1 - ss_res / ss_tot, 4) if ss_tot else None}  # fmt: skip
+    return {
+        "median_lead_fraction": round(statistics.median(leads), 4) if leads else None,
+        "median_lead_steps": statistics.median([r["lead_steps"] for r in memorizing if r["lead_steps"] is not None])
+        if leads
+        else None,
+        "misses": len(misses),
+        "false_alarms": sum(r["first_warning_step"] is not None for r in controls),
+        "memorizing_runs": len(memorizing),
+        "control_runs": len(controls),
+        "onset_vs_n": fit,
+    }
+
+
+def plots(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], folder: Path) -> list[Path]:
+    """Onset and first warning against n (with the fitted line), and one run's precursor with its forecast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    mem = [r for r in rows if r["onset_step"] is not None]
+    ax.scatter([r["n"] for r in mem], [r["onset_step"] for r in mem], label="onset (mem_fraction >= 0.05)", c="C3")
+    warned = [r for r in rows if r["first_warning_step"] is not None]
+    ax.scatter([r["n"] * 1.04 for r in warned], [r["first_warning_step"] for r in warned], marker="v",
+               label="first warning", c="C0")  # fmt: skip
+    ctrl = [r for r in rows if r["onset_step"] is None]
+    if ctrl:
+        ax.scatter([r["n"] for r in ctrl], [r["steps_trained"] for r in ctrl], marker="x", c="grey",
+                   label="control: no onset within the budget")  # fmt: skip
+    fit = summary.get("onset_vs_n")
+    if fit:
+        xs = sorted({r["n"] for r in mem})
+        ax.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], c="C3", lw=1,
+                label=f"onset = {fit['intercept']:.0f} + {fit['slope']:.1f} n (R² {fit['r2']})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training images n")
+    ax.set_ylabel("training step")
+    ax.set_title("Memorization onset and memwatch's first warning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / "bench_warnings_onset.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| n | seed | onset | first copy | first warning (rule) | lead (steps) | lead / onset |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["n"], r["seed"])):
+        warn = "-" if r["first_warning_step"] is None else f"{r['first_warning_step']} ({r['first_warning_rule']})"
+        lead = "-" if r["lead_steps"] is None else str(r["lead_steps"])
+        frac = "-" if r["lead_fraction"] is None else f"{r['lead_fraction']:.0%}"
+        onset = "none" if r["onset_step"] is None else str(r["onset_step"])
+        copy = "none" if r["first_copy_step"] is None else str(r["first_copy_step"])
+        lines.append(f"| {r['n']} | {r['seed']} | {onset} | {copy} | {warn} | {lead} | {frac} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK['sizes']}, seeds {QUICK['seeds']}, "
+                   f"{QUICK['steps']} steps (<= 15 min on 2 cores)")  # fmt: skip
+    p.add_argument("--sizes", type=int, nargs="+", help=f"training-set sizes (default {FULL['sizes']})")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"seeds (default {FULL['seeds']})")
+    p.add_argument("--steps", type=int, help=f"step budget per run (default {FULL['steps']})")
+    p.add_argument("--out", default="runs/bench_warnings", help="run folders go here")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
+    p.add_argument("--config", default=None, help="a memwatch config for the monitor (default: memwatch's defaults)")
+    p.add_argument("--no-monitor", action="store_true", help="dense ground truth only (for tuning)")
+    p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
+    p.add_argument("--json", default=None, help="write runs and summary here")
+    p.add_argument("--plots", default=None, help="write the figures into this folder")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    sizes, seeds = args.sizes or preset["sizes"], args.seeds or preset["seeds"]
+    steps = args.steps or preset["steps"]
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if not args.analyse:
+        out.mkdir(parents=True, exist_ok=True)
+        specs = [
+            RunSpec(n, s, steps, str(out), monitor=not args.no_monitor, config=args.config)
+            for n in sorted(sizes, reverse=True)
+            for s in seeds
+        ]  # fmt: skip  (longest first)
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            for record in pool.map(run_one, specs):
+                print(f"{record['n']:>5} seed {record['seed']}: onset {record['onset_step']}, first copy "
+                      f"{record['first_copy_step']}, {record['steps_trained']} steps in {record['wall_s']} s",
+                      flush=True)  # fmt: skip
+    folders = sorted(d for d in out.iterdir() if (d / "truth.json").is_file())
+    rows = [analyse_run(d) for d in folders]
+    rows = [r for r in rows if r["n"] in sizes and r["seed"] in seeds]
+    summary = summarise(rows)
+    summary["forecast_check"] = forecast_check(out, rows) if not args.no_monitor else None
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(markdown_table(rows))
+    print(json.dumps(summary, indent=2))
+    if args.plots:
+        for path in plots(out, rows, summary, Path(args.plots)):
+            print(f"wrote {path}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2, default=_nan) + "\n")
+    return 0
+
+
+def _nan(obj: Any) -> Any:
+    return None if isinstance(obj, float) and math.isnan(obj) else str(obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Forecast the onset of memorization from precursors measured before it.
+
+Before the first generated sample copies a training image, the fixed-seed samples approach the
+training set: each seed's ratio ``d1/d2`` (distance to the nearest training image over the distance
+to the second nearest) falls towards the memorization threshold 1/3 (Gu et al. 2023; Bonnaire et
+al. 2025). A low quantile of those ratios over the seeds (by default the 10th percentile) is a smooth
+precursor of the *first* copy. :func:`forecast_onset` fits a straight line to that quantile (in log
+space, where the approach to zero is steady) over the last few probes and returns the step at which
+the line reaches the threshold, with a band from the fit's uncertainty.
+
+A flat or noisy series gives *no* forecast: the line's fall must be significant (its slope at least
+``t`` standard errors below zero, one-sided 95%), and the band's early edge must lie ahead of the current
+step (unless the precursor is already within its noise of the threshold), so noise alone does not warn.
+
+Example:
+    >>> steps = [200, 400, 600]
+    >>> ratios = [{0: 0.80, 1: 0.90}, {0: 0.60, 1: 0.85}, {0: 0.45, 1: 0.80}]
+    >>> f = forecast_onset(list(zip(steps, ratios)), quantile=0.0)
+    >>> 800 < f.onset < 1000, f.low <= f.onset <= f.high
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: One-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.645 (normal) beyond.
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+
+def t95(dof: int) -> float:
+    """One-sided 95% Student-t quantile for ``dof`` degrees of freedom.
+
+    Example:
+        >>> t95(2), t95(50)
+        (2.92, 1.645)
+    """
+    if dof < 1:
+        return math.inf
+    return _T95[dof - 1] if dof <= len(_T95) else 1.645
+
+
+@dataclass
+class LineFit:
+    """A least-squares line ``y = intercept + slope * (x - x_mean)`` and its uncertainty.
+
+    Attributes:
+        slope, intercept, x_mean: the line.
+        sigma: residual standard deviation (0 for an exact fit).
+        sxx: sum of squared centred x.
+        n: number of points.
+    """
+
+    slope: float
+    intercept: float
+    x_mean: float
+    sigma: float
+    sxx: float
+    n: int
+
+    @property
+    def slope_se(self) -> float:
+        return self.sigma / math.sqrt(self.sxx)
+
+    @property
+    def slope_t(self) -> float:
+        """The slope in standard errors (+-inf for an exact, sloped fit; 0 for a flat one)."""
+        if self.slope == 0:
+            return 0.0
+        return self.slope / self.slope_se if self.sigma > 0 else math.copysign(math.inf, self.slope)
+
+    def falls(self) -> bool:
+        """Whether the line falls significantly (one-sided 95%)."""
+        return self.slope < 0 and self.slope_t <= -t95(self.n - 2)
+
+    def crossing(self, y: float) -> float:
+        """The x at which the line reaches ``y`` (inf for a flat line)."""
+        return self.x_mean + (y - self.intercept) / self.slope if self.slope else math.inf
+
+    def crossing_se(self, y: float) -> float:
+        """Standard error of :meth:`crossing` (delta method; Draper & Smith, inverse prediction)."""
+        x0 = self.crossing(y)
+        if not math.isfinite(x0):
+            return math.inf
+        var_y = self.sigma**2 * (1.0 / self.n + (x0 - self.x_mean) ** 2 / self.sxx)
+        return math.sqrt(var_y) / abs(self.slope)
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> LineFit | None:
+    """Least squares on centred data; None with fewer than 3 points or one distinct x.
+
+    Example:
+        >>> fit = fit_line([0, 1, 2], [1.0, 3.0, 5.0])
+        >>> fit.slope, fit.crossing(7.0), fit.sigma
+        (2.0, 3.0, 0.0)
+    """
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = int(xa.size)
+    if n < 3:
+        return None
+    x_mean = float(xa.mean())
+    dx = xa - x_mean
+    sxx = float(dx @ dx)
+    if sxx == 0.0:
+        return None
+    slope = float(dx @ (ya - ya.mean())) / sxx
+    intercept = float(ya.mean())
+    resid = ya - (intercept + slope * dx)
+    sigma = math.sqrt(float(resid @ resid) / (n - 2))
+    return LineFit(slope, intercept, x_mean, sigma, sxx, n)
+
+
+@dataclass
+class OnsetForecast:
+    """The forecast made at one probe.
+
+    Attributes:
+        step: the step of the latest probe.
+        value: the precursor's value at ``step`` (the ratio quantile).
+        onset: the step at which the precursor is expected to reach the threshold; NaN when no
+            significant approach is seen; ``step`` itself when it is already there.
+        low, high: the band (``onset`` -/+ t x its standard error, one-sided 95% each).
+        slope_t: the fall's significance (slope / its standard error; negative = falling).
+        per_seed: seed -> its own forecast crossing (NaN if that seed shows no significant approach).
+    """
+
+    step: int
+    value: float
+    onset: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    slope_t: float = math.nan
+    per_seed: dict[int, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """The ``forecast/...`` metrics: ``onset``, ``onset_low``, ``onset_high``, ``steps_to_onset``
+        (from ``step``), ``precursor`` (the quantile's value), ``slope_t`` and ``seeds_approaching``."""
+        approaching = sum(1 for v in self.per_seed.values() if math.isfinite(v))
+        return {
+            "onset": self.onset,
+            "onset_low": self.low,
+            "onset_high": self.high,
+            "steps_to_onset": self.onset - self.step,
+            "precursor": self.value,
+            "slope_t": self.slope_t,
+            "seeds_approaching": float(approaching),
+        }
+
+
+def _log(v: float) -> float:
+    return math.log(max(v, 1e-6))
+
+
+def forecast_onset(
+    trajectory: Sequence[tuple[int, Mapping[int, float]]],
+    *,
+    threshold: float = 1 / 3,
+    quantile: float = 0.1,
+    window: int = 5,
+) -> OnsetForecast:
+    """Forecast when a low quantile of the per-seed ratios reaches ``threshold``.
+
+    Args:
+        trajectory: ``(step, {seed: ratio})`` per probe, oldest first; the last entry is now.
+            Seeds missing at a probe are left out of that probe's quantile; NaN ratios are ignored.
+        threshold: the memorization threshold of the ratio (1/3).
+        quantile: which quantile over the seeds is forecast (0: the smallest ratio, the first copy).
+        window: the most recent probes in the fit (at least 3 are needed).
+
+    Returns:
+        The :class:`OnsetForecast`; its ``onset`` is NaN when there is no significant approach.
+    """
+    points = []
+    for step, ratios in trajectory:
+        vals = [v for v in ratios.values() if math.isfinite(v)]
+        if vals:
+            points.append((int(step), float(np.quantile(vals, quantile))))
+    if not points:
+        return OnsetForecast(step=int(trajectory[-1][0]) if trajectory else 0, value=math.nan)
+    step, value = points[-1]
+    out = OnsetForecast(step=step, value=value)
+    if value < threshold:
+        out.onset = out.low = out.high = float(step)
+        return out
+    recent = points[-window:]
+    fit = fit_line([s for s, _ in recent], [_log(v) for _, v in recent])
+    out.per_seed = _per_seed(trajectory[-window:], threshold)
+    if fit is None:
+        return out
+    out.slope_t = fit.slope_t
+    if not fit.falls():
+        return out
+    crossing = fit.crossing(_log(threshold))
+    half = t95(fit.n - 2) * fit.crossing_se(_log(threshold))
+    # A band that reaches back to now says nothing, unless the precursor is already within its own
+    # noise of the threshold: then the onset is imminent whatever the line says.
+    near = _log(value) - _log(threshold) <= 2 * fit.sigma
+    if crossing - half <= step and not near:
+        return out
+    onset = max(crossing, float(step))
+    out.onset, out.low, out.high = onset, max(onset - half, float(step)), onset + half
+    return out
+
+
+def _per_seed(trajectory: Sequence[tuple[int, Mapping[int, float]]], threshold: float) -> dict[int, float]:
+    """Each seed's own forecast crossing (NaN without a significant fall)."""
+    seeds = sorted({s for _, ratios in trajectory for s in ratios})
+    out: dict[int, float] = {}
+    for seed in seeds:
+        pts = [(st, r[seed]) for st, r in trajectory if seed in r and math.isfinite(r[seed])]
+        fit = fit_line([s for s, _ in pts], [_log(v) for _, v in pts])
+        out[seed] = max(fit.crossing(_log(threshold)), float(pts[-1][0])) if fit and fit.falls() else math.nan
+    return out

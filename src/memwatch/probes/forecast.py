@@ -1,0 +1,113 @@
+"""Onset forecast probe: when will the first generated sample copy a training image?
+
+On the shared fixed-seed samples it measures each seed's ratio d1/d2 (as the regurgitation probe
+does) and, with the same seeds' ratios at the run's earlier probes (from the store), forecasts the
+step at which a low quantile of the ratios reaches the memorization threshold
+(:func:`memwatch.forecast.forecast_onset`). It needs no holdout set and no captions beyond what
+sampling needs, so it works on every run the regurgitation probe works on.
+
+Metrics (``forecast/...``): ``onset`` (NaN while no significant approach is seen), ``onset_low`` and
+``onset_high`` (the band), ``steps_to_onset``, ``precursor`` (the quantile's value now),
+``slope_t`` (the fall's significance) and ``seeds_approaching``. Items: one row per seed with its
+ratio and its own forecast crossing. The default rule ``onset-forecast`` warns when the band's early
+edge comes within half the current step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from memwatch.forecast import forecast_onset
+from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
+from memwatch.probes.regurgitation import MEM_RATIO, MEM_RATIO_SOURCE
+from memwatch.settings import setting
+
+PROBE = "forecast"
+#: Where the defaults below come from: tuned on scripts/bench_warnings.py's tuning seeds (100, 101), reported
+#: on others (docs/benchmarks.md).
+TUNED = "tuned on scripts/bench_warnings.py seeds 100-101 (docs/benchmarks.md)"
+
+
+@dataclass
+class ForecastSettings(ProbeSettings):
+    """Settings of the onset forecast."""
+
+    section = "probes.forecast"
+    every: int = setting(
+        200,
+        "run every this many training steps (0: off); keep it equal to the regurgitation probe's: they share "
+        "the samples",
+        min=0,
+        unit="steps",
+        source="the regurgitation probe's cadence",
+    )
+    threshold: float = setting(MEM_RATIO, "the d1/d2 at which a sample counts as a copy (the onset forecast)",
+                               min=0.0, max=1.0, exclusive=True, threshold=True, source=MEM_RATIO_SOURCE)  # fmt: skip
+    quantile: float = setting(
+        0.1, "quantile of the seeds' ratios that is forecast (0: the smallest)", min=0.0, max=1.0, threshold=True,
+        source=TUNED,
+    )  # fmt: skip
+    window: int = setting(5, "most recent probes in the forecast's line fit (3 or more)", min=3, source=TUNED)
+
+
+class ForecastProbe(Probe):
+    """Forecast the first copy from the fixed seeds' approach towards d1/d2 = 1/3."""
+
+    name = PROBE
+    Settings = ForecastSettings
+    needs_samples = True
+    metrics = ("onset", "onset_low", "onset_high", "steps_to_onset", "precursor", "slope_t", "seeds_approaching")
+    default_rules = (
+        {
+            "name": "onset-forecast",
+            "type": "forecast",
+            "metric": "forecast/onset",
+            "horizon_share": 0.5,
+            "severity": "warning",
+            "source": "memwatch: warn while the forecast's early edge is within half the current step, " + TUNED,
+            "message": "step {step}: samples approach training images; copying is forecast at step {forecast_step} "
+            "(band {forecast_low}-{forecast_high}); keep {keep}",
+        },
+    )
+
+    def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
+        from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_probe
+
+        assert ctx.samples is not None
+        plan = ctx.samples.plan
+        config = RegurgitationConfig(mem_ratio=self.settings.threshold)
+        measured = regurgitation_probe(ctx.samples.images, ctx.reference_index(), config, names=plan.names,
+                                       seeds=plan.seeds)  # fmt: skip
+        now = {m["sample"]: m["ratio"] for m in measured.matches}
+        past = [
+            (e["step"], {it["item"]: _float(it.get("ratio")) for it in e["items"]})
+            for e in ctx.earlier(self.name, self.settings.window - 1)
+        ]
+        forecast = forecast_onset(
+            [*past, (ctx.step, now)],
+            threshold=self.settings.threshold,
+            quantile=self.settings.quantile,
+            window=self.settings.window,
+        )
+        items = [
+            {"item": m["sample"], "seed": m["seed"], "ratio": m["ratio"], "nn1": m["nn1"],
+             "crossing": forecast.per_seed.get(m["sample"], math.nan)}
+            for m in measured.matches
+        ]  # fmt: skip
+        return ProbeResult(PROBE, forecast.metrics(), items=items)
+
+    def evidence(self, result: ProbeResult) -> dict[str, Any]:
+        """The forecast band and the seeds closest to copying (their nearest training images)."""
+        closest = sorted(result.items, key=lambda it: _float(it["ratio"]))[:5]
+        return {
+            "onset": result.metrics["onset"],
+            "band": [result.metrics["onset_low"], result.metrics["onset_high"]],
+            "closest": [{"seed": it["seed"], "ratio": it["ratio"], "training_id": it["nn1"]} for it in closest],
+        }
+
+
+def _float(v: Any) -> float:
+    """A stored number, NaN for missing (JSON has no NaN: the store writes null)."""
+    return math.nan if v is None else float(v)

@@ -1,0 +1,206 @@
+"""The onset forecast, its rule type, the holdout-loss turning point and the adaptive cadence, on constructed series."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memwatch.cadence import Cadence, CadenceSettings
+from memwatch.errors import MemwatchError
+from memwatch.forecast import fit_line, forecast_onset
+from memwatch.probes.membership import loss_turn
+from memwatch.rules import RuleEngine, parse_rules
+
+FORECAST_RULE = {
+    "name": "onset-forecast",
+    "type": "forecast",
+    "metric": "forecast/onset",
+    "horizon_share": 0.5,
+    "severity": "warning",
+    "message": "step {step}: onset at {forecast_step} ({forecast_low}-{forecast_high}); keep {keep}",
+}
+
+
+def approaching(steps: list[int], crossing: float, seeds: int = 32, noise: float = 0.0, seed: int = 0) -> list:
+    """Per-seed ratios whose 10th percentile falls log-linearly from 0.9 at step 0 to 1/3 at ``crossing``."""
+    rng = np.random.default_rng(seed)
+    offsets = np.linspace(0.0, 0.6, seeds)  # seed i sits offsets[i] above the lowest, in log space
+    out = []
+    for step in steps:
+        base = math.log(0.9) + (math.log(1 / 3) - math.log(0.9)) * step / crossing
+        logs = base + offsets - np.quantile(offsets, 0.1) + rng.normal(0, noise, seeds)
+        out.append((step, {i: float(math.exp(v)) for i, v in enumerate(logs)}))
+    return out
+
+
+def test_a_known_crossing_is_recovered_exactly_and_within_the_band_under_noise() -> None:
+    exact = forecast_onset(approaching([200, 400, 600, 800], crossing=1500))
+    assert [exact.onset, exact.low, exact.high] == pytest.approx([1500] * 3, rel=1e-4)
+    assert exact.slope_t < -1e6  # an exact fit, up to rounding
+    hits = 0
+    for seed in range(20):
+        f = forecast_onset(approaching([200, 400, 600, 800, 1000], crossing=1500, noise=0.03, seed=seed))
+        assert math.isfinite(f.onset) and f.low <= f.onset <= f.high
+        hits += f.low <= 1500 <= f.high
+    assert hits >= 17  # a 90% band, roughly
+
+
+def test_flat_or_receding_series_never_forecast() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        steps = [200 * (i + 1) for i in range(6)]
+        flat = [(s, {k: float(v) for k, v in enumerate(rng.uniform(0.5, 0.95, 32))}) for s in steps]
+        f = forecast_onset(flat)
+        # noise alone is never a significant fall of the 10th percentile over 5 probes... or if it is, far off
+        assert math.isnan(f.onset) or f.low - steps[-1] > 0.5 * steps[-1], trial
+    receding = [(s, {0: 0.4 + s / 10000}) for s in (200, 400, 600)]
+    assert math.isnan(forecast_onset(receding, quantile=0.0).onset)
+
+
+def test_too_few_probes_no_forecast_and_a_copy_is_onset_now() -> None:
+    two = approaching([200, 400], crossing=800)
+    assert math.isnan(forecast_onset(two).onset)
+    copied = [(200, {0: 0.8}), (400, {0: 0.2})]
+    f = forecast_onset(copied, quantile=0.0)
+    assert (f.onset, f.low, f.high) == (400.0, 400.0, 400.0)
+
+
+def test_per_seed_forecasts_follow_each_seed() -> None:
+    steps = [100, 200, 300]
+    trajectory = [(s, {"a": 0.9 - s / 1000, "b": 0.9}) for s in steps]
+    f = forecast_onset(trajectory, quantile=0.0)
+    assert math.isfinite(f.per_seed["a"]) and math.isnan(f.per_seed["b"])
+    assert f.metrics()["seeds_approaching"] == 1
+
+
+def test_fit_line_needs_three_points() -> None:
+    assert fit_line([1, 2], [1, 2]) is None and fit_line([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_forecast_rule_fires_within_its_horizon_once_and_rearms() -> None:
+    engine = RuleEngine(parse_rules([FORECAST_RULE]))
+
+    def observe(step: int, onset: float, low: float, high: float) -> list:
+        m = {"forecast/onset": onset, "forecast/onset_low": low, "forecast/onset_high": high}
+        return engine.observe(step, m, context={"keep": "checkpoint-500"})
+
+    assert observe(400, 1000, 700, 1300) == []  # edge 300 steps ahead > 0.5 x 400
+    (event,) = observe(600, 900, 850, 950)  # 250 <= 300
+    assert event.forecast_step == 900 and event.threshold == 300
+    assert event.message == "step 600: onset at 900 (850-950); keep checkpoint-500"
+    assert observe(800, 900, 850, 950) == []  # still within: one event per approach
+    assert observe(1000, math.nan, math.nan, math.nan) == []  # no forecast: nothing changes
+    assert observe(1200, 3000, 2900, 3100) == []  # receded beyond the horizon: re-armed
+    assert len(observe(1400, 1600, 1500, 1700)) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"horizon_share": None}, "horizon_share' is missing"),
+        ({"horizon_share": 0}, "must be positive"),
+        ({"op": "<="}, "'op' is not known for a forecast rule"),
+        ({"message": "{forecast_low}", "type": "threshold", "op": ">", "value": 1, "horizon_share": None},
+         "only forecast rules have"),
+    ],
+)  # fmt: skip
+def test_forecast_rules_are_validated(change: dict, error: str) -> None:
+    rule = {k: v for k, v in {**FORECAST_RULE, **change}.items() if v is not None}
+    with pytest.raises(MemwatchError, match=error):
+        parse_rules([rule], "cfg.yaml")
+
+
+def test_forecast_rule_round_trips_through_to_dict() -> None:
+    (rule,) = parse_rules([FORECAST_RULE])
+    assert parse_rules([rule.to_dict()]) == [rule]
+
+
+def test_holdout_turning_point() -> None:
+    def series(holdout: list[float], member: list[float]) -> dict:
+        past = [{"step": 100 * (i + 1), "metrics": {"loss_holdout": h, "loss_member": m}}
+                for i, (h, m) in enumerate(zip(holdout[:-1], member[:-1], strict=True))]  # fmt: skip
+        return loss_turn(past, 100 * len(holdout), {"loss_holdout": holdout[-1], "loss_member": member[-1]})
+
+    turning = series([0.30, 0.31, 0.32, 0.33], [0.30, 0.28, 0.26, 0.24])
+    assert turning["holdout_turn"] == 1.0 and turning["holdout_slope"] > 0 > turning["member_slope"]
+    both_fall = series([0.30, 0.29, 0.28, 0.27], [0.30, 0.28, 0.26, 0.24])
+    assert both_fall["holdout_turn"] == 0.0
+    assert math.isnan(series([0.3, 0.31], [0.3, 0.29])["holdout_turn"])  # two probes: no fit yet
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cadence_speeds_up_towards_the_forecast_and_slows_when_flat() -> None:
+    c = Cadence(CadenceSettings(budget=None))
+    assert c.schedule(1000, {"regurgitation": 200}, low=math.nan, receding=False) == {"regurgitation": 1200}
+    assert c.schedule(1200, {"regurgitation": 200}, low=math.nan, receding=True) == {"regurgitation": 1600}
+    assert c.schedule(1600, {"regurgitation": 200}, low=2000.0, receding=False) == {"regurgitation": 1700}
+    assert c.schedule(1700, {"regurgitation": 200}, low=1700.0, receding=False) == {"regurgitation": 1750}
+    assert c.due("regurgitation", 1749, every=200, sample_probe=True) is False
+    assert c.due("regurgitation", 1750, every=200, sample_probe=True) is True
+    assert c.due("membership", 1750, every=50, sample_probe=False) is True  # sampling-free: fixed cadence
+    fixed = Cadence(CadenceSettings(adaptive=False))
+    assert [s for s in range(1, 801) if fixed.due("regurgitation", s, every=200, sample_probe=True)] == [
+        200, 400, 600, 800
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [0.02, 0.05, 0.2])
+def test_cadence_keeps_sampling_within_its_budget(budget: float) -> None:
+    """Training steps of 0.1 s, sample probes of 3 s and a forecast that keeps asking for the fastest cadence."""
+    clock = FakeClock()
+    c = Cadence(CadenceSettings(budget=budget), clock)
+    probes = 0
+    for step in range(1, 20001):
+        c.tick()
+        clock.now += 0.1
+        if c.due("regurgitation", step, every=200, sample_probe=True):
+            clock.now += 3.0
+            c.probed(3.0, sampled=True)
+            c.schedule(step, {"regurgitation": 200}, low=float(step), receding=False)
+            probes += 1
+    assert c.overhead() <= budget * 1.1
+    assert c.overhead() >= budget * 0.7  # and it uses what it may: probes as often as the budget allows
+    unconstrained = 20000 / 50  # every 200 x fastest 0.25
+    assert probes < unconstrained
+
+
+def test_a_snapshot_with_only_a_forecast_warning_is_at_risk_not_clean(tmp_path: Path) -> None:
+    from memwatch.config import load_config
+    from memwatch.probes.base import ProbeResult
+    from memwatch.report.build import build_report
+    from memwatch.rules import Event
+    from memwatch.store import STORE_NAME, Store
+
+    config = load_config(None).raw  # the default rules, onset-forecast among them
+    forecast_rule = next(r for r in config["rules"] if r["type"] == "forecast")
+    out = tmp_path / "memwatch"
+    out.mkdir()
+    with Store(out / STORE_NAME) as store:
+        run = store.ensure_run("r", config=config, reference={"n": 4})
+        for step, onset in ((200, math.nan), (400, 550.0), (600, 600.0)):
+            snap = store.add_snapshot(run, step, kind="checkpoint", path=f"checkpoint-{step}", weights_sha256=f"{step}")
+            store.write_result(snap, ProbeResult("forecast", {"onset": onset, "onset_low": onset}), config_hash="f")
+            copies = 1.0 if step == 600 else 0.0
+            store.write_result(snap, ProbeResult("regurgitation", {"distinct_memorized": copies}), config_hash="r")
+            events = {
+                400: (forecast_rule["name"], "forecast/onset"),
+                600: ("first-regurgitation", "regurgitation/distinct_memorized"),
+            }
+            if step in events:
+                rule, metric = events[step]
+                e = Event(step, rule, "warning", metric, 1.0, 0.0, None, "m")
+                store.add_event(run, {**e.to_dict(), "snapshot_id": snap})
+    report = build_report(tmp_path)
+    verdicts = {s["step"]: s["verdict"] for s in report["verdict"]["snapshots"]}
+    assert verdicts == {200: "clean", 400: "at-risk", 600: "warning"}
+    assert report["verdict"]["overall"]["last_clean_step"] == 200
