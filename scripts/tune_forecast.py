@@ -29,10 +29,18 @@ from memwatch.forecast import forecast_onset
 from memwatch.rules import RuleEngine, parse_rules
 
 MONITOR_SEEDS = 32
-EVERY = 200
 
 
-def replay(truth: dict[str, Any], *, quantile: float, window: int, horizon_share: float, adaptive: bool) -> dict:
+def replay(
+    truth: dict[str, Any],
+    *,
+    quantile: float,
+    window: int,
+    horizon_share: float,
+    adaptive: bool,
+    every: int,
+    max_extrapolation: float,
+) -> dict:
     """The monitor's first warnings on one run, replayed from its dense truth."""
     steps = truth["steps"]
     ratios = {s: r[:MONITOR_SEEDS] for s, r in zip(steps, truth["ratios"], strict=True)}
@@ -50,17 +58,17 @@ def replay(truth: dict[str, Any], *, quantile: float, window: int, horizon_share
     trajectory: list[tuple[int, dict[int, float]]] = []
     first: dict[str, int] = {}
     for step in steps:
-        if not cadence.due("regurgitation", step, every=EVERY, sample_probe=True):
+        if not cadence.due("regurgitation", step, every=every, sample_probe=True):
             continue
         now = dict(enumerate(ratios[step]))
         trajectory.append((step, now))
-        f = forecast_onset(trajectory[-window:], quantile=quantile, window=window)
+        f = forecast_onset(trajectory[-window:], quantile=quantile, window=window, max_extrapolation=max_extrapolation)
         metrics = {f"forecast/{k}": v for k, v in f.metrics().items()}
         metrics["regurgitation/distinct_memorized"] = float(sum(r < 1 / 3 for r in now.values()))
         for e in engine.observe(step, metrics):
             first.setdefault(e.rule, step)
         if adaptive:
-            nxt = cadence.schedule(step, {"regurgitation": EVERY}, f.low, math.isfinite(f.slope_t) and f.slope_t >= 0)
+            nxt = cadence.schedule(step, {"regurgitation": every}, f.low, math.isfinite(f.slope_t) and f.slope_t >= 0)
             # the replay can only probe where the truth was measured: the next dense step
             cadence.next_due["regurgitation"] = math.ceil(nxt["regurgitation"] / dense) * dense
     return first
@@ -94,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*/truth.json"))]
     print(f"{len(runs)} runs: {sum(r['onset_step'] is not None for r in runs)} with onset")
     grid = []
-    for q, w, h, a in itertools.product([0.0, 0.05, 0.1, 0.2], [4, 5, 6], [0.25, 0.5, 0.75, 1.0], [False, True]):
-        result = evaluate(runs, quantile=q, window=w, horizon_share=h, adaptive=a)
-        grid.append({"quantile": q, "window": w, "horizon_share": h, "adaptive": a, **result})
+    space = itertools.product(
+        [0.0, 0.1, 0.2], [4, 5, 6], [0.25, 0.5, 1.0], [False, True], [100, 200], [1.0, 1.5, 2.0, 3.0]
+    )
+    for q, w, h, a, e, x in space:
+        result = evaluate(runs, quantile=q, window=w, horizon_share=h, adaptive=a, every=e, max_extrapolation=x)
+        grid.append({"quantile": q, "window": w, "horizon_share": h, "adaptive": a, "every": e,
+                     "max_extrapolation": x, **result})  # fmt: skip
     ok = [g for g in grid if g["false_alarms"] == 0 and g["misses"] == 0]
     ok.sort(key=lambda g: -(g["median_lead_fraction"] or 0))
     for g in (ok or grid)[:15]:

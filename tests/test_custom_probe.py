@@ -103,7 +103,13 @@ def test_a_probe_instance_runs_in_the_monitor_and_drives_a_rule(train_images: Pa
     events = []
     probe = WeightNormProbe(every=2, scale=2.0)
     with MemorizationMonitor(
-        acc, {"probes": OFF}, reference=train_images, output_dir=out, probes=[probe], on_event=events.append
+        acc,
+        # no time budget: a 5-step run is too short to measure one, and the test checks the fixed cadence
+        {"probes": OFF, "cadence": {"budget": None}},
+        reference=train_images,
+        output_dir=out,
+        probes=[probe],
+        on_event=events.append,
     ) as monitor:
         train(acc, train_images, 5, monitor=monitor)
         assert monitor.session.probes[-1] is probe  # the instance itself is used

@@ -30,6 +30,7 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
                     "regurgitation": {"every": 6, "num_samples": 6, "inference_steps": 3, "batch_size": 4},
                     "forecast": {"every": 6},
                 },
+                "cadence": {"adaptive": False},  # the fixed cadence: the adaptive one depends on the wall clock
             }
         )
     )

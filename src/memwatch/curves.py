@@ -5,7 +5,9 @@ it"), so the files can be rebuilt at any time, also while training still writes 
 module only draws and writes:
 
 * ``metrics.csv`` / ``curves.png``: every ``probe/metric`` against training step, with each rule's
-  threshold and the alert events (vertical lines by severity; trend forecasts as dotted lines);
+  threshold and the alert events (vertical lines by severity; trend forecasts as dotted lines); a
+  forecast rule's metric (``forecast/onset``) is drawn with its band, the line "onset = now", the
+  rule's horizon and the at-risk span from its first warning;
 * ``seeds.csv`` / ``seeds.png``: per fixed probe seed, the d1/d2 ratio at every regurgitation probe,
   so the step at which a seed "snaps" onto a training image is visible;
 * ``training_images.csv``: each training image ever regurgitated, when it first was and by which seeds;
@@ -232,6 +234,9 @@ def _forecast_panel(ax: Any, rule: Mapping[str, Any], data: RunHistory) -> None:
         colour = SEVERITY_COLOURS.get(rule.get("severity"), "black")
         ax.plot(xs, [x * (1 + share) for x in xs], "--", color=colour, linewidth=1,
                 label=f"{rule.get('name', 'rule')}: within {share:g} x step")  # fmt: skip
+        fired = [e["step"] for e in data.events if e.get("rule") == rule.get("name") and e.get("step") is not None]
+        if fired:  # at risk from the first forecast warning on (the report's 'at-risk' verdict)
+            ax.axvspan(min(fired), max(xs), color=colour, alpha=0.08, label="at risk")
     ax.set_ylabel("forecast step", fontsize="small")
 
 

@@ -82,7 +82,7 @@ def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str
 DEMO_STEPS = 2000
 DEMO_TRAINING_ARGS = [
     "--resolution", "32", "--batch-size", "32", "--repeats", "4", "--lr", "1e-3", "--block-channels", "16", "32", "32",
-    "--prediction-type", "v_prediction", "--checkpointing-steps", "500",
+    "--prediction-type", "v_prediction", "--checkpointing-steps", "250",
 ]  # fmt: skip
 
 

@@ -3,14 +3,16 @@
 Before the first generated sample copies a training image, the fixed-seed samples approach the
 training set: each seed's ratio ``d1/d2`` (distance to the nearest training image over the distance
 to the second nearest) falls towards the memorization threshold 1/3 (Gu et al. 2023; Bonnaire et
-al. 2025). A low quantile of those ratios over the seeds (by default the 10th percentile) is a smooth
-precursor of the *first* copy. :func:`forecast_onset` fits a straight line to that quantile (in log
+al. 2025). A low quantile of those ratios over the seeds (by default the smallest) is a precursor of
+the *first* copy. :func:`forecast_onset` fits a straight line to that quantile (in log
 space, where the approach to zero is steady) over the last few probes and returns the step at which
 the line reaches the threshold, with a band from the fit's uncertainty.
 
 A flat or noisy series gives *no* forecast: the line's fall must be significant (its slope at least
-``t`` standard errors below zero, one-sided 95%), and the band's early edge must lie ahead of the current
-step (unless the precursor is already within its noise of the threshold), so noise alone does not warn.
+``t`` standard errors below zero, one-sided 95%), the band's early edge must lie ahead of the current
+step (unless the precursor is already within its noise of the threshold), and the crossing may lie at
+most ``max_extrapolation`` times the fit's own span ahead: a slow drift far from the threshold, as in
+runs that never memorize, is not extrapolated into a warning.
 
 Example:
     >>> steps = [200, 400, 600]
@@ -159,8 +161,9 @@ def forecast_onset(
     trajectory: Sequence[tuple[int, Mapping[int, float]]],
     *,
     threshold: float = 1 / 3,
-    quantile: float = 0.1,
-    window: int = 5,
+    quantile: float = 0.0,
+    window: int = 6,
+    max_extrapolation: float = 2.0,
 ) -> OnsetForecast:
     """Forecast when a low quantile of the per-seed ratios reaches ``threshold``.
 
@@ -170,6 +173,8 @@ def forecast_onset(
         threshold: the memorization threshold of the ratio (1/3).
         quantile: which quantile over the seeds is forecast (0: the smallest ratio, the first copy).
         window: the most recent probes in the fit (at least 3 are needed).
+        max_extrapolation: the line is trusted at most this many times its own span (first to last
+            probe in the fit) beyond the last probe; a crossing further out is no forecast.
 
     Returns:
         The :class:`OnsetForecast`; its ``onset`` is NaN when there is no significant approach.
@@ -200,6 +205,9 @@ def forecast_onset(
     # noise of the threshold: then the onset is imminent whatever the line says.
     near = _log(value) - _log(threshold) <= 2 * fit.sigma
     if crossing - half <= step and not near:
+        return out
+    span = recent[-1][0] - recent[0][0]
+    if crossing - step > max_extrapolation * span:  # a short trend says little about a far future
         return out
     onset = max(crossing, float(step))
     out.onset, out.low, out.high = onset, max(onset - half, float(step)), onset + half

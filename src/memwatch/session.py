@@ -264,11 +264,11 @@ class ProbeSession:
         except Exception as e:  # the last line of defence: nothing reaches the training loop
             self._fail_all(step, probes, _reason(e))
             events = []
-        sampled = {p.name: p.every for p in probes if p.needs_samples}
         if self.workers.is_main:
-            self.cadence.probed(self.cadence.clock() - t0, sampled=bool(sampled))
-            if sampled:
-                self.cadence.schedule(step, sampled, *self._forecast_now())
+            sampled = any(p.needs_samples for p in probes)
+            self.cadence.probed(self.cadence.clock() - t0, sampled=sampled)
+            ran = {p.name: (p.every, p.needs_samples) for p in probes}
+            self.cadence.schedule(step, ran, *self._forecast_now())
         self._sync()
         return events
 

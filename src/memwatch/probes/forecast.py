@@ -36,7 +36,7 @@ class ForecastSettings(ProbeSettings):
 
     section = "probes.forecast"
     every: int = setting(
-        200,
+        100,
         "run every this many training steps (0: off); keep it equal to the regurgitation probe's: they share "
         "the samples",
         min=0,
@@ -46,10 +46,14 @@ class ForecastSettings(ProbeSettings):
     threshold: float = setting(MEM_RATIO, "the d1/d2 at which a sample counts as a copy (the onset forecast)",
                                min=0.0, max=1.0, exclusive=True, threshold=True, source=MEM_RATIO_SOURCE)  # fmt: skip
     quantile: float = setting(
-        0.1, "quantile of the seeds' ratios that is forecast (0: the smallest)", min=0.0, max=1.0, threshold=True,
-        source=TUNED,
+        0.0, "quantile of the seeds' ratios that is forecast (0: the smallest, the first copy)", min=0.0, max=1.0,
+        threshold=True, source=TUNED,
     )  # fmt: skip
-    window: int = setting(5, "most recent probes in the forecast's line fit (3 or more)", min=3, source=TUNED)
+    window: int = setting(6, "most recent probes in the forecast's line fit (3 or more)", min=3, source=TUNED)
+    max_extrapolation: float = setting(
+        2.0, "a crossing further ahead than this many times the fit's own span is no forecast", min=0.0,
+        exclusive=True, source=TUNED,
+    )  # fmt: skip
 
 
 class ForecastProbe(Probe):
@@ -90,6 +94,7 @@ class ForecastProbe(Probe):
             threshold=self.settings.threshold,
             quantile=self.settings.quantile,
             window=self.settings.window,
+            max_extrapolation=self.settings.max_extrapolation,
         )
         items = [
             {"item": m["sample"], "seed": m["seed"], "ratio": m["ratio"], "nn1": m["nn1"],

@@ -51,11 +51,13 @@ class RegurgitationConfig(SamplingSettings):
 
     section = "probes.regurgitation"
     every: int = setting(
-        200,
-        "run every this many training steps (0: off)",
+        100,
+        "run every this many training steps (0: off); the adaptive cadence stretches it under its time budget",
         min=0,
         unit="steps",
-        source="costly: num_samples x inference_steps UNet passes",
+        source="costly (num_samples x inference_steps UNet passes), but the onset forecast needs several probes "
+        "before onset: scripts/tune_forecast.py on bench_warnings.py seeds 100-101 (every 200 left runs of 8-16 "
+        "images without lead)",
     )
     mem_ratio: float = setting(
         MEM_RATIO,
