@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from memwatch.cli.embedder_options import add_embedder_options, cache_from_args, embedder_from_args
 from memwatch.errors import MemwatchError
 from memwatch.output import write_output
 
@@ -21,18 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("samples", metavar="SAMPLES_DIR", help="generated images (folder or .jsonl manifest)")
     p.add_argument("reference", metavar="REFERENCE_DIR", help="training images (folder, imagefolder or .jsonl)")
-    p.add_argument("--embedder", choices=("pixel", "clip"), default="pixel", help="comparison space (default pixel)")
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="side length images are normalised to (pixel default 64; clip: the model's own)",
-    )
-    p.add_argument("--tiled", action="store_true", help="pixel: Carlini's tiled l2 (max over a 4x4 grid)")
-    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
-    p.add_argument(
-        "--clip-pretrained", default="openai", help="open_clip pretrained tag, or a local weights file (default openai)"
-    )
+    add_embedder_options(p, default_resolution=64)
     p.add_argument(
         "--copy-threshold",
         type=float,
@@ -53,33 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--face-weights", default=None, help="local matcher weights file (default: the torch hub cache)")
     p.add_argument("--json", metavar="OUT", help="also write all metrics and matches as JSON")
     p.add_argument("--top", type=int, default=10, metavar="N", help="matches shown in the table (default 10)")
-    p.add_argument(
-        "--cache-dir", default=None, help="embedding cache folder (default $MEMWATCH_CACHE_DIR or ~/.cache/memwatch)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.embed_cache import EmbeddingCache
-    from memwatch.embedders import make_embedder
     from memwatch.probes.regurgitation import RegurgitationConfig
     from memwatch.score import format_summary, score_folders
 
-    if args.resolution is not None and args.resolution < 1:
-        raise MemwatchError(f"--resolution {args.resolution}: give a side length in pixels >= 1")
     if args.top < 0:
         raise MemwatchError(f"--top {args.top}: give a number of matches >= 0")
     for label, folder in (("SAMPLES_DIR", args.samples), ("REFERENCE_DIR", args.reference)):
         if not Path(folder).exists():
             raise MemwatchError(f"{label} {folder} does not exist: pass a folder of images or a .jsonl manifest")
-    if args.embedder == "pixel":
-        embedder = make_embedder("pixel", resolution=args.resolution or 64, tiled=args.tiled)
-    else:
-        if args.resolution is not None:
-            raise MemwatchError("--resolution applies to --embedder pixel only: clip uses its model's input size")
-        embedder = make_embedder("clip", model=args.clip_model, pretrained=args.clip_pretrained)
-    cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
+    embedder = embedder_from_args(args)
+    cache = cache_from_args(args)
     config = RegurgitationConfig(copy_threshold=args.copy_threshold)
     doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config)
     print(format_summary(doc, top=args.top))
