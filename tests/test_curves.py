@@ -188,6 +188,33 @@ def test_training_images_first_step_seeds_and_hits(run_dir: Path) -> None:
     ]
 
 
+def test_image_risk_ranks_copied_images_by_first_copy(run_dir: Path) -> None:
+    rows = _rows(write_curves(run_dir)["image_risk.csv"])
+    header, body = rows[0], rows[1:]
+    ranked = [(r[header.index("training_id")], r[header.index("first_copy_step")]) for r in body]
+    # the run's own threshold (0.3) decides a copy: the same order as training_images.csv
+    expected = [("img_004.png", "200"), ("img_007.png", "300"), ("img_001.png", "400"), ("img_002.png", "400")]
+    assert ranked[:4] == expected
+    assert [r[header.index("rank")] for r in body] == [str(i) for i in range(1, len(body) + 1)]
+
+
+def test_images_figure_puts_the_most_at_risk_on_top(run_dir: Path) -> None:
+    from memwatch.image_risk import image_trajectories, rank_images
+
+    with Store(find_store(run_dir)) as store:
+        data = load_history(store)
+    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
+    fig = curves.images_figure(data, risks, top=2)
+    ax = fig.axes[0]
+    assert ax.get_title() == "training images: closest approach per probe"
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "1. img_004.png (copied at 200)",
+        "2. img_007.png (copied at 300)",
+    ]
+    outlined = {(round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches}  # (column, row) of copies
+    assert outlined == {(1, 0), (2, 1), (3, 1), (4, 1)}  # img_004 copied at 200, img_007 from 300 on
+
+
 def test_training_images_helper_ignores_non_memorized_rows() -> None:
     rows = [
         {"seed": 5, "step": 100, "nn1": "a.png", "memorized": 0},
@@ -281,7 +308,16 @@ def test_seeds_figure_marks_memorized_cells_and_first_copy(run_dir: Path) -> Non
 def test_running_twice_gives_identical_bytes(run_dir: Path, tmp_path: Path) -> None:
     first = write_curves(run_dir, tmp_path / "a")
     second = write_curves(run_dir, tmp_path / "b")
-    assert list(first) == ["metrics.csv", "curves.png", "seeds.csv", "seeds.png", "training_images.csv", "events.csv"]
+    assert list(first) == [
+        "metrics.csv",
+        "curves.png",
+        "seeds.csv",
+        "seeds.png",
+        "training_images.csv",
+        "images.png",
+        "image_risk.csv",
+        "events.csv",
+    ]
     for name in first:
         assert first[name].read_bytes() == second[name].read_bytes(), name
 
@@ -291,7 +327,8 @@ def test_default_out_dir_is_beside_the_store_and_summary_line(run_dir: Path) -> 
     folder = run_dir / "memwatch" / "curves"
     assert {p.parent for p in paths.values()} == {folder}
     assert format_written(paths) == (
-        f"wrote 6 files to {folder}: metrics.csv curves.png seeds.csv seeds.png training_images.csv events.csv"
+        f"wrote 8 files to {folder}: metrics.csv curves.png seeds.csv seeds.png training_images.csv images.png "
+        "image_risk.csv events.csv"
     )
     assert not list(folder.glob(".*.tmp"))
 
@@ -308,6 +345,8 @@ def test_run_without_regurgitation_single_point_and_nan(tmp_path: Path) -> None:
     assert paths["seeds.csv"].read_text() == "seed,step,nn1,ratio,d1,similarity,memorized\n"
     assert paths["training_images.csv"].read_text() == "training_id,first_step,first_seeds,total_hits\n"
     assert paths["events.csv"].read_text() == "step,rule,severity,metric,value,threshold,forecast_step,message\n"
+    (header,) = paths["image_risk.csv"].read_text().splitlines()  # no image was approached: the header only
+    assert header.startswith("rank,training_id,at_risk,first_copy_step,copies,forecast_step,")
     with Image.open(paths["seeds.png"]) as im:
         im.load()
     with Image.open(paths["curves.png"]) as im:

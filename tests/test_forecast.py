@@ -214,3 +214,22 @@ def test_a_snapshot_with_only_a_forecast_warning_is_at_risk_not_clean(tmp_path: 
     verdicts = {s["step"]: s["verdict"] for s in report["verdict"]["snapshots"]}
     assert verdicts == {200: "clean", 400: "at-risk", 600: "warning"}
     assert report["verdict"]["overall"]["last_clean_step"] == 200
+
+
+def test_the_default_warning_names_the_training_images_the_samples_come_closest_to() -> None:
+    from memwatch.probes.base import ProbeResult
+    from memwatch.probes.forecast import ForecastProbe
+
+    probe = ForecastProbe()
+    items = [
+        {"item": f"seed-{i}", "seed": i, "ratio": r, "nn1": nn1, "crossing": math.nan}
+        for i, (r, nn1) in enumerate([(0.9, "far.png"), (0.41, "horse.png"), (0.45, "camera.png"), (0.42, "horse.png"),
+                                      (None, None), (0.6, "rocket.png"), (0.7, "coffee.png")])
+    ]  # fmt: skip
+    metrics = {"onset": 900.0, "onset_low": 850.0, "onset_high": 950.0}
+    evidence = probe.evidence(ProbeResult("forecast", metrics, items=items))
+    assert evidence["closest_images"] == "horse.png (d1/d2 0.41), camera.png (d1/d2 0.45), rocket.png (d1/d2 0.60)"
+    engine = RuleEngine(parse_rules(list(probe.default_rules)))
+    m = {f"forecast/{k}": v for k, v in metrics.items()}
+    (event,) = engine.observe(600, m, {"forecast": evidence}, context={"keep": "checkpoint-500"})
+    assert "closest: horse.png (d1/d2 0.41), camera.png" in event.message and event.message.endswith("checkpoint-500")

@@ -109,6 +109,16 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
     assert "weights-unhashed" not in {x["code"] for x in report["limitations"]}
 
 
+def test_the_planted_duplicate_is_the_image_most_at_risk(demo_run: dict[str, Any], demo_report: dict) -> None:
+    # duplicated 8 times in the memorizing model's data, it is copied first (Carlini et al. 2023)
+    (first, *_) = demo_run["summary"]["images_at_risk"]
+    assert first["training_id"] == PLANTED_ID and first["first_copy_step"] == MEMORIZING_STEPS[0]
+    top = demo_report["report"]["evidence"]["at_risk_images"][0]
+    assert (top["rank"], top["training_id"], top["at_risk"]) == (1, PLANTED_ID, 1)
+    assert top["ratio_min_step"] in MEMORIZING_STEPS and top["image"].startswith("data:image/png;base64,")
+    assert "<h3>Training images most at risk</h3>" in demo_report["html"]
+
+
 def test_demo_run_evidence_shows_the_copied_planted_image(demo_run: dict[str, Any], demo_report: dict) -> None:
     evidence = demo_report["report"]["evidence"]
     planted = [s for s in evidence["samples"] if s["nn1"] == PLANTED_ID]
@@ -164,9 +174,11 @@ def test_redacted_report_has_no_training_or_generated_pixels(demo_run: dict[str,
     redacted = build_report(demo_run["run_dir"], redact=True)
     text, page = report_json(redacted), render_html(redacted)
     assert schema_errors(redacted) == []
-    # The two curve plots (numbers, not pixels) are the only images left: decided, and stated in the report.
+    # The three plots (curves, per-seed and per-image heatmaps: numbers, not pixels) are the only images
+    # left: decided, and stated in the report.
     plots = set(redacted["curves"]["images"].values())
-    assert len(plots) == 2
+    assert len(plots) == 3
+    assert all(r["image"] is None for r in redacted["evidence"]["at_risk_images"])
     assert set(DATA_URI.findall(text)) <= {"png"} and {m.group(0) for m in DATA_URI.finditer(text)} == plots
     assert {m.group(0) for m in DATA_URI.finditer(page)} == plots
     assert all(s["image"] is None for s in redacted["evidence"]["samples"])

@@ -179,10 +179,14 @@ def test_report_renders_offline_without_requests_or_scripts(report_files: dict[s
     report = json.loads(Path(report_files["json"]).read_text(encoding="utf-8"))
     with_pixels = sum(1 for s in report["evidence"]["samples"] if s["image"])
     thumbs = sum(1 for t in report["evidence"]["training_images"] if t["thumbnail"])
+    has_thumb = {t["id"] for t in report["evidence"]["training_images"] if t["thumbnail"]}
+    at_risk = report["evidence"]["at_risk_images"]  # each row: the training image and its closest sample
+    at_risk_pixels = sum(1 for r in at_risk if r["image"]) + sum(1 for r in at_risk if r["training_id"] in has_thumb)
 
     assert state["verdict"] == report["verdict"]["overall"]["verdict"] == "memorizing"
-    assert state["plots"] == 2  # curves and the per-seed heatmap, decoded
-    assert with_pixels > 0 and state["pixels"] == with_pixels + thumbs  # every evidence image decoded
+    assert state["plots"] == 3  # curves, the per-seed and the per-image heatmaps, decoded
+    assert at_risk and at_risk[0]["at_risk"] == 1 and at_risk[0]["image"]  # the closest sample of the first one
+    assert with_pixels > 0 and state["pixels"] == with_pixels + thumbs + at_risk_pixels  # every image decoded
     assert state["broken"] == 0
     # The planted file name is shown as text, and nothing ran: no script element, no dialog.
     assert PLANTED_ID in state["text"]

@@ -11,6 +11,8 @@ module only draws and writes:
 * ``seeds.csv`` / ``seeds.png``: per fixed probe seed, the d1/d2 ratio at every regurgitation probe,
   so the step at which a seed "snaps" onto a training image is visible;
 * ``training_images.csv``: each training image ever regurgitated, when it first was and by which seeds;
+* ``image_risk.csv`` / ``images.png``: each training image's closest approach by any sample at every
+  probe, ranked by how soon it is (or was) copied (:mod:`memwatch.image_risk`), the most at risk on top;
 * ``events.csv``: the alert events.
 
 Floats in the CSV files are written with :func:`repr` (the shortest text that reads back as the same
@@ -20,7 +22,7 @@ fixed figure sizes and no date or version in the PNG, so the same store always g
 Example:
     >>> paths = write_curves("out/")  # doctest: +SKIP
     >>> print(format_written(paths))  # doctest: +SKIP
-    wrote 6 files to out/memwatch/curves: metrics.csv curves.png seeds.csv seeds.png training_images.csv events.csv
+    wrote 8 files to out/memwatch/curves: metrics.csv curves.png seeds.csv seeds.png training_images.csv ...
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memwatch.history import RunHistory, find_store, load_history, training_images
+from memwatch.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.output import ensure_folder, write_output
 from memwatch.rules import FORECAST, SEVERITIES
 from memwatch.store import Store
@@ -47,10 +50,13 @@ CURVES_PNG = "curves.png"
 SEEDS_CSV = "seeds.csv"
 SEEDS_PNG = "seeds.png"
 TRAINING_IMAGES_CSV = "training_images.csv"
+IMAGES_PNG = "images.png"
+IMAGE_RISK_CSV = "image_risk.csv"
 EVENTS_CSV = "events.csv"
 
 SEED_COLUMNS = ("seed", "step", "nn1", "ratio", "d1", "similarity", "memorized")
 TRAINING_IMAGE_COLUMNS = ("training_id", "first_step", "first_seeds", "total_hits")
+IMAGE_RISK_COLUMNS = tuple(ImageRisk("").row())
 EVENT_COLUMNS = ("step", "rule", "severity", "metric", "value", "threshold", "forecast_step", "message")
 
 # Plot layout. Sizes are fixed (not fitted to the screen) so output is reproducible byte for byte.
@@ -64,6 +70,7 @@ HEATMAP_HEIGHT_IN = (3.5, 30.0)
 # overlap: rows get HEATMAP_ROW_IN each; step labels share HEATMAP_WIDTH_IN.
 MAX_SEED_LABELS = 40
 MAX_STEP_LABELS = 15
+IMAGE_ROWS = 30  # training images drawn in images.png (the most at risk); image_risk.csv lists all
 SEVERITY_COLOURS = {"info": "tab:gray", "warning": "tab:orange", "critical": "tab:red"}
 PNG_METADATA = {"Software": None}  # no matplotlib version in the file: identical bytes across installs
 
@@ -82,8 +89,8 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
 
     Returns:
         File name -> path, for ``metrics.csv``, ``curves.png``, ``seeds.csv``, ``seeds.png``,
-        ``training_images.csv`` and ``events.csv`` (all written even for a run without
-        regurgitation results: the seed tables then hold just their header).
+        ``training_images.csv``, ``images.png``, ``image_risk.csv`` and ``events.csv`` (all written even
+        for a run without regurgitation results: the seed tables then hold just their header).
 
     Raises:
         MemwatchError: no store, no run, or an unknown run name.
@@ -102,6 +109,7 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
     columns = list(data.metrics)
     metric_rows = [[step, *(data.metrics[c].get(step, "") for c in columns)] for step in steps]
     pics = training_images(data.seeds)
+    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
     files: dict[str, bytes] = {
         METRICS_CSV: _csv(["step", *columns], metric_rows),
         CURVES_PNG: _png(curves_figure(data)),
@@ -111,6 +119,8 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
             TRAINING_IMAGE_COLUMNS,
             [[i["training_id"], i["first_step"], " ".join(map(str, i["first_seeds"])), i["total_hits"]] for i in pics],
         ),
+        IMAGES_PNG: _png(images_figure(data, risks)),
+        IMAGE_RISK_CSV: _csv(IMAGE_RISK_COLUMNS, [list(r.row().values()) for r in risks]),
         EVENTS_CSV: _csv(EVENT_COLUMNS, [[e.get(c) for c in EVENT_COLUMNS] for e in data.events]),
     }
     return {name: write_output(out / name, content, "--out") for name, content in files.items()}
@@ -313,8 +323,7 @@ def seeds_figure(data: RunHistory) -> Figure:
         'regurgitation: d1/d2 per seed'
     """
     import numpy as np
-    from matplotlib.colors import Normalize, TwoSlopeNorm
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Patch
 
     labels = list(dict.fromkeys(_row_label(r) for r in data.seeds))  # rows arrive sorted by seed
     steps = sorted({r["step"] for r in data.seeds})
@@ -338,35 +347,12 @@ def seeds_figure(data: RunHistory) -> Figure:
             ratio = r.get("ratio")
             grid[i, j] = ratio if ratio is not None and math.isfinite(ratio) else np.nan
         t = data.mem_ratio
-        finite = grid[np.isfinite(grid)]
-        vmax = max(1.0, float(finite.max())) if finite.size else 1.0
-        # Centre the diverging map on the threshold; fall back to a plain scale if it is outside [0, vmax].
-        norm = TwoSlopeNorm(vcenter=t, vmin=0.0, vmax=vmax) if 0 < t < vmax else Normalize(0.0, vmax)
-        import matplotlib
-
-        cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")  # grey: seed not probed at that step
-        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        cbar = fig.colorbar(image, ax=ax, label="d1 / d2")
-        cbar.ax.axhline(t, color="black", linewidth=2)
-        cbar.set_ticks(sorted({0.0, t, vmax}))
-        cbar.set_ticklabels([f"{v:.3g} mem_ratio" if v == t else f"{v:.3g}" for v in sorted({0.0, t, vmax})])
-        seen_first: set[int] = set()
-        for (i, j), r in sorted(cells.items(), key=lambda c: (c[0][0], c[0][1])):
-            if not r.get("memorized"):
-                continue
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5))
-            if i not in seen_first and r.get("nn1") is not None:
-                seen_first.add(i)
-                ax.annotate(
-                    str(r["nn1"]),
-                    (j, i),
-                    xytext=(4, 0),
-                    textcoords="offset points",
-                    fontsize="x-small",
-                    va="center",
-                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0},
-                    annotation_clip=True,
-                )
+        first = {}
+        for (i, j), r in sorted(cells.items()):
+            if r.get("memorized") and r.get("nn1") is not None:
+                first.setdefault(i, (j, str(r["nn1"])))
+        memorized = [ij for ij, r in cells.items() if r.get("memorized")]
+        _ratio_grid(fig, ax, grid, t, memorized, {(j, i): name for i, (j, name) in first.items()})
         ax.set_xticks(*_ticks(steps, MAX_STEP_LABELS))
         ax.set_yticks(*_ticks(labels, MAX_SEED_LABELS))
         ax.tick_params(labelsize="x-small")
@@ -379,6 +365,102 @@ def seeds_figure(data: RunHistory) -> Figure:
             frameon=False,
         )
     return fig
+
+
+def images_figure(data: RunHistory, risks: Sequence[ImageRisk], top: int = IMAGE_ROWS) -> Figure:
+    """Heatmap of each training image's closest approach (d1/d2) per regurgitation probe, most at risk on top.
+
+    Args:
+        data: from :func:`memwatch.history.load_history`.
+        risks: from :func:`memwatch.image_risk.rank_images`, ranked.
+        top: rows drawn (the ``top`` images most at risk).
+
+    Returns:
+        The figure (axes titled ``training images: closest approach per probe``); a placeholder axes when
+        the run has no regurgitation results. Row labels give the rank, the id and when it was (or is
+        forecast to be) copied; grey cells: no sample was nearest to that image at that probe.
+
+    Example:
+        >>> images_figure(data, rank_images(image_trajectories(data.seeds))).axes[0].get_title()  # doctest: +SKIP
+        'training images: closest approach per probe'
+    """
+    import numpy as np
+
+    shown = list(risks[:top])
+    steps = sorted({r["step"] for r in data.seeds})
+    height = min(max(1.5 + HEATMAP_ROW_IN * len(shown), HEATMAP_HEIGHT_IN[0]), HEATMAP_HEIGHT_IN[1])
+    with _default_style():
+        fig = _new_figure(HEATMAP_WIDTH_IN, height)
+        ax = fig.add_subplot()
+        ax.set_title("training images: closest approach per probe")
+        fig.suptitle(f"run {data.run}: the {len(shown)} of {len(risks)} images most at risk, first on top")
+        if not shown:
+            ax.text(0.5, 0.5, "no regurgitation results in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            return fig
+        col_of = {step: j for j, step in enumerate(steps)}
+        grid = np.full((len(shown), len(steps)), np.nan)
+        for i, risk in enumerate(shown):
+            for step, approach in risk.trajectory.items():
+                grid[i, col_of[step]] = approach.ratio
+        copied = [
+            (i, col_of[s]) for i, r in enumerate(shown) for s, a in r.trajectory.items() if a.ratio < data.mem_ratio
+        ]
+        _ratio_grid(fig, ax, grid, data.mem_ratio, copied, {})
+        ax.set_xticks(*_ticks(steps, MAX_STEP_LABELS))
+        ax.set_yticks(*_ticks([_risk_label(r) for r in shown], MAX_SEED_LABELS))
+        ax.tick_params(labelsize="x-small")
+        ax.set_xlabel("training step (regurgitation probe)")
+        ax.set_ylabel("training image (rank, id)")
+    return fig
+
+
+def _risk_label(r: ImageRisk) -> str:
+    if r.first_copy_step is not None:
+        return f"{r.rank}. {r.training_id} (copied at {r.first_copy_step})"
+    if math.isfinite(r.forecast_step):
+        return f"{r.rank}. {r.training_id} (forecast {r.forecast_step:.0f})"
+    return f"{r.rank}. {r.training_id}"
+
+
+def _ratio_grid(
+    fig: Figure,
+    ax: Any,
+    grid: Any,
+    t: float,
+    memorized: Iterable[tuple[int, int]],
+    notes: Mapping[tuple[int, int], str],
+) -> None:
+    """Draw a d1/d2 grid: diverging colours centred on the threshold ``t`` (red below: copies), which the
+    colorbar marks; ``memorized`` cells (row, column) outlined; ``notes`` ((column, row) -> text) beside cells."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    finite = grid[np.isfinite(grid)]
+    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+    # Centre the diverging map on the threshold; fall back to a plain scale if it is outside [0, vmax].
+    norm = TwoSlopeNorm(vcenter=t, vmin=0.0, vmax=vmax) if 0 < t < vmax else Normalize(0.0, vmax)
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")  # grey: no value at that step
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    cbar = fig.colorbar(image, ax=ax, label="d1 / d2")
+    cbar.ax.axhline(t, color="black", linewidth=2)
+    cbar.set_ticks(sorted({0.0, t, vmax}))
+    cbar.set_ticklabels([f"{v:.3g} mem_ratio" if v == t else f"{v:.3g}" for v in sorted({0.0, t, vmax})])
+    for i, j in sorted(memorized):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5))
+    for (j, i), text in sorted(notes.items()):
+        ax.annotate(
+            text,
+            (j, i),
+            xytext=(4, 0),
+            textcoords="offset points",
+            fontsize="x-small",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0},
+            annotation_clip=True,
+        )
 
 
 def _row_label(row: Mapping[str, Any]) -> str:

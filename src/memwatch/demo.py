@@ -98,12 +98,24 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
         f"  first warning:          {_step(summary['first_alarm_step'])}",
         f"  last clean step:        {_step(summary['last_clean_step'])}",
         f"  last clean checkpoint:  {_rel(summary.get('last_clean_checkpoint')) or '-'}",
+        f"  images at risk:         {_images(summary.get('images_at_risk') or [])}",
         f"  events:                 {events}",
         f"  store:                  {_rel(summary['store'])}",
         f"  events log:             {_rel(summary['events_file'])}",
     ]
     lines += [f"  {name + ':':<24}{_rel(path)}" for name, path in summary.get("curves", {}).items()]
     return "\n".join(lines)
+
+
+def _images(rows: list[dict[str, Any]]) -> str:
+    """``a.png (copied at 775), b.png (forecast 900)``, or ``-``."""
+    words = [
+        f"{r['training_id']} (copied at {r['first_copy_step']})"
+        if r["first_copy_step"] is not None
+        else f"{r['training_id']} (forecast {r['forecast_step']})"
+        for r in rows
+    ]
+    return ", ".join(words) or "-"
 
 
 def _rel(path: str | None) -> str | None:

@@ -23,8 +23,10 @@ probe result triggers. Four rule types exist:
 Missing metrics (the probe did not run) and NaN values are not evaluated: they neither breach nor
 reset a counter. ``message`` is a template for :meth:`str.format_map` and may use ``{value}``,
 ``{threshold}``, ``{step}``, ``{forecast_step}`` (trend and forecast rules), ``{forecast_low}`` and
-``{forecast_high}`` (forecast rules), ``{metric}``, ``{rule}``, ``{op}``, ``{severity}`` and ``{keep}``
-(the front-end's advice on what to keep: the last clean checkpoint).
+``{forecast_high}`` (forecast rules), ``{metric}``, ``{rule}``, ``{op}``, ``{severity}``, ``{keep}``
+(the front-end's advice on what to keep: the last clean checkpoint) and ``{evidence[KEY]}``, a field of
+the probe's evidence (the forecast probe's ``{evidence[closest_images]}``: the training images the
+samples come closest to).
 
 Example (YAML)::
 
@@ -107,7 +109,7 @@ EXTRA_SETTINGS = {
     "forecast": ("horizon", "horizon_share"),
 }
 TEMPLATE_FIELDS = ("value", "threshold", "step", "forecast_step", "forecast_low", "forecast_high", "metric", "rule",
-                   "op", "severity", "keep")  # fmt: skip
+                   "op", "severity", "keep", "evidence")  # fmt: skip
 #: Template fields only some rule types fill.
 TYPE_FIELDS = {"forecast_step": ("trend", "forecast"), "forecast_low": ("forecast",), "forecast_high": ("forecast",)}
 STATE_VERSION = 1
@@ -635,6 +637,7 @@ class RuleEngine:
     ) -> Event:
         fill = {
             **(extra or {}),
+            "evidence": evidence,
             "value": value,
             "threshold": rule.value,
             "step": step,

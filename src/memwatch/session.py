@@ -668,11 +668,27 @@ class ProbeSession:
             "probe_overhead": _rounded(self.cadence.overhead(), 4),
         }
 
+    def _images_at_risk(self, most: int = 5) -> list[dict[str, Any]]:
+        """The training images most at risk (copied, or forecast to be), from the store's per-sample rows
+        (:mod:`memwatch.image_risk`); empty if they cannot be read."""
+        from memwatch.history import load_history
+        from memwatch.image_risk import image_trajectories, rank_images
+
+        try:
+            data = load_history(self.store, self.run_name)
+            risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
+        except Exception as e:  # a summary line is not worth a failed close: say so and go on
+            log.warning("memwatch: images at risk not ranked: %s", e)
+            return []
+        keys = ("training_id", "first_copy_step", "forecast_step", "ratio_min")
+        return [{k: r.row()[k] for k in keys} for r in risks if r.at_risk][:most]
+
     def close(self) -> dict[str, Any]:
         """Write ``summary.json`` and close the store (main process); returns the summary."""
         summary = self.summary()
         self.closed = True
         if self.store is not None:
+            summary["images_at_risk"] = self._images_at_risk()
             try:
                 (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             except OSError as e:

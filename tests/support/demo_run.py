@@ -87,7 +87,8 @@ def make_demo_run(root: Path) -> dict[str, Any]:
 
     Returns:
         ``run_dir`` (training output dir), ``train_dir``, ``checkpoint`` (its unet folder),
-        ``weights_sha256`` of the checkpoint's weights file, ``planted`` (the planted file).
+        ``weights_sha256`` of the checkpoint's weights file, ``planted`` (the planted file), ``summary``
+        (the monitor's).
     """
     train_dir, holdout_dir, out = root / "train", root / "holdout", root / "out"
     write_images(train_dir, list(range(6)), size=SIZE)
@@ -130,8 +131,9 @@ def make_demo_run(root: Path) -> dict[str, Any]:
     for k, step in enumerate(MEMORIZING_STEPS):
         # two memorizing models with different weights (the same weights would be one measurement)
         monitor.step(step, MemorizingDenoiser(data[k:], scheduler), scheduler)
-    monitor.close()
+    summary = monitor.close()
     return {
+        "summary": summary,
         "run_dir": out,
         "train_dir": train_dir,
         "checkpoint": checkpoint,

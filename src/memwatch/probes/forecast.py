@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from memwatch.evidence import nan_last
 from memwatch.forecast import forecast_onset
 from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
 from memwatch.probes.regurgitation import MEM_RATIO, MEM_RATIO_SOURCE
@@ -27,6 +28,8 @@ from memwatch.settings import setting
 PROBE = "forecast"
 #: Where the defaults below come from: tuned on scripts/bench_warnings.py's tuning seeds (100, 101), reported
 #: on others (docs/benchmarks.md).
+#: training images named in the warning's message (the closest first)
+CLOSEST_IMAGES = 3
 TUNED = "tuned on scripts/bench_warnings.py seeds 100-101 (docs/benchmarks.md)"
 
 
@@ -72,7 +75,7 @@ class ForecastProbe(Probe):
             "severity": "warning",
             "source": "memwatch: warn while the forecast's early edge is within half the current step, " + TUNED,
             "message": "step {step}: samples approach training images; copying is forecast at step {forecast_step} "
-            "(band {forecast_low}-{forecast_high}); keep {keep}",
+            "(band {forecast_low}-{forecast_high}); closest: {evidence[closest_images]}; keep {keep}",
         },
     )
 
@@ -104,12 +107,18 @@ class ForecastProbe(Probe):
         return ProbeResult(PROBE, forecast.metrics(), items=items)
 
     def evidence(self, result: ProbeResult) -> dict[str, Any]:
-        """The forecast band and the seeds closest to copying (their nearest training images)."""
-        closest = sorted(result.items, key=lambda it: _float(it["ratio"]))[:5]
+        """The forecast band, the seeds closest to copying and, as text for messages, the training
+        images they come closest to (``closest_images``: up to 3, closest first, with their d1/d2)."""
+        ranked = sorted(result.items, key=lambda it: nan_last(it.get("ratio")))
+        images: dict[str, float] = {}
+        for it in ranked:
+            if it["nn1"] is not None and len(images) < CLOSEST_IMAGES:
+                images.setdefault(str(it["nn1"]), _float(it["ratio"]))
         return {
             "onset": result.metrics["onset"],
             "band": [result.metrics["onset_low"], result.metrics["onset_high"]],
-            "closest": [{"seed": it["seed"], "ratio": it["ratio"], "training_id": it["nn1"]} for it in closest],
+            "closest": [{"seed": it["seed"], "ratio": it["ratio"], "training_id": it["nn1"]} for it in ranked[:5]],
+            "closest_images": ", ".join(f"{i} (d1/d2 {r:.2f})" for i, r in images.items()) or "none",
         }
 
 

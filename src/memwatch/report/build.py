@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from memwatch import __version__
-from memwatch.curves import DPI, PNG_METADATA, curves_figure, seeds_figure
+from memwatch.curves import DPI, PNG_METADATA, curves_figure, images_figure, seeds_figure
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash, sha256_bytes
 from memwatch.history import RunHistory, find_store, load_history
+from memwatch.image_risk import image_trajectories, rank_images
 from memwatch.report import sources
 from memwatch.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.report.evidence import ReferenceFiles, collect_evidence, sample_crops
@@ -360,6 +361,7 @@ def _curves(data: RunHistory) -> dict[str, Any]:
         for e in data.events
         if e.get("forecast_step") is not None
     ]
+    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
     return {
         "metrics": {
             name: [{"step": step, "value": value} for step, value in series.items()]
@@ -368,7 +370,11 @@ def _curves(data: RunHistory) -> dict[str, Any]:
         "forecasts": forecasts,
         "mem_ratio": data.mem_ratio,
         # Plots of numbers only (no training or generated pixels): kept in redacted reports too.
-        "images": {"curves": _figure_uri(curves_figure(data)), "seeds": _figure_uri(seeds_figure(data))},
+        "images": {
+            "curves": _figure_uri(curves_figure(data)),
+            "seeds": _figure_uri(seeds_figure(data)),
+            "images": _figure_uri(images_figure(data, risks)),
+        },
     }
 
 

@@ -22,6 +22,7 @@ from memwatch.history import RunHistory, training_images
 from memwatch.report.common import IDENTITY, Limits, data_uri, png_uri
 
 FLAGS = ("memorized", "copied", "extracted")
+AT_RISK_SHOWN = 10  # training images most at risk listed in the report (curves' image_risk.csv lists all)
 MATCH_FIELDS = ("sample", "seed", "nn1", "d1", "d2", "ratio", "similarity", "extraction", *FLAGS)
 # Training thumbnails: large enough to recognise an image, small enough that a gallery of a few
 # hundred stays a few MB. Smaller images are kept at their size and scaled up by the browser.
@@ -245,7 +246,8 @@ def collect_evidence(
             "ids and scores",
         )
     faces = {r["identity_item"] for r in identity["leaks"] + identity["interpolations"] if r["identity_item"]}
-    wanted = sorted({s["nn1"] for s in samples if s["nn1"]} | faces)
+    at_risk = _at_risk(curves, matches, crops)
+    wanted = sorted({s["nn1"] for s in samples if s["nn1"]} | faces | {r["training_id"] for r in at_risk})
     grid_cells: dict[str, str] = {}  # training cells of the grids: each image as the model saw it
     for crop in crops.values():
         grid_cells.setdefault(crop["training_id"], crop["training"])
@@ -254,9 +256,22 @@ def collect_evidence(
         "samples": samples,
         "training_images": training,
         "first_seen": training_images(curves.seeds),
+        "at_risk_images": at_risk,
         "identities": identity,
         "files": _evidence_files(results, store_dir, crops, redact, limits),
     }
+
+
+def _at_risk(
+    curves: RunHistory, matches: Sequence[Mapping[str, Any]], crops: Mapping[tuple[int, int], Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The training images most at risk (:mod:`memwatch.image_risk`), each with the sample that came
+    closest to it (its pixels when that sample is in an evidence grid)."""
+    from memwatch.image_risk import image_trajectories, rank_images
+
+    crop_of = {(int(m["step"]), m.get("sample")): crops.get(key) for key, m in _positions(matches)}
+    risks = rank_images(image_trajectories(curves.seeds), threshold=curves.mem_ratio)[:AT_RISK_SHOWN]
+    return [_with_pixels(r.row(), crop_of.get((r.min_step, r.min_sample))) for r in risks]
 
 
 def _with_pixels(row: dict[str, Any], crop: Mapping[str, Any] | None) -> dict[str, Any]:

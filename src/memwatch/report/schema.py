@@ -154,6 +154,23 @@ _DEFS: dict[str, Any] = {
             "image_source": _STR,
         }
     ),
+    "at_risk_image": _obj(
+        {
+            "rank": {"type": "integer", "minimum": 1},
+            "training_id": {"type": "string"},
+            "at_risk": {"enum": [0, 1]},
+            "first_copy_step": _INT,
+            "copies": {"type": "integer", "minimum": 0},
+            "forecast_step": _INT,
+            "ratio_now": _NUM,
+            "ratio_min": _NUM,
+            "ratio_min_step": _INT,
+            "ratio_min_seed": _INT,
+            "ratio_min_sample": _STR,
+            "image": _PNG_URI,
+            "image_source": _STR,
+        }
+    ),
     "training_image": _obj(
         {
             "id": {"type": "string"},
@@ -296,7 +313,7 @@ _SCHEMA: dict[str, Any] = {
                     "metrics": {"type": "object", "additionalProperties": _list({"$ref": "#/$defs/point"})},
                     "forecasts": _list({"$ref": "#/$defs/forecast"}),
                     "mem_ratio": {"type": "number"},
-                    "images": _obj({"curves": _PNG_URI, "seeds": _PNG_URI}),
+                    "images": _obj({"curves": _PNG_URI, "seeds": _PNG_URI, "images": _PNG_URI}),
                 }
             ),
             "events": _list({"$ref": "#/$defs/event"}),
@@ -305,6 +322,7 @@ _SCHEMA: dict[str, Any] = {
                     "samples": _list({"$ref": "#/$defs/sample"}),
                     "training_images": _list({"$ref": "#/$defs/training_image"}),
                     "first_seen": _list({"$ref": "#/$defs/first_seen"}),
+                    "at_risk_images": _list({"$ref": "#/$defs/at_risk_image"}),
                     "identities": _obj(
                         {
                             "probed": {"type": "boolean"},
