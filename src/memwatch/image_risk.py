@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,15 +159,45 @@ def rank_images(
         risk.first_copy_step = copied[0] if copied else None
         risk.copies = sum(1 for a in traj.values() for r in a.ratios if r < threshold)
         if risk.first_copy_step is None and now is not None:
-            # The image's own series over the run's recent probes: a probe where no sample came
-            # nearest to it is a gap, not a value.
-            recent = [(s, {0: traj[s].ratio} if s in traj else {}) for s in all_steps[-WINDOW:]]
-            risk.forecast_step = forecast_onset(recent, threshold=threshold, window=WINDOW).onset
+            risk.forecast_step = _forecast(traj, all_steps, threshold)
         risks.append(risk)
     risks.sort(key=_order)
     for i, r in enumerate(risks, 1):
         r.rank = i
     return risks
+
+
+def first_at_risk(
+    trajectory: Mapping[int, Approach], steps: Sequence[int], *, threshold: float = 1 / 3
+) -> tuple[int | None, int | None]:
+    """The first probe at which one image was at risk (copied, or forecast to be), and the first at which
+    it was copied, replaying the run probe by probe (each forecast sees only the probes before it).
+
+    Args:
+        trajectory: the image's closest approaches (from :func:`image_trajectories`).
+        steps: every probed step of the run, ascending.
+        threshold: the memorization threshold on d1/d2.
+
+    Example:
+        >>> t = {s: Approach(r, r / 10, 0, "s0") for s, r in [(100, .9), (200, .7), (300, .55), (400, .3)]}
+        >>> first_at_risk(t, [100, 200, 300, 400])
+        (300, 400)
+    """
+    at_risk = None
+    for k, step in enumerate(steps):
+        a = trajectory.get(step)
+        if a is not None and a.ratio < threshold:
+            return (step if at_risk is None else at_risk), step
+        if at_risk is None and math.isfinite(_forecast(trajectory, steps[: k + 1], threshold)):
+            at_risk = step
+    return at_risk, None
+
+
+def _forecast(trajectory: Mapping[int, Approach], steps: Sequence[int], threshold: float) -> float:
+    """The image's own onset forecast at the last of ``steps`` (NaN: none). Its series is taken over the
+    run's recent probes: a probe where no sample came nearest to it is a gap, not a value."""
+    recent = [(s, {0: trajectory[s].ratio} if s in trajectory else {}) for s in steps[-WINDOW:]]
+    return forecast_onset(recent, threshold=threshold, window=WINDOW).onset
 
 
 def _order(r: ImageRisk) -> tuple:

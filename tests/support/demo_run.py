@@ -51,8 +51,11 @@ class MemorizingDenoiser(torch.nn.Module):
     parameter, ``forward(x, t).sample`` predicting the noise).
     """
 
-    def __init__(self, images: torch.Tensor, scheduler: DDPMScheduler):
+    def __init__(self, images: torch.Tensor, scheduler: DDPMScheduler, sharpness: float = 1.0):
         super().__init__()
+        # < 1: a softer posterior, samples between images (a model still learning); a buffer, so that models
+        # of different sharpness are different weights
+        self.register_buffer("sharpness", torch.tensor(float(sharpness)))
         self.config = SimpleNamespace(sample_size=images.shape[-1], in_channels=images.shape[1])
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device and dtype source
         self.register_buffer("data", images * 2 - 1)  # model range [-1, 1]
@@ -62,7 +65,7 @@ class MemorizingDenoiser(torch.nn.Module):
         a = self.alphas[t.long().flatten()].view(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         flat = self.data.flatten(1)  # (N, D)
         dist = torch.cdist((x / a.sqrt()).flatten(1), flat).pow(2)  # (B, N)
-        weights = torch.softmax(-dist * a.flatten()[:, None] / (2 * (1 - a.flatten()[:, None])), dim=1)
+        weights = torch.softmax(-dist * self.sharpness * a.flatten()[:, None] / (2 * (1 - a.flatten()[:, None])), dim=1)
         x0 = (weights @ flat).view_as(x)
         return SimpleNamespace(sample=(x - a.sqrt() * x0) / (1 - a).sqrt())
 

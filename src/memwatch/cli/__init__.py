@@ -14,11 +14,11 @@ import logging
 import sys
 
 from memwatch import __version__
-from memwatch.cli import config, curves, data, demo, forecast, probe, report, score, watch
+from memwatch.cli import canaries, config, curves, data, demo, forecast, probe, report, score, watch
 from memwatch.errors import MemwatchError
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, config)
+COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, canaries, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     Example:
         >>> sorted(build_parser()._subparsers._group_actions[0].choices)[:3]
-        ['config', 'curves', 'data']
+        ['canaries', 'config', 'curves']
     """
     parser = argparse.ArgumentParser(
         prog="memwatch",
