@@ -2,9 +2,9 @@
 """Benchmark: memwatch monitor overhead on the demo, and where a probe's time goes.
 
 Trains the demo recipe three times in one run of this script, on the same data and seed: with
-memwatch's default settings (default probes, cadence adaptive under its 5% budget), with the demo's
-settings (configs/demo.yaml: fixed cadence), and with every probe disabled (the monitor is still
-called each step, so the difference is the probing itself). Prints Markdown tables for
+memwatch's default settings (default probes, cadence adaptive under its 10% budget), with the demo's
+settings (configs/demo.yaml: adaptive cadence without a time budget), and with every probe disabled
+(the monitor is still called each step, so the difference is the probing itself). Prints Markdown tables for
 docs/benchmarks.md.
 
     python scripts/bench_monitor.py [--steps N]
@@ -78,7 +78,7 @@ def main() -> None:
     print(f"| total inside probes | {probe_s:.2f} | 100% |")
     for label, summary in (("defaults", default), ("demo", on)):
         steps = {k: summary.get(k) for k in ("onset_step", "at_risk_step", "first_alarm_step", "last_clean_step")}
-        print(f"{label}: {steps}, events {summary['events']}")
+        print(f"{label}: {steps}, events {summary['events']}, images at risk {summary.get('images_at_risk')}")
 
 
 if __name__ == "__main__":

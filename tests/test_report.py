@@ -112,6 +112,7 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
 def test_the_planted_duplicate_is_the_image_most_at_risk(demo_run: dict[str, Any], demo_report: dict) -> None:
     # duplicated 8 times in the memorizing model's data, it is copied first (Carlini et al. 2023)
     (first, *_) = demo_run["summary"]["images_at_risk"]
+    assert demo_run["summary_after_close"] == demo_run["summary"]
     assert first["training_id"] == PLANTED_ID and first["first_copy_step"] == MEMORIZING_STEPS[0]
     top = demo_report["report"]["evidence"]["at_risk_images"][0]
     assert (top["rank"], top["training_id"], top["at_risk"]) == (1, PLANTED_ID, 1)

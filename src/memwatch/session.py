@@ -125,6 +125,7 @@ class ProbeSession:
         #: probes that could not run, each with its reason, in the order they failed
         self.failures: list[dict[str, Any]] = []
         self.closed = False
+        self._final: dict[str, Any] | None = None  # the summary written at close (with the images at risk)
         self._last_args: tuple[Any, Any, Any] | None = None
         self._repeat_warned = False
         self._closed_warned = False
@@ -646,7 +647,10 @@ class ProbeSession:
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> dict[str, Any]:
-        """Onset, at-risk and last clean step, events by severity, failed probes and the paths written."""
+        """Onset, at-risk and last clean step, events by severity, failed probes and the paths written;
+        after :meth:`close`, the summary it wrote (which adds ``images_at_risk``)."""
+        if self._final is not None:
+            return dict(self._final)
         by_sev: dict[str, int] = {}
         for e in self.events:
             by_sev[e.severity] = by_sev.get(e.severity, 0) + 1
@@ -689,6 +693,7 @@ class ProbeSession:
         self.closed = True
         if self.store is not None:
             summary["images_at_risk"] = self._images_at_risk()
+            self._final = summary
             try:
                 (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             except OSError as e:

@@ -137,6 +137,7 @@ def make_demo_run(root: Path) -> dict[str, Any]:
     summary = monitor.close()
     return {
         "summary": summary,
+        "summary_after_close": monitor.summary(),  # what a script returns after the `with` block
         "run_dir": out,
         "train_dir": train_dir,
         "checkpoint": checkpoint,
