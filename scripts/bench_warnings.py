@@ -18,9 +18,17 @@ Images: the demo's public-domain photo crops (``assets/demo/control``, 384 crops
 scikit-learn's handwritten digits (1,797 images of 8x8, upsampled; sizes above 256), all at 16x16.
 Each run also gets 32 held-out images of the same family (the membership probe).
 
+Which images (``--canaries 2 4 8``): some training images are planted as duplicates (byte copies, each
+level once per run; :mod:`memwatch.canaries`), and the dense truth records every seed's nearest training
+image, so each image's true first copy is known. Per memorizing run: the Spearman correlation between
+memwatch's image ranking at half the onset step (:mod:`memwatch.image_risk`, from the monitor's own
+probes up to then) and the true order of first copies; the precision of its top-k against the first k
+images copied (k = 5, or fewer when fewer were copied); for each canary, its first copy and when memwatch
+first put it at risk, against the onset.
+
 Runs are independent processes (``--jobs``, one torch thread each). Each run leaves its folder under
-``--out``: the monitor's store (``memwatch/``) and ``truth.json`` (the dense probes: every seed's d1/d2 at
-every dense step). Analysis only (``--analyse``) re-reads those folders.
+``--out``: the monitor's store (``memwatch/``) and ``truth.json`` (the dense probes: every seed's d1/d2 and
+nearest training image at every dense step). Analysis only (``--analyse``) re-reads those folders.
 
     python scripts/bench_warnings.py --quick --json runs/bench_warnings_quick.json
     python scripts/bench_warnings.py --json docs/bench_warnings.json --plots docs/img
@@ -63,6 +71,7 @@ class RunSpec:
     dense_samples: int = 64
     monitor: bool = True
     config: str | None = None
+    canaries: tuple[int, ...] = ()
 
     @property
     def family(self) -> str:
@@ -102,11 +111,16 @@ def write_sets(spec: RunSpec, run_dir: Path) -> tuple[Path, Path]:
     if spec.n + HOLDOUT > len(pool):
         raise SystemExit(f"n={spec.n}: the {spec.family} pool has only {len(pool)} images")
     order = np.random.default_rng(1000 + spec.seed).permutation(len(pool))
+    source = run_dir / "data" / ("source" if spec.canaries else "train")
     train, holdout = run_dir / "data" / "train", run_dir / "data" / "holdout"
-    for folder, picks in ((train, order[: spec.n]), (holdout, order[spec.n : spec.n + HOLDOUT])):
+    for folder, picks in ((source, order[: spec.n]), (holdout, order[spec.n : spec.n + HOLDOUT])):
         folder.mkdir(parents=True, exist_ok=True)
         for i, k in enumerate(picks):
             pool[int(k)].save(folder / f"{i:04d}_{spec.family}{int(k):04d}.png")
+    if spec.canaries:
+        from memwatch.canaries import plant_canaries
+
+        plant_canaries(source, train, levels=spec.canaries, seed=spec.seed, manifest=run_dir / "canaries.json")
     return train, holdout
 
 
@@ -156,7 +170,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         MemorizationMonitor(accelerator, config, reference=refs, holdout=str(holdout_dir)) if spec.monitor else None
     )
     gen = torch.Generator().manual_seed(spec.seed)
-    truth: dict[str, Any] = {"steps": [], "ratios": [], "mem_fraction": []}
+    truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "mem_fraction": []}
     onset = first_copy = None
     t0 = time.perf_counter()
     monitor_s = dense_s = 0.0
@@ -183,6 +197,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
             frac = result.metrics["mem_fraction"]
             truth["steps"].append(step)
             truth["ratios"].append([round(r, 5) for r in ratios])
+            truth["nn1"].append([m["nn1"] for m in result.matches])
             truth["mem_fraction"].append(frac)
             if first_copy is None and frac > 0:
                 first_copy = step
@@ -258,10 +273,72 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         "wall_s": data["wall_s"],
         "monitor_s": data["monitor_s"],
     }
+    row["images"] = image_check(run_dir, data)
     if onset is not None and first is not None:
         row["lead_steps"] = onset - first["step"]
         row["lead_fraction"] = round((onset - first["step"]) / onset, 4)
     return row
+
+
+TOP_K = 5
+
+
+def image_check(run_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
+    """Which images: memwatch's ranking at half the onset step against the true order of first copies
+    (Spearman, top-k precision), and each canary's true first copy and first at-risk step."""
+    from scipy.stats import spearmanr
+
+    from memwatch.canaries import check_canaries
+    from memwatch.history import load_history
+    from memwatch.image_risk import image_trajectories, rank_images
+    from memwatch.refset import load_reference_set
+    from memwatch.store import Store
+
+    truth, onset = data["truth"], data["onset_step"]
+    store_path = run_dir / "memwatch" / "memwatch.sqlite"
+    if onset is None or "nn1" not in truth or not store_path.is_file():
+        return None
+    first: dict[str, int] = {}  # true first copy of each training image (dense probes)
+    for step, ratios, nns in zip(truth["steps"], truth["ratios"], truth["nn1"], strict=True):
+        for r, nn in zip(ratios, nns, strict=True):
+            if r is not None and r < 1 / 3:
+                first.setdefault(nn, step)
+    with Store(store_path, readonly=True) as store:
+        history = load_history(store)
+    early = [r for r in history.seeds if r["step"] <= onset // 2]
+    ranked = [r.training_id for r in rank_images(image_trajectories(early), threshold=history.mem_ratio)]
+    refs = load_reference_set(run_dir / "data" / "train")
+    ids = sorted({it.sha256: it.id for it in reversed(refs.items)}.values())  # the first id of each content
+    position = {i: k for k, i in enumerate(ranked)}
+    never = max(truth["steps"]) + 1
+    rho = spearmanr([position.get(i, len(ranked)) for i in ids], [first.get(i, never) for i in ids]).statistic
+    k = min(TOP_K, len(first))
+    kth = sorted(first.values())[k - 1] if k else None
+    truly_first = {i for i, st in first.items() if kth is not None and st <= kth}  # ties at the k-th step count
+    precision = len(set(ranked[:k]) & truly_first) / k if k else None
+    canaries = []
+    manifest = run_dir / "canaries.json"
+    if manifest.is_file():
+        monitor = {c["id"]: c for c in check_canaries(run_dir, manifest)["canaries"]}
+        for c in json.loads(manifest.read_text())["canaries"]:
+            steps = [first[i] for i in (c["id"], *c["copy_ids"]) if i in first]
+            canaries.append({
+                "copies": c["copies"], "id": c["id"], "true_first_copy": min(steps) if steps else None,
+                "monitor_first_at_risk": monitor[c["id"]]["first_at_risk_step"],
+                "monitor_first_copy": monitor[c["id"]]["first_copy_step"],
+            })  # fmt: skip
+    planted = {c["id"] for c in canaries}
+    others = sorted(st for i, st in first.items() if i not in planted)
+    return {
+        "spearman": None if rho != rho else round(float(rho), 4),
+        "top_k": k,
+        "precision_at_k": None if precision is None else round(precision, 4),
+        "images": len(ids),
+        "images_copied": len(first),
+        "ranked_at_step": onset // 2,
+        "canaries": canaries,
+        "others_median_first_copy": statistics.median(others) if others else None,
+    }
 
 
 def forecast_check(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -307,6 +384,45 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "memorizing_runs": len(memorizing),
         "control_runs": len(controls),
         "onset_vs_n": fit,
+        **image_summary(rows),
+    }
+
+
+def image_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median Spearman and top-k precision over the runs with per-image truth; per canary level, the median
+    true first copy and first at-risk step as a share of the run's onset (level 1: the other images)."""
+    checks = [(r, r["images"]) for r in rows if r.get("images")]
+    rhos = [c["spearman"] for _, c in checks if c["spearman"] is not None]
+    precisions = [c["precision_at_k"] for _, c in checks if c["precision_at_k"] is not None]
+    levels: dict[int, dict[str, list[float]]] = {}
+    for r, c in checks:
+        for x in c["canaries"]:
+            level = levels.setdefault(x["copies"], {"copy": [], "at_risk": [], "caught": []})
+            if x["true_first_copy"] is not None:
+                level["copy"].append(x["true_first_copy"] / r["onset_step"])
+                at_risk = x["monitor_first_at_risk"]
+                level["caught"].append(float(at_risk is not None and at_risk < x["true_first_copy"]))
+            if x["monitor_first_at_risk"] is not None:
+                level["at_risk"].append(x["monitor_first_at_risk"] / r["onset_step"])
+        if c["others_median_first_copy"] is not None:
+            level = levels.setdefault(1, {"copy": [], "at_risk": [], "caught": []})
+            level["copy"].append(c["others_median_first_copy"] / r["onset_step"])
+
+    def med(v: list[float]) -> float | None:
+        return round(statistics.median(v), 3) if v else None
+
+    return {
+        "image_runs": len(checks),
+        "median_spearman": med(rhos),
+        "median_precision_at_k": med(precisions),
+        "canaries": {
+            str(level): {
+                "median_first_copy_over_onset": med(v["copy"]),
+                "median_first_at_risk_over_onset": med(v["at_risk"]),
+                "at_risk_before_first_copy": f"{int(sum(v['caught']))} of {len(v['caught'])}",
+            }
+            for level, v in sorted(levels.items())
+        },  # fmt: skip
     }
 
 
@@ -376,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
     p.add_argument("--config", default=None, help="a memwatch config for the monitor (default: memwatch's defaults)")
     p.add_argument("--no-monitor", action="store_true", help="dense ground truth only (for tuning)")
+    p.add_argument("--canaries", type=int, nargs="*", default=[], help="plant duplicated canaries (e.g. 2 4 8)")
     p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
     p.add_argument("--json", default=None, help="write runs and summary here")
     p.add_argument("--plots", default=None, help="write the figures into this folder")
@@ -388,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.analyse:
         out.mkdir(parents=True, exist_ok=True)
         specs = [
-            RunSpec(n, s, steps, str(out), monitor=not args.no_monitor, config=args.config)
+            RunSpec(
+                n, s, steps, str(out), monitor=not args.no_monitor, config=args.config, canaries=tuple(args.canaries)
+            )
             for n in sorted(sizes, reverse=True)
             for s in seeds
         ]  # fmt: skip  (longest first)
