@@ -39,7 +39,7 @@ from memwatch.curves import DPI, PNG_METADATA, curves_figure, images_figure, see
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash, sha256_bytes
 from memwatch.history import RunHistory, find_store, load_history
-from memwatch.image_risk import image_trajectories, rank_images
+from memwatch.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.report import sources
 from memwatch.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.report.evidence import ReferenceFiles, collect_evidence, sample_crops
@@ -103,6 +103,7 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     refs = ReferenceFiles(info.get("reference"), store_dir, limits)
     crops = {} if redact else sample_crops(results, matches, identity_rows, store_dir, refs, limits)
 
+    risks = rank_images(image_trajectories(history.seeds), threshold=history.mem_ratio)  # curves and evidence
     verdict = _verdicts(snapshots, results, metric_rows, matches, identity_rows, events, rules)
     report = {
         "format": FORMAT,
@@ -111,9 +112,11 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         "redacted": bool(redact),
         "run": {"name": info["name"], "created_at": info["created_at"], "created_at_utc": _utc(info["created_at"])},
         "verdict": verdict,
-        "curves": _curves(history),
+        "curves": _curves(history, risks),
         "events": [_event(e) for e in events],
-        "evidence": collect_evidence(history, matches, identity_rows, results, crops, refs, store_dir, redact, limits),
+        "evidence": collect_evidence(
+            history, matches, identity_rows, results, crops, refs, store_dir, redact, limits, risks
+        ),
         "provenance": _provenance(info, config, snapshots, results, metric_rows, limits),
         "limitations": [],
     }
@@ -355,13 +358,12 @@ def _first_step(rows: Iterable[Mapping[str, Any]]) -> int | None:
 # Curves and events
 
 
-def _curves(data: RunHistory) -> dict[str, Any]:
+def _curves(data: RunHistory, risks: Sequence[ImageRisk]) -> dict[str, Any]:
     forecasts = [
         {k: e.get(k) for k in ("step", "rule", "severity", "metric", "value", "threshold", "forecast_step")}
         for e in data.events
         if e.get("forecast_step") is not None
     ]
-    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
     return {
         "metrics": {
             name: [{"step": step, "value": value} for step, value in series.items()]

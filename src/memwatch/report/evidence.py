@@ -19,6 +19,7 @@ import numpy as np
 
 from memwatch.hashing import sha256_bytes, sha256_file
 from memwatch.history import RunHistory, training_images
+from memwatch.image_risk import ImageRisk
 from memwatch.report.common import IDENTITY, Limits, data_uri, png_uri
 
 FLAGS = ("memorized", "copied", "extracted")
@@ -226,6 +227,7 @@ def collect_evidence(
     store_dir: Path,
     redact: bool,
     limits: Limits,
+    risks: Sequence[ImageRisk],
 ) -> dict[str, Any]:
     samples = []
     for key, m in _positions(matches):
@@ -246,7 +248,7 @@ def collect_evidence(
             "ids and scores",
         )
     faces = {r["identity_item"] for r in identity["leaks"] + identity["interpolations"] if r["identity_item"]}
-    at_risk = _at_risk(curves, matches, crops)
+    at_risk = _at_risk(risks, matches, crops)
     wanted = sorted({s["nn1"] for s in samples if s["nn1"]} | faces | {r["training_id"] for r in at_risk})
     grid_cells: dict[str, str] = {}  # training cells of the grids: each image as the model saw it
     for crop in crops.values():
@@ -263,15 +265,14 @@ def collect_evidence(
 
 
 def _at_risk(
-    curves: RunHistory, matches: Sequence[Mapping[str, Any]], crops: Mapping[tuple[int, int], Mapping[str, Any]]
+    risks: Sequence[ImageRisk],
+    matches: Sequence[Mapping[str, Any]],
+    crops: Mapping[tuple[int, int], Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
-    """The training images most at risk (:mod:`memwatch.image_risk`), each with the sample that came
-    closest to it (its pixels when that sample is in an evidence grid)."""
-    from memwatch.image_risk import image_trajectories, rank_images
-
+    """The training images most at risk (ranked by :mod:`memwatch.image_risk`), each with the sample that
+    came closest to it (its pixels when that sample is in an evidence grid)."""
     crop_of = {(int(m["step"]), m.get("sample")): crops.get(key) for key, m in _positions(matches)}
-    risks = rank_images(image_trajectories(curves.seeds), threshold=curves.mem_ratio)[:AT_RISK_SHOWN]
-    return [_with_pixels(r.row(), crop_of.get((r.min_step, r.min_sample))) for r in risks]
+    return [_with_pixels(r.row(), crop_of.get((r.min_step, r.min_sample))) for r in risks[:AT_RISK_SHOWN]]
 
 
 def _with_pixels(row: dict[str, Any], crop: Mapping[str, Any] | None) -> dict[str, Any]:
