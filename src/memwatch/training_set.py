@@ -12,8 +12,9 @@ Somepalli et al. 2023), so the owner of a data set wants them found before train
 * **isolated images**: those whose nearest other image is unusually far, beyond Tukey's upper fence
   (Q3 + 1.5 IQR) of the set's nearest-neighbour distances (Tukey 1977).
 
-The search compares every distinct image with every other, exactly, in blocks of ``chunk_size`` rows
-(only the upper triangle of blocks: each pair once), so memory stays bounded whatever the set's size.
+The search is exact (:mod:`memwatch.pair_search`: a provable lower bound from a principal-axes projection
+skips the pairs that cannot be close), in blocks of ``chunk_size`` rows, so memory stays bounded
+whatever the set's size.
 
 Example:
     >>> import tempfile
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memwatch.neighbours import ReferenceIndex
+from memwatch.pair_search import similar_pairs
 
 if TYPE_CHECKING:
     from memwatch.embed_cache import EmbeddingCache
@@ -141,7 +143,7 @@ def analyse_training_set(
     content_ids = [ids for ids in ids_of.values()]  # aligned with index.ids (first id of each content, sorted)
     groups = [DuplicateGroup("exact", sorted(ids)) for ids in content_ids if len(ids) > 1]
 
-    pairs, nearest = _near_pairs(index.embeddings, embedder, threshold, chunk_size)
+    pairs, nearest = similar_pairs(index.embeddings, embedder, threshold, chunk_size=chunk_size)
     parent = list(range(len(index)))
     weakest: dict[int, float] = {}
 
@@ -181,39 +183,6 @@ def analyse_training_set(
         skipped=list(refs.skipped),
         seconds=time.perf_counter() - t0,
     )
-
-
-def _near_pairs(
-    emb: torch.Tensor, embedder: Embedder, threshold: float, chunk_size: int
-) -> tuple[list[tuple[int, int, float]], dict[int, tuple[int, float]]]:
-    """Every pair ``(i, j, similarity)`` with ``i < j`` at or above ``threshold``, and each row's nearest
-    other row with its similarity; exact, one block of the upper triangle at a time."""
-    n = emb.shape[0]
-    pairs: list[tuple[int, int, float]] = []
-    best_sim = torch.full((n,), -torch.inf, dtype=torch.float64)
-    best_idx = torch.full((n,), -1, dtype=torch.long)
-
-    def keep_best(rows: slice, sims: torch.Tensor, col0: int) -> None:
-        top, arg = sims.max(dim=1)
-        better = top > best_sim[rows]
-        best_sim[rows] = torch.where(better, top, best_sim[rows])
-        best_idx[rows] = torch.where(better, arg + col0, best_idx[rows])
-
-    for a in range(0, n, chunk_size):
-        qa = emb[a : a + chunk_size]
-        for b in range(a, n, chunk_size):
-            rb = emb[b : b + chunk_size]
-            sim = embedder.similarity(embedder.pairwise_distance(qa, rb)).double()
-            if a == b:
-                sim.fill_diagonal_(-torch.inf)  # an image is not its own neighbour
-            keep_best(slice(a, a + len(qa)), sim, b)
-            if a != b:
-                keep_best(slice(b, b + len(rb)), sim.T, a)  # the lower block is the transpose: each pair once
-            ii, jj = torch.nonzero(sim >= threshold, as_tuple=True)
-            upper = (ii + a) < (jj + b)
-            pairs += [(int(i) + a, int(j) + b, float(sim[i, j])) for i, j in zip(ii[upper], jj[upper], strict=True)]
-    nearest = {i: (int(best_idx[i]), float(best_sim[i])) for i in range(n) if best_idx[i] >= 0}
-    return pairs, nearest
 
 
 def _isolated(nearest: dict[str, tuple[str, float]], embedder: Embedder) -> list[str]:

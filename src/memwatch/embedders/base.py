@@ -77,3 +77,11 @@ class Embedder(ABC):
     @abstractmethod
     def similarity(self, distance: torch.Tensor) -> torch.Tensor:
         """Map a distance to this embedder's similarity score (larger is more alike)."""
+
+    def distance_lower_bound(self, l2: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """A lower bound on :meth:`pairwise_distance`, given a lower bound on the plain euclidean distance
+        between the embeddings (``dim``: their length); None when the embedder knows none.
+
+        It lets :mod:`memwatch.pair_search` skip pairs that cannot be close without changing its result.
+        """
+        return None

@@ -91,6 +91,11 @@ class PixelEmbedder(Embedder):
     def similarity(self, distance: torch.Tensor) -> torch.Tensor:
         return 1.0 - distance
 
+    def distance_lower_bound(self, l2: torch.Tensor, dim: int) -> torch.Tensor:
+        """``l2 / sqrt(dim)``: the whole-image normalised l2, which is also a lower bound of the tiled
+        distance (the root mean square of the 16 tiles' distances is at most their largest)."""
+        return l2 / dim**0.5
+
 
 def _normalised_l2(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """l2 distance divided by sqrt(dim), computed in float64 so near-copies keep their tiny distances."""
