@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from support.demo_run import DEMO_CONFIG, MEMORIZING_STEPS, PLANTED_ID, SIZE, TRAIN_STEPS
 from support.images import smooth_image, write_images
+from support.schema import schema_errors
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
@@ -54,16 +55,6 @@ def demo_report(demo_run: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
         "report": json.loads(paths["json"].read_text(encoding="utf-8")),
         "out": out,
     }
-
-
-def schema_errors(report: Any) -> list[str]:
-    """Errors of ``report`` against :func:`report_schema` (jsonschema, draft 2020-12)."""
-    import jsonschema
-
-    schema = report_schema()
-    validator = jsonschema.Draft202012Validator(schema)
-    validator.check_schema(schema)
-    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(report)]
 
 
 def _decode(uri: str) -> np.ndarray:

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageEnhance
+from support.schema import schema_errors
 
 from memwatch.cli import main
 from memwatch.embedders.pixel import PixelEmbedder
+from memwatch.monitor import MemorizationMonitor
 from memwatch.refset import load_reference_set
+from memwatch.report import build_report, render_html
+from memwatch.store import Store
 from memwatch.training_set import analyse_training_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +100,96 @@ def test_bad_input_is_one_line_and_exit_2(planted, argv, message, capsys) -> Non
     assert main([a.format(data=data) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis made by the monitor and memwatch probe, kept in the store and shown in the report
+
+
+@pytest.fixture
+def duplicated(train_holdout) -> tuple[Path, Path]:
+    """Eight 16 px training images plus an exact copy of one and a 3% brighter copy of another."""
+    train, holdout = train_holdout
+    shutil.copy(train / "img000.png", train / "img000_copy.png")
+    ImageEnhance.Brightness(Image.open(train / "img001.png").convert("RGB")).enhance(1.03).save(train / "img001_b.png")
+    return train, holdout
+
+
+def _monitor_run(train: Path, holdout: Path, out: Path, steps: int = 4) -> dict:
+    from accelerate import Accelerator
+    from support.models import FAST_MONITOR
+    from support.models import train as train_loop
+
+    acc = Accelerator(cpu=True)
+    config = {**FAST_MONITOR, "run_name": "r"}
+    with MemorizationMonitor(acc, config, reference=train, holdout=holdout, output_dir=out) as m:
+        train_loop(acc, train, steps, monitor=m)
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_the_monitor_analyses_the_training_set_once_and_the_report_shows_it(duplicated, tmp_path: Path) -> None:
+    train, holdout = duplicated
+    out = tmp_path / "mw"
+    summary = _monitor_run(train, holdout, out)
+    counts = summary["training_set"]
+    assert (counts["n"], counts["distinct"], counts["exact_duplicate_images"], counts["near_duplicate_groups"]) == (
+        10, 9, 1, 1,
+    )  # fmt: skip
+    assert summary["timings"]["training_set"] > 0 and not summary["failed_probes"]
+    with Store(out / "memwatch.sqlite") as store:
+        stored = store.training_set(store.run_id("r"))
+    groups = {(g["kind"], tuple(g["ids"])) for g in stored["analysis"]["duplicate_groups"]}
+    assert groups == {("exact", ("img000.png", "img000_copy.png")), ("near", ("img001.png", "img001_b.png"))}
+    first = stored["created_at"]
+
+    # The same run resumed on unchanged data reuses the stored analysis.
+    again = _monitor_run(train, holdout, out, steps=5)
+    assert again["training_set"] == counts and "training_set" not in again["timings"]
+    with Store(out / "memwatch.sqlite") as store:
+        assert store.training_set(store.run_id("r"))["created_at"] == first
+
+    report = build_report(out)
+    assert not schema_errors(report)
+    section = report["training_set"]
+    assert section["status"] == "analysed" and section["matches_reference"]
+    assert {tuple(g["ids"]) for g in section["duplicate_groups"]} == {g[1] for g in groups}
+    copies = {r["training_id"]: r["training_copies"] for r in report["evidence"]["at_risk_images"]}
+    assert copies and all(c == (2 if i in ("img000.png", "img001.png") else 1) for i, c in copies.items())
+    page = render_html(report)
+    assert "Training set: duplicates and isolated images" in page and "img000_copy.png" in page
+
+
+def test_a_failed_analysis_is_recorded_and_probing_goes_on(duplicated, tmp_path: Path, monkeypatch) -> None:
+    import memwatch.training_set
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk vanished")
+
+    monkeypatch.setattr(memwatch.training_set, "analyse_training_set", broken)  # a fault inside the analysis
+    train, holdout = duplicated
+    out = tmp_path / "mw"
+    summary = _monitor_run(train, holdout, out)
+    assert summary["training_set"] == {"error": "RuntimeError: disk vanished"}
+    assert [f["probe"] for f in summary["failed_probes"]] == ["training_set"]
+    with Store(out / "memwatch.sqlite") as store:
+        run = store.run_id("r")
+        assert {m["probe"] for m in store.metrics(run)} >= {"membership", "regurgitation"}  # the probes ran
+        assert store.training_set(run)["error"] == "RuntimeError: disk vanished"
+    report = build_report(out)
+    assert report["training_set"]["status"] == "failed" and not schema_errors(report)
+    assert any(x["code"] == "training-set-unanalysed" for x in report["limitations"])
+
+
+def test_memwatch_probe_analyses_the_training_set_of_a_checkpoint_run(duplicated, tmp_path: Path) -> None:
+    from support.models import train_unconditional_like
+
+    train, _ = duplicated
+    run = tmp_path / "run"
+    train_unconditional_like(run, train, steps=2, every=2)
+    cfg = tmp_path / "c.yaml"
+    probes = {"membership": {"every": 0}, "regurgitation": {"every": 1, "num_samples": 2, "inference_steps": 2}}
+    cfg.write_text(json.dumps({"reference": str(train), "run_name": "audit", "probes": probes}))
+    assert main(["probe", str(run), "--config", str(cfg)]) == 0
+    with Store(run / "memwatch" / "memwatch.sqlite") as store:
+        analysis = store.training_set(store.run_id("audit"))["analysis"]
+    assert analysis["n"] == 10 and analysis["exact_duplicate_images"] == 1 and analysis["near_duplicate_groups"] == 1

@@ -82,6 +82,11 @@ class MonitorConfig(Settings):
     stop_on: str | None = setting(
         None, "null | warning | critical: monitor.should_stop turns true on such an event", choices=SEVERITIES
     )
+    analyse_data: bool = setting(
+        True,
+        "analyse the training set once per run at the first probe (exact and near duplicates, isolated images, "
+        "as memwatch data does) and keep it in the store and report",
+    )
     evidence_top: int = setting(8, "sample/training pairs in each sample probe's evidence grid", min=0)
     custom_probes: list[str] = setting(
         [], "your own probes: import paths module:Class of Probe subclasses; set them under probes.<name>"
@@ -117,7 +122,7 @@ class MonitorConfig(Settings):
     def identity_hash(self) -> str:
         """Hash of what decides a run's results (data, weights, schedule, probes, embedder, rules), not of
         where output goes: a job that repeats with the same config resumes the same run."""
-        ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top", "cadence")
+        ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top", "cadence", "analyse_data")
         return config_hash({k: v for k, v in self.raw.items() if k not in ignored})
 
     def to_dict(self) -> dict[str, Any]:

@@ -106,15 +106,16 @@ def similar_pairs(
 
 
 def _project(emb: torch.Tensor, components: int) -> torch.Tensor:
-    """Coordinates on ``components`` orthonormal principal axes (float64), centred."""
-    x = emb.double()
-    mean = x.mean(dim=0)
+    """Coordinates on ``components`` orthonormal principal axes (float64), centred; in blocks, so memory
+    stays near the projection's own size."""
+    mean = emb.sum(dim=0, dtype=torch.float64) / emb.shape[0]
     g = torch.Generator().manual_seed(0)
-    sample = x[torch.randperm(x.shape[0], generator=g)[:PCA_SAMPLE]] - mean
+    sample = emb[torch.randperm(emb.shape[0], generator=g)[:PCA_SAMPLE]].double() - mean
     torch.manual_seed(0)  # svd_lowrank draws a random start: keep the axes (and the time) reproducible
     _, _, v = torch.svd_lowrank(sample, q=components, niter=2)
     basis, _ = torch.linalg.qr(v)  # re-orthonormalise: the bound needs orthonormal columns
-    return (x - mean) @ basis
+    step = 8192
+    return torch.cat([(emb[a : a + step].double() - mean) @ basis for a in range(0, emb.shape[0], step)])
 
 
 def _bounds(

@@ -17,6 +17,7 @@ snapshot to probe and when. Nothing here knows a probe by name: probes are objec
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -126,6 +127,9 @@ class ProbeSession:
         self.failures: list[dict[str, Any]] = []
         self.closed = False
         self._final: dict[str, Any] | None = None  # the summary written at close (with the images at risk)
+        self._data_analysed = False  # the training-set analysis is made once per run (main process)
+        #: what the training-set analysis found (counts), or why it failed; None before it ran
+        self.training_set: dict[str, Any] | None = None
         self._last_args: tuple[Any, Any, Any] | None = None
         self._repeat_warned = False
         self._closed_warned = False
@@ -366,6 +370,8 @@ class ProbeSession:
         todo = [known[name] for name in plan["todo"]]
         failures: dict[str, str] = dict.fromkeys(plan["fail"], plan["reason"]) if plan["fail"] else {}
         ctx = ProbeContext(step, parts, self.data, self.workers, timings=self.timings, past=self._past(step, weights))
+        if todo and self.workers.is_main and self.config.analyse_data and not self._data_analysed:
+            self._analyse_data(ctx)
         outcomes: list[tuple[Probe, list[ProbeResult], float]] = []
         if todo:
             with preserved_rng(), eval_mode(*parts.modules()):
@@ -390,6 +396,34 @@ class ProbeSession:
             events = self._record(snapshot, outcomes, ctx, failures)
         self._add_time("total", time.perf_counter() - t0)
         return events
+
+    def _analyse_data(self, ctx: ProbeContext) -> None:
+        """Main process, once per run: duplicates and isolated images of the training set (``memwatch data``)
+        in the reference index the probes share, into the store; a failure is recorded, never raised."""
+        from memwatch.training_set import analyse_training_set
+
+        self._data_analysed = True
+        assert self.store is not None
+        manifest = self.refs.summary().get("manifest_sha256")
+        try:
+            known = self.store.training_set(self.run_id)
+            if known is not None and known["manifest_sha256"] == manifest and known["analysis"] is not None:
+                self.training_set = _training_set_counts(known["analysis"])  # a resumed run: made already
+                return
+            index = ctx.reference_index()  # the probes' own (its time is reference_embedding's)
+            t0 = time.perf_counter()
+            result = analyse_training_set(self.refs, index.embedder, index=index)
+            self._add_time("training_set", time.perf_counter() - t0)
+            analysis = result.to_dict(all_nearest=False)
+            self.store.write_training_set(self.run_id, manifest, analysis)
+            self.training_set = _training_set_counts(analysis)
+        except Exception as e:
+            reason = _reason(e)
+            log.warning("memwatch: training-set analysis failed: %s", reason)
+            self.failures.append({"step": ctx.step, "probe": "training_set", "error": reason})
+            self.training_set = {"error": reason}
+            with contextlib.suppress(Exception):
+                self.store.write_training_set(self.run_id, manifest, None, reason)
 
     def _past(self, step: int, weights: str | None) -> Callable[[str, int], list[dict[str, Any]]] | None:
         """Main process: the reader of a probe's results on this run's earlier snapshots (same weights kind)."""
@@ -663,6 +697,7 @@ class ProbeSession:
             "last_clean_step": self.last_clean_step,
             "events": by_sev,
             "failed_probes": list(self.failures),
+            "training_set": self.training_set,
             "stopped": self.should_stop,
             "output_dir": str(self.output_dir),
             "store": str(self.output_dir / STORE_NAME),
@@ -736,6 +771,12 @@ def _merge_probes(configured: list[Probe], given: Sequence[Probe]) -> list[Probe
     by_name = {p.name: p for p in given}
     out = [by_name.pop(p.name, p) for p in configured]
     return out + list(by_name.values())
+
+
+def _training_set_counts(analysis: dict[str, Any]) -> dict[str, Any]:
+    """The summary's line on the training set: counts from a stored analysis."""
+    keys = ("n", "distinct", "exact_duplicate_images", "near_duplicate_groups")
+    return {**{k: analysis.get(k) for k in keys}, "isolated": len(analysis.get("isolated", []))}
 
 
 def _rounded(value: float, digits: int) -> float | None:

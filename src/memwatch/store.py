@@ -200,6 +200,15 @@ _SCHEMA = (
     # A rule fires at most once per probed snapshot: replaying a run never records an event twice.
     """CREATE UNIQUE INDEX IF NOT EXISTS events_once
         ON events (run_id, rule, step, snapshot_id) WHERE snapshot_id IS NOT NULL""",
+    # The training-set analysis (memwatch data) of a run's reference set, made once at its first probe.
+    # Added without a schema-version change: an older store simply has none (readers tolerate that).
+    """CREATE TABLE IF NOT EXISTS training_sets (
+        run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+        manifest_sha256 TEXT,
+        analysis_json TEXT,
+        error TEXT,
+        created_at REAL NOT NULL
+    )""",
     # sha256 of files by (size, mtime, inode), so unchanged checkpoints are not re-read on every run.
     """CREATE TABLE IF NOT EXISTS file_hashes (
         path TEXT PRIMARY KEY,
@@ -781,6 +790,38 @@ class Store:
                 row,
             )
             return cur.lastrowid if cur.rowcount else None
+
+    def write_training_set(
+        self,
+        run_id: int,
+        manifest_sha256: str | None,
+        analysis: dict[str, Any] | None,
+        error: str | None = None,
+        created_at: float | None = None,
+    ) -> None:
+        """Record a run's training-set analysis (:meth:`TrainingSetAnalysis.to_dict`), or why it failed;
+        replaces an earlier one (the reference set changed)."""
+        with self._transaction("record the training-set analysis") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO training_sets (run_id, manifest_sha256, analysis_json, error, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, manifest_sha256, _json_or_none(analysis), error, _now(created_at)),
+            )
+
+    def training_set(self, run_id: int) -> dict[str, Any] | None:
+        """A run's training-set analysis: ``{"manifest_sha256", "analysis", "error", "created_at"}``, or None."""
+        if not self._query("SELECT 1 FROM sqlite_master WHERE name = 'training_sets'"):
+            return None  # a store written before the table existed, opened read-only
+        rows = self._query("SELECT * FROM training_sets WHERE run_id = ?", (run_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return {
+            "manifest_sha256": r["manifest_sha256"],
+            "analysis": _loads_or_none(r["analysis_json"]),
+            "error": r["error"],
+            "created_at": r["created_at"],
+        }
 
     def cached_file_hash(self, path: str, size: int, mtime_ns: int, inode: int) -> str | None:
         """The sha256 recorded for this file when it had this size, modification time and inode."""

@@ -85,8 +85,11 @@ class TrainingSetAnalysis:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, all_nearest: bool = True) -> dict[str, Any]:
+        """Plain data; ``all_nearest=False`` keeps the nearest neighbour of isolated images only (what the
+        store keeps: one row per image would be megabytes for a large set)."""
         groups = self.duplicate_groups
+        keep = None if all_nearest else set(self.isolated)
         return {
             "n": self.n,
             "distinct": self.distinct,
@@ -97,7 +100,9 @@ class TrainingSetAnalysis:
             ],
             "isolated": self.isolated,
             "nearest": [
-                {"id": i, "nearest": j, "similarity": round(s, 6)} for i, (j, s) in sorted(self.nearest.items())
+                {"id": i, "nearest": j, "similarity": round(s, 6)}
+                for i, (j, s) in sorted(self.nearest.items())
+                if keep is None or i in keep
             ],
             "near_threshold": self.near_threshold,
             "near_threshold_source": self.near_threshold_source,
@@ -113,6 +118,7 @@ def analyse_training_set(
     embedder: Embedder,
     cache: EmbeddingCache | None = None,
     *,
+    index: ReferenceIndex | None = None,
     near_threshold: float | None = None,
     chunk_size: int = 2048,
 ) -> TrainingSetAnalysis:
@@ -122,6 +128,7 @@ def analyse_training_set(
         refs: the training set (undecodable files are skipped and listed).
         embedder: the comparison space (the regurgitation probe's, so "near duplicate" means "copy").
         cache: embedding cache, or None.
+        index: ``refs`` already embedded by ``embedder`` (the probes' index), to reuse; None: embed here.
         near_threshold: similarity at or above which two images are near duplicates (default: the
             embedder's copy threshold).
         chunk_size: rows compared at a time (memory: ``chunk_size**2`` distances).
@@ -130,7 +137,8 @@ def analyse_training_set(
         A :class:`TrainingSetAnalysis`; groups sorted by kind (exact first), then by first id.
     """
     t0 = time.perf_counter()
-    index = ReferenceIndex(refs, embedder, cache)  # one row per distinct content (skips undecodable files)
+    if index is None:
+        index = ReferenceIndex(refs, embedder, cache)  # one row per distinct content (skips undecodable files)
     threshold = embedder.default_copy_threshold if near_threshold is None else near_threshold
     source = (
         getattr(embedder, "copy_threshold_source", "the embedder's copy threshold")

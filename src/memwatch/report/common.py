@@ -26,6 +26,8 @@ LIMIT_ORDER = (
     "face-weights-unverified",
     "weights-unhashed",
     "extraction-undefined",
+    "training-set-unanalysed",
+    "training-set-stale",
     "reference-skipped",
     "holdout-skipped",
     "no-holdout",

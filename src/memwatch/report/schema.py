@@ -169,6 +169,7 @@ _DEFS: dict[str, Any] = {
             "ratio_min_sample": _STR,
             "image": _PNG_URI,
             "image_source": _STR,
+            "training_copies": {"type": ["integer", "null"], "minimum": 1},
         }
     ),
     "training_image": _obj(
@@ -332,6 +333,33 @@ _SCHEMA: dict[str, Any] = {
                         }
                     ),
                     "files": _list({"$ref": "#/$defs/evidence_file"}),
+                }
+            ),
+            "training_set": _obj(
+                {
+                    "status": {"enum": ["analysed", "failed", "not-analysed"]},
+                    "error": _STR,
+                    "manifest_sha256": _STR,
+                    "matches_reference": {"type": "boolean"},
+                    "n": _INT,
+                    "distinct": _INT,
+                    "exact_duplicate_images": _INT,
+                    "near_duplicate_groups": _INT,
+                    "near_threshold": _NUM,
+                    "near_threshold_source": _STR,
+                    "isolation_rule": _STR,
+                    "duplicate_groups": _list(
+                        _obj(
+                            {
+                                "kind": {"enum": ["exact", "near"]},
+                                "ids": _list({"type": "string"}),
+                                "min_similarity": _NUM,
+                            }
+                        )
+                    ),
+                    "duplicate_groups_total": {"type": "integer", "minimum": 0},
+                    "isolated": _list({"type": "string"}),
+                    "isolated_total": {"type": "integer", "minimum": 0},
                 }
             ),
             "provenance": _obj(
