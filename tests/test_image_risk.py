@@ -59,3 +59,19 @@ def test_copied_first_then_forecast_then_the_rest() -> None:
     assert [r.rank for r in risks] == [1, 2, 3, 4]
     assert [r.first_copy_step for r in risks[:2]] == [200, 500]
     assert risks[0].row()["at_risk"] == 1 and risks[3].row()["forecast_step"] is None
+
+
+def test_duplicated_images_come_first_among_those_without_evidence() -> None:
+    rows = [{"seed": 0, "step": s, "nn1": "a.png", "ratio": r, "d1": r / 10} for s, r in
+            [(100, 0.9), (200, 0.7), (300, 0.55), (400, 0.45)]]  # fmt: skip
+    rows += [{"seed": k, "step": s, "nn1": i, "ratio": r, "d1": 0.1} for k, (i, r) in enumerate(
+        [("b.png", 0.9), ("c.png", 0.8), ("e.png", 0.85)], 1) for s in (100, 200, 300, 400)]  # fmt: skip
+    traj = image_trajectories(rows)
+    plain = [r.training_id for r in rank_images(traj)]
+    assert plain == ["a.png", "c.png", "e.png", "b.png"]
+    # The analysis found e.png twice and d.png (which no sample came nearest to) three times.
+    risks = rank_images(traj, training_copies={"d.png": 3, "d_copy.png": 3, "d_copy2.png": 3, "e.png": 2})
+    ranked = [(r.training_id, r.training_copies) for r in risks]
+    assert ranked[:3] == [("a.png", 1), ("d.png", 3), ("d_copy.png", 3)]  # evidence first, then the prior
+    assert ranked[4:] == [("e.png", 2), ("c.png", 1), ("b.png", 1)]
+    assert risks[1].row()["ratio_min"] != risks[1].row()["ratio_min"] and not risks[1].at_risk  # NaN: never approached

@@ -109,7 +109,7 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
     columns = list(data.metrics)
     metric_rows = [[step, *(data.metrics[c].get(step, "") for c in columns)] for step in steps]
     pics = training_images(data.seeds)
-    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
+    risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio, training_copies=data.training_copies)
     files: dict[str, bytes] = {
         METRICS_CSV: _csv(["step", *columns], metric_rows),
         CURVES_PNG: _png(curves_figure(data)),

@@ -48,6 +48,7 @@ class RunHistory:
             sample, result_id), by seed then step.
         mem_ratio: the d1/d2 threshold below which a sample counts as memorized.
         snapshots, results, metric_rows, matches: the store's rows of this run.
+        training_set: the run's training-set analysis row (:meth:`Store.training_set`), or None.
     """
 
     run: str
@@ -62,6 +63,24 @@ class RunHistory:
     results: list[dict[str, Any]] = field(default_factory=list)
     metric_rows: list[dict[str, Any]] = field(default_factory=list)
     matches: list[dict[str, Any]] = field(default_factory=list)
+    training_set: dict[str, Any] | None = None
+
+    @property
+    def training_copies(self) -> dict[str, int] | None:
+        """Training id -> copies of it in the training set, itself included (its largest duplicate group),
+        for images in a group; None when the training set was not analysed. Byte-identical copies are one
+        content, named by its first id (as ``nn1`` names it), so only that id is listed."""
+        analysis = (self.training_set or {}).get("analysis")
+        if not analysis:
+            return None
+        groups = analysis.get("duplicate_groups", [])
+        aliases = {i for g in groups if g["kind"] == "exact" for i in g["ids"][1:]}
+        out: dict[str, int] = {}
+        for g in groups:
+            for i in g["ids"]:
+                if i not in aliases:
+                    out[i] = max(out.get(i, 1), len(g["ids"]))
+        return out
 
     @property
     def config(self) -> dict[str, Any]:
@@ -157,6 +176,7 @@ def load_history(store: Store, run: str | None = None) -> RunHistory:
         results=store.results(run_id),
         metric_rows=metric_rows,
         matches=matches,
+        training_set=store.training_set(run_id),
     )
 
 

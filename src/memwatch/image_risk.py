@@ -9,8 +9,10 @@ forecast (:func:`memwatch.forecast.forecast_onset`), fitted to one image's traje
 image is expected to be copied.
 
 The ranking puts first the images already copied (earliest first; at the same step, the one copied by
-more samples first), then those with a forecast (earliest forecast first), then the rest by their
-closest recent approach.
+more samples first), then those with a forecast (earliest forecast first), then the rest: the more
+copies of an image the training set holds, the earlier (duplicated images are memorized first:
+Carlini et al. 2023, Somepalli et al. 2023; the training-set analysis counts them), then by their
+closest recent approach. Evidence from the run comes before the prior from the data set.
 
 Example:
     >>> seeds = [
@@ -65,6 +67,7 @@ class ImageRisk:
         first_copy_step: the first probe at which it was copied (closest approach below the threshold).
         copies: samples that copied it, over all probes (a duplicated image is copied by many).
         forecast_step: the step at which it is expected to be copied (NaN: no significant approach).
+        training_copies: copies of it in the training set, itself included (None: not analysed).
         trajectory: step -> closest approach.
     """
 
@@ -78,6 +81,7 @@ class ImageRisk:
     first_copy_step: int | None = None
     copies: int = 0
     forecast_step: float = math.nan
+    training_copies: int | None = None
     trajectory: dict[int, Approach] = field(default_factory=dict)
 
     @property
@@ -99,6 +103,7 @@ class ImageRisk:
             "ratio_min_step": self.min_step,
             "ratio_min_seed": self.min_seed,
             "ratio_min_sample": self.min_sample,
+            "training_copies": self.training_copies,
         }
 
 
@@ -135,6 +140,7 @@ def rank_images(
     *,
     threshold: float = 1 / 3,
     steps: Iterable[int] | None = None,
+    training_copies: Mapping[str, int] | None = None,
 ) -> list[ImageRisk]:
     """Rank training images by how soon they are (or were) copied.
 
@@ -142,15 +148,24 @@ def rank_images(
         trajectories: from :func:`image_trajectories`.
         threshold: the memorization threshold on d1/d2.
         steps: every probed step of the run (default: those in the trajectories); the latest one is "now".
+        training_copies: training id -> copies in the training set (images in a duplicate group), from
+            the training-set analysis (:attr:`memwatch.history.RunHistory.training_copies`); None: unknown.
 
     Returns:
-        One :class:`ImageRisk` per image that any sample came nearest to, most at risk first.
+        One :class:`ImageRisk` per image that any sample came nearest to, and per duplicated image,
+        most at risk first.
     """
     all_steps = sorted(set(steps) if steps is not None else {s for t in trajectories.values() for s in t})
     now = all_steps[-1] if all_steps else None
+    copies = dict(training_copies or {})
     risks = []
-    for tid, traj in trajectories.items():
+    for tid in sorted(set(trajectories) | {i for i, c in copies.items() if c > 1}):
+        traj = trajectories.get(tid, {})
         risk = ImageRisk(training_id=tid, trajectory=dict(traj))
+        risk.training_copies = None if training_copies is None else copies.get(tid, 1)
+        risks.append(risk)
+        if not traj:
+            continue  # duplicated, but no sample came nearest to it yet
         best_step = min(traj, key=lambda s: (traj[s].ratio, s))
         best = traj[best_step]
         risk.ratio_min, risk.min_step, risk.min_seed, risk.min_sample = best.ratio, best_step, best.seed, best.sample
@@ -160,7 +175,6 @@ def rank_images(
         risk.copies = sum(1 for a in traj.values() for r in a.ratios if r < threshold)
         if risk.first_copy_step is None and now is not None:
             risk.forecast_step = _forecast(traj, all_steps, threshold)
-        risks.append(risk)
     risks.sort(key=_order)
     for i, r in enumerate(risks, 1):
         r.rank = i
@@ -202,8 +216,13 @@ def _forecast(trajectory: Mapping[int, Approach], steps: Sequence[int], threshol
 
 def _order(r: ImageRisk) -> tuple:
     if r.first_copy_step is not None:
-        return (0, r.first_copy_step, -r.copies, r.ratio_min, r.training_id)
+        return (0, r.first_copy_step, -r.copies, _inf_if_nan(r.ratio_min), r.training_id)
     if math.isfinite(r.forecast_step):
-        return (1, r.forecast_step, r.ratio_min, r.training_id)
+        return (1, r.forecast_step, _inf_if_nan(r.ratio_min), r.training_id)
     recent = r.ratio_now if math.isfinite(r.ratio_now) else math.inf
-    return (2, recent, r.ratio_min, r.training_id)
+    return (2, -(r.training_copies or 1), recent, _inf_if_nan(r.ratio_min), r.training_id)
+
+
+def _inf_if_nan(x: float) -> float:
+    """NaN (never approached) sorts last; NaN itself compares false both ways and would scramble a sort."""
+    return math.inf if math.isnan(x) else x

@@ -715,11 +715,13 @@ class ProbeSession:
 
         try:
             data = load_history(self.store, self.run_name)
-            risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio)
+            risks = rank_images(
+                image_trajectories(data.seeds), threshold=data.mem_ratio, training_copies=data.training_copies
+            )
         except Exception as e:  # a summary line is not worth a failed close: say so and go on
             log.warning("memwatch: images at risk not ranked: %s", e)
             return []
-        keys = ("training_id", "first_copy_step", "forecast_step", "ratio_min")
+        keys = ("training_id", "first_copy_step", "forecast_step", "ratio_min", "training_copies")
         return [{k: r.row()[k] for k in keys} for r in risks if r.at_risk][:most]
 
     def close(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from memwatch.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.report import sources
 from memwatch.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.report.evidence import ReferenceFiles, collect_evidence, sample_crops
-from memwatch.report.training_set import copies_of, training_set_section
+from memwatch.report.training_set import training_set_section
 from memwatch.rules import FORECAST, OPS
 from memwatch.store import Store
 
@@ -97,7 +97,6 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     with Store(store_path, readonly=True) as store:
         history = load_history(store, run)
         identity_rows = store.items(history.run_id, IDENTITY)
-        stored_set = store.training_set(history.run_id)
     info, config, rules = history.info, history.config, history.rules
     snapshots, results, metric_rows = history.snapshots, history.results, history.metric_rows
     matches, events = history.matches, history.events
@@ -105,7 +104,8 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     refs = ReferenceFiles(info.get("reference"), store_dir, limits)
     crops = {} if redact else sample_crops(results, matches, identity_rows, store_dir, refs, limits)
 
-    risks = rank_images(image_trajectories(history.seeds), threshold=history.mem_ratio)  # curves and evidence
+    copies = history.training_copies
+    risks = rank_images(image_trajectories(history.seeds), threshold=history.mem_ratio, training_copies=copies)
     verdict = _verdicts(snapshots, results, metric_rows, matches, identity_rows, events, rules)
     report = {
         "format": FORMAT,
@@ -119,13 +119,10 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         "evidence": collect_evidence(
             history, matches, identity_rows, results, crops, refs, store_dir, redact, limits, risks
         ),
-        "training_set": training_set_section(stored_set, info.get("reference"), limits),
+        "training_set": training_set_section(history.training_set, info.get("reference"), limits),
         "provenance": _provenance(info, config, snapshots, results, metric_rows, limits),
         "limitations": [],
     }
-    copies = copies_of(stored_set) if report["training_set"]["status"] == "analysed" else None
-    for row in report["evidence"]["at_risk_images"]:  # the "why": duplicated images are memorized first
-        row["training_copies"] = None if copies is None else copies.get(row["training_id"], 1)
     _general_limits(report, info, config, snapshots, results, matches, metric_rows, redact, limits)
     report["limitations"] = limits.ordered()
     return _json_safe(report)

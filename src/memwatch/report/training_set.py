@@ -72,13 +72,3 @@ def training_set_section(
         "isolated": list(isolated[:ISOLATED_SHOWN]),
         "isolated_total": len(isolated),
     }
-
-
-def copies_of(stored: Mapping[str, Any] | None) -> dict[str, int]:
-    """Training id -> how many images in the set are copies of it, itself included (its largest group,
-    exact or near); images in no group are absent (one copy)."""
-    out: dict[str, int] = {}
-    for g in ((stored or {}).get("analysis") or {}).get("duplicate_groups", []):
-        for i in g["ids"]:
-            out[i] = max(out.get(i, 1), len(g["ids"]))
-    return out
