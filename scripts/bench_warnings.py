@@ -306,16 +306,26 @@ def image_check(run_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
     with Store(store_path, readonly=True) as store:
         history = load_history(store)
     early = [r for r in history.seeds if r["step"] <= onset // 2]
-    ranked = [r.training_id for r in rank_images(image_trajectories(early), threshold=history.mem_ratio)]
     refs = load_reference_set(run_dir / "data" / "train")
     ids = sorted({it.sha256: it.id for it in reversed(refs.items)}.values())  # the first id of each content
-    position = {i: k for k, i in enumerate(ranked)}
     never = max(truth["steps"]) + 1
-    rho = spearmanr([position.get(i, len(ranked)) for i in ids], [first.get(i, never) for i in ids]).statistic
     k = min(TOP_K, len(first))
     kth = sorted(first.values())[k - 1] if k else None
     truly_first = {i for i, st in first.items() if kth is not None and st <= kth}  # ties at the k-th step count
-    precision = len(set(ranked[:k]) & truly_first) / k if k else None
+
+    def agreement(copies: dict[str, int] | None) -> tuple[float | None, float | None]:
+        """Spearman and precision@k of the ranking at half the onset, with or without the data-set prior."""
+        ranked = [r.training_id for r in rank_images(image_trajectories(early), threshold=history.mem_ratio,
+                                                     training_copies=copies)]  # fmt: skip
+        position = {i: n for n, i in enumerate(ranked)}
+        rho = spearmanr([position.get(i, len(ranked)) for i in ids], [first.get(i, never) for i in ids]).statistic
+        precision = len(set(ranked[:k]) & truly_first) / k if k else None
+        return (None if rho != rho else round(float(rho), 4)), (None if precision is None else round(precision, 4))
+
+    rho, precision = agreement(history.training_copies)  # the ranking memwatch reports
+    rho_traj, precision_traj = agreement(None)  # from the run's samples alone
+    analysed = history.training_set and history.training_set.get("analysis")
+    grouped = {i for g in (analysed or {}).get("duplicate_groups", []) for i in g["ids"]}
     canaries = []
     manifest = run_dir / "canaries.json"
     if manifest.is_file():
@@ -326,13 +336,17 @@ def image_check(run_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
                 "copies": c["copies"], "id": c["id"], "true_first_copy": min(steps) if steps else None,
                 "monitor_first_at_risk": monitor[c["id"]]["first_at_risk_step"],
                 "monitor_first_copy": monitor[c["id"]]["first_copy_step"],
+                "in_duplicate_group": c["id"] in grouped,  # named by the training-set analysis at the first probe
             })  # fmt: skip
     planted = {c["id"] for c in canaries}
     others = sorted(st for i, st in first.items() if i not in planted)
     return {
-        "spearman": None if rho != rho else round(float(rho), 4),
+        "spearman": rho,
         "top_k": k,
-        "precision_at_k": None if precision is None else round(precision, 4),
+        "precision_at_k": precision,
+        "spearman_samples_only": rho_traj,
+        "precision_at_k_samples_only": precision_traj,
+        "first_probe_step": history.steps[0] if history.steps else None,
         "images": len(ids),
         "images_copied": len(first),
         "ranked_at_step": onset // 2,
@@ -394,10 +408,15 @@ def image_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     checks = [(r, r["images"]) for r in rows if r.get("images")]
     rhos = [c["spearman"] for _, c in checks if c["spearman"] is not None]
     precisions = [c["precision_at_k"] for _, c in checks if c["precision_at_k"] is not None]
+    rhos_samples = [c["spearman_samples_only"] for _, c in checks if c.get("spearman_samples_only") is not None]
+    precisions_samples = [
+        c["precision_at_k_samples_only"] for _, c in checks if c.get("precision_at_k_samples_only") is not None
+    ]
     levels: dict[int, dict[str, list[float]]] = {}
     for r, c in checks:
         for x in c["canaries"]:
-            level = levels.setdefault(x["copies"], {"copy": [], "at_risk": [], "caught": []})
+            level = levels.setdefault(x["copies"], {"copy": [], "at_risk": [], "caught": [], "named": []})
+            level["named"].append(float(bool(x.get("in_duplicate_group"))))
             if x["true_first_copy"] is not None:
                 level["copy"].append(x["true_first_copy"] / r["onset_step"])
                 at_risk = x["monitor_first_at_risk"]
@@ -405,7 +424,7 @@ def image_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if x["monitor_first_at_risk"] is not None:
                 level["at_risk"].append(x["monitor_first_at_risk"] / r["onset_step"])
         if c["others_median_first_copy"] is not None:
-            level = levels.setdefault(1, {"copy": [], "at_risk": [], "caught": []})
+            level = levels.setdefault(1, {"copy": [], "at_risk": [], "caught": [], "named": []})
             level["copy"].append(c["others_median_first_copy"] / r["onset_step"])
 
     def med(v: list[float]) -> float | None:
@@ -415,11 +434,15 @@ def image_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "image_runs": len(checks),
         "median_spearman": med(rhos),
         "median_precision_at_k": med(precisions),
+        "median_spearman_samples_only": med(rhos_samples),
+        "median_precision_at_k_samples_only": med(precisions_samples),
         "canaries": {
             str(level): {
                 "median_first_copy_over_onset": med(v["copy"]),
                 "median_first_at_risk_over_onset": med(v["at_risk"]),
                 "at_risk_before_first_copy": f"{int(sum(v['caught']))} of {len(v['caught'])}",
+                "copied": len(v["copy"]),
+                "named_by_data_analysis": f"{int(sum(v['named']))} of {len(v['named'])}",
             }
             for level, v in sorted(levels.items())
         },  # fmt: skip
@@ -461,6 +484,34 @@ def plots(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], folder
     plt.close(fig)
     written.append(path)
     return written
+
+
+def image_markdown(rows: list[dict[str, Any]]) -> str:
+    """Per run with per-image truth: the ranking's agreement with the true order of first copies, and each
+    canary's true first copy (and first at-risk step) as a share of the run's onset."""
+    checks = [r for r in rows if r.get("images")]
+    if not checks:
+        return ""
+    levels = sorted({x["copies"] for r in checks for x in r["images"]["canaries"]})
+    head = ["n", "seed", "onset", "ranked at", "Spearman", "(samples only)", "precision@k", "(samples only)"]
+    head += [f"canary x{c}: first copy / onset (at risk)" for c in levels] + ["others: median first copy / onset"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def share(step: int | None, onset: int) -> str:
+        return "-" if step is None else f"{step / onset:.2f}"
+
+    for r in sorted(checks, key=lambda r: (r["n"], r["seed"])):
+        c = r["images"]
+        by = {x["copies"]: x for x in c["canaries"]}
+        cells = [r["n"], r["seed"], r["onset_step"], c["ranked_at_step"], c["spearman"], c.get("spearman_samples_only"),
+                 f"{c['precision_at_k']} (k={c['top_k']})", c.get("precision_at_k_samples_only")]  # fmt: skip
+        for level in levels:
+            x = by.get(level)
+            cells.append("-" if x is None else f"{share(x['true_first_copy'], r['onset_step'])} "
+                         f"({share(x['monitor_first_at_risk'], r['onset_step'])})")  # fmt: skip
+        cells.append(share(c["others_median_first_copy"], r["onset_step"]))
+        lines.append("| " + " | ".join("-" if v is None else str(v) for v in cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -523,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["forecast_check"] = forecast_check(out, rows) if not args.no_monitor else None
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(markdown_table(rows))
+    print(image_markdown(rows))
     print(json.dumps(summary, indent=2))
     if args.plots:
         for path in plots(out, rows, summary, Path(args.plots)):
