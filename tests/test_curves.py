@@ -12,7 +12,8 @@ from PIL import Image
 from memwatch import curves
 from memwatch.curves import curves_figure, format_written, seeds_figure, write_curves
 from memwatch.errors import MemwatchError
-from memwatch.history import find_store, load_history, training_images
+from memwatch.headline import headline_figure, key_steps
+from memwatch.history import RunHistory, find_store, load_history, training_images
 from memwatch.probes.base import ProbeResult
 from memwatch.store import Store
 
@@ -309,6 +310,7 @@ def test_running_twice_gives_identical_bytes(run_dir: Path, tmp_path: Path) -> N
     first = write_curves(run_dir, tmp_path / "a")
     second = write_curves(run_dir, tmp_path / "b")
     assert list(first) == [
+        "headline.png",
         "metrics.csv",
         "curves.png",
         "seeds.csv",
@@ -327,8 +329,8 @@ def test_default_out_dir_is_beside_the_store_and_summary_line(run_dir: Path) -> 
     folder = run_dir / "memwatch" / "curves"
     assert {p.parent for p in paths.values()} == {folder}
     assert format_written(paths) == (
-        f"wrote 8 files to {folder}: metrics.csv curves.png seeds.csv seeds.png training_images.csv images.png "
-        "image_risk.csv events.csv"
+        f"wrote 9 files to {folder}: headline.png metrics.csv curves.png seeds.csv seeds.png training_images.csv "
+        "images.png image_risk.csv events.csv"
     )
     assert not list(folder.glob(".*.tmp"))
 
@@ -350,15 +352,20 @@ def test_run_without_regurgitation_single_point_and_nan(tmp_path: Path) -> None:
     with Image.open(paths["seeds.png"]) as im:
         im.load()
     with Image.open(paths["curves.png"]) as im:
-        im.load()  # four panels: a 3-column grid, two rows
+        im.load()  # two panels: the metrics never finite (NaN, inf) are named, not drawn
         assert im.size == (
-            round(3 * curves.PANEL_SIZE_IN[0] * curves.DPI),
-            round(2 * curves.PANEL_SIZE_IN[1] * curves.DPI),
+            round(2 * curves.PANEL_SIZE_IN[0] * curves.DPI),
+            round(1 * curves.PANEL_SIZE_IN[1] * curves.DPI),
         )
+    with Image.open(paths["headline.png"]) as im:
+        im.load()
     with Store(tmp_path / "memwatch.sqlite") as store:
         data = load_history(store)
-    # The two unused grid cells are removed: the figure's axes are exactly the four panels.
-    assert [ax.get_title() for ax in curves_figure(data).axes] == [f"membership/{m}" for m in sorted(metrics)]
+    fig = curves_figure(data)
+    assert [ax.get_title() for ax in fig.axes] == ["membership/mia_auc", "membership/tpr_at_1fpr"]
+    assert "not drawn: membership/auc_t50 (no finite value), membership/loss_gap (no finite value)" in (
+        fig._suptitle.get_text()
+    )
     assert [ax.get_title() for ax in seeds_figure(data).axes] == ["regurgitation: d1/d2 per seed"]
 
 
@@ -404,3 +411,38 @@ def test_later_result_wins_when_a_step_has_two(tmp_path: Path) -> None:
         store.write_result(live, ProbeResult("membership", {"mia_auc": 0.25}), config_hash="m")
         store.write_result(ckpt, ProbeResult("membership", {"mia_auc": 0.75}), config_hash="m")
     assert write_curves(tmp_path)["metrics.csv"].read_text() == "step,membership/mia_auc\n5,0.75\n"
+
+
+def test_constant_panels_are_named_not_drawn_and_the_headline_marks_the_key_steps() -> None:
+    steps = [100, 200, 300, 400]
+    data = RunHistory(
+        run="r",
+        metrics={
+            "regurgitation/mem_fraction": dict(zip(steps, [0.0, 0.0, 0.1, 0.3], strict=True)),
+            "regurgitation/sim_max": dict(zip(steps, [0.7, 0.8, 0.9, 0.95], strict=True)),
+            "regurgitation/extracted_fraction": dict.fromkeys(steps, 0.0),
+            "forecast/precursor": dict(zip(steps, [0.9, 0.6, 0.3, 0.2], strict=True)),
+            "forecast/onset": {100: math.nan, 200: 320.0, 300: 300.0, 400: 400.0},
+            "forecast/onset_low": {200: 280.0, 300: 300.0, 400: 400.0},
+            "forecast/onset_high": {200: 400.0, 300: 300.0, 400: 400.0},
+            "membership/mia_auc": dict(zip(steps, [0.5, 0.55, 0.7, 0.8], strict=True)),
+        },
+        events=[{"step": 200, "rule": "onset-forecast", "severity": "warning", "metric": "forecast/onset"}],
+        seeds=[
+            {"seed": 0, "step": s, "nn1": "a.png", "ratio": r, "memorized": r < 1 / 3}
+            for s, r in zip(steps, [0.9, 0.6, 0.3, 0.2], strict=True)
+        ],  # fmt: skip
+    )
+    grid = curves_figure(data)
+    titles = [ax.get_title() for ax in grid.axes]
+    assert "regurgitation/extracted_fraction" not in titles and "regurgitation/sim_max" in titles
+    assert "regurgitation/extracted_fraction (constant 0)" in grid._suptitle.get_text()
+
+    assert key_steps(data) == {"onset": 300, "first_warning": 200, "last_clean": 100}
+    fig = headline_figure(data, Path("run/checkpoint-100"))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "onset: first copy at step 300" in labels
+    assert "last clean probe: step 100 (checkpoint-100 on disk)" in labels
+    assert "warning: onset-forecast (first at 200)" in labels
+    # the forecast shown is the latest made before the onset (after it, onset is simply "now")
+    assert "membership AUC (right axis)" in labels and "onset forecast at step 200: 280-400" in labels

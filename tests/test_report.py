@@ -169,7 +169,7 @@ def test_redacted_report_has_no_training_or_generated_pixels(demo_run: dict[str,
     # The three plots (curves, per-seed and per-image heatmaps: numbers, not pixels) are the only images
     # left: decided, and stated in the report.
     plots = set(redacted["curves"]["images"].values())
-    assert len(plots) == 3
+    assert len(plots) == 4  # the headline chart, the grid, the per-seed and the per-image heatmaps
     assert all(r["image"] is None for r in redacted["evidence"]["at_risk_images"])
     assert set(DATA_URI.findall(text)) <= {"png"} and {m.group(0) for m in DATA_URI.finditer(text)} == plots
     assert {m.group(0) for m in DATA_URI.finditer(page)} == plots

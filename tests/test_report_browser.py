@@ -184,7 +184,7 @@ def test_report_renders_offline_without_requests_or_scripts(report_files: dict[s
     at_risk_pixels = sum(1 for r in at_risk if r["image"]) + sum(1 for r in at_risk if r["training_id"] in has_thumb)
 
     assert state["verdict"] == report["verdict"]["overall"]["verdict"] == "memorizing"
-    assert state["plots"] == 3  # curves, the per-seed and the per-image heatmaps, decoded
+    assert state["plots"] == 4  # the headline chart, the grid, the per-seed and the per-image heatmaps, decoded
     assert at_risk and at_risk[0]["at_risk"] == 1 and at_risk[0]["image"]  # the closest sample of the first one
     assert with_pixels > 0 and state["pixels"] == with_pixels + thumbs + at_risk_pixels  # every image decoded
     assert state["broken"] == 0

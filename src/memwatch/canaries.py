@@ -82,6 +82,11 @@ def plant_canaries(
     if any(level < 2 for level in levels) or per_level < 1:
         raise MemwatchError(f"--levels {list(levels)} --per-level {per_level}: levels must be >= 2, per-level >= 1")
     refs = load_reference_set(src, what="REFERENCE")
+    if any(it.locator is not None for it in refs.items):
+        raise MemwatchError(
+            f"REFERENCE {src} stores its images inside files (tar shards, parquet, a dataset): canaries are planted "
+            "into a folder of image files; export the images to a folder first"
+        )
     wanted = len(levels) * per_level
     if len(refs) < wanted:
         raise MemwatchError(f"REFERENCE {src} has {len(refs)} usable images: {wanted} canaries need at least as many")

@@ -53,10 +53,27 @@ class MonitorConfig(Settings):
         path=True,
     )  # fmt: skip
     reference: str | None = setting(
-        None, "training images (folder, diffusers imagefolder or .jsonl manifest)", path=True
+        None,
+        "training images: folder, diffusers imagefolder, .jsonl manifest, hf:NAME (a Hugging Face dataset in the "
+        "local cache), a save_to_disk folder, parquet files or webdataset tar shards",
+        path=True,
     )
     holdout: str | None = setting(
         None, "non-members of the same distribution (enables the membership probe)", path=True
+    )
+    search: str = setting(
+        "auto",
+        "auto | exact | flat | compressed: how samples are matched to training images; auto is exact up to 100,000 "
+        "distinct images, then a FAISS IVF-PQ index re-ranked exactly (memwatch[search]; recall in docs/benchmarks.md)",
+        choices=("auto", "exact", "flat", "compressed"),
+    )
+    image_column: str | None = setting(
+        None,
+        "reference and holdout stored as a dataset (hf:NAME, save_to_disk), parquet files or tar shards: the column "
+        "with the images, as the training script's --image_column; null: image",
+    )
+    caption_column: str | None = setting(
+        None, "the column with the captions, as the training script's --caption_column; null: text, then caption"
     )
     cache_dir: str | None = setting(
         None, "reference-embedding cache; null: $MEMWATCH_CACHE_DIR or ~/.cache/memwatch", path=True
@@ -124,6 +141,11 @@ class MonitorConfig(Settings):
         where output goes: a job that repeats with the same config resumes the same run."""
         ignored = ("run_name", "output_dir", "cache_dir", "stop_on", "evidence_top", "cadence", "analyse_data")
         return config_hash({k: v for k, v in self.raw.items() if k not in ignored})
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The column settings given, as :func:`memwatch.refset.load_reference_set` keywords."""
+        return {k: v for k in ("image_column", "caption_column") if (v := getattr(self, k))}
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML/JSON data (what ``raw`` holds)."""
@@ -293,4 +315,6 @@ def _resolve_paths(config: MonitorConfig, base: Path) -> None:
         for name, _, info in declarations(type(section)):
             value = getattr(section, name)
             if info.path and value is not None and not Path(str(value)).expanduser().is_absolute():
+                if str(value).startswith("hf:"):
+                    continue  # a Hugging Face dataset name, not a path
                 setattr(section, name, str(base / str(value)))

@@ -4,7 +4,10 @@ Everything here is a view over the store (DESIGN.md: "curves, warnings and repor
 it"), so the files can be rebuilt at any time, also while training still writes the store. This
 module only draws and writes:
 
-* ``metrics.csv`` / ``curves.png``: every ``probe/metric`` against training step, with each rule's
+* ``headline.png``: the one memorization chart (:mod:`memwatch.headline`): copying, its precursor and
+  forecast, membership separability, warnings, onset and the last clean probe;
+* ``metrics.csv`` / ``curves.png``: every ``probe/metric`` against training step (the grid leaves out
+  metrics that are constant or never finite, and names them in its title), with each rule's
   threshold and the alert events (vertical lines by severity; trend forecasts as dotted lines); a
   forecast rule's metric (``forecast/onset``) is drawn with its band, the line "onset = now", the
   rule's horizon and the at-risk span from its first warning;
@@ -34,6 +37,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memwatch.checkpoints import last_clean_checkpoint
+from memwatch.headline import SEVERITY_COLOURS, headline_figure, key_steps
 from memwatch.history import RunHistory, find_store, load_history, training_images
 from memwatch.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.output import ensure_folder, write_output
@@ -47,6 +52,7 @@ CURVES_SUBDIR = "curves"
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
+HEADLINE_PNG = "headline.png"
 SEEDS_CSV = "seeds.csv"
 SEEDS_PNG = "seeds.png"
 TRAINING_IMAGES_CSV = "training_images.csv"
@@ -71,7 +77,6 @@ HEATMAP_HEIGHT_IN = (3.5, 30.0)
 MAX_SEED_LABELS = 40
 MAX_STEP_LABELS = 15
 IMAGE_ROWS = 30  # training images drawn in images.png (the most at risk); image_risk.csv lists all
-SEVERITY_COLOURS = {"info": "tab:gray", "warning": "tab:orange", "critical": "tab:red"}
 PNG_METADATA = {"Software": None}  # no matplotlib version in the file: identical bytes across installs
 
 
@@ -88,7 +93,7 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
         run: run name; default the most recently created run in the store.
 
     Returns:
-        File name -> path, for ``metrics.csv``, ``curves.png``, ``seeds.csv``, ``seeds.png``,
+        File name -> path, for ``headline.png``, ``metrics.csv``, ``curves.png``, ``seeds.csv``, ``seeds.png``,
         ``training_images.csv``, ``images.png``, ``image_risk.csv`` and ``events.csv`` (all written even
         for a run without regurgitation results: the seed tables then hold just their header).
 
@@ -110,7 +115,10 @@ def write_curves(run_dir: str | Path, out_dir: str | Path | None = None, *, run:
     metric_rows = [[step, *(data.metrics[c].get(step, "") for c in columns)] for step in steps]
     pics = training_images(data.seeds)
     risks = rank_images(image_trajectories(data.seeds), threshold=data.mem_ratio, training_copies=data.training_copies)
+    clean = key_steps(data)["last_clean"]
+    checkpoint = last_clean_checkpoint(store_path.parent.parent, clean) if clean is not None else None
     files: dict[str, bytes] = {
+        HEADLINE_PNG: _png(headline_figure(data, checkpoint)),
         METRICS_CSV: _csv(["step", *columns], metric_rows),
         CURVES_PNG: _png(curves_figure(data)),
         SEEDS_CSV: _csv(SEED_COLUMNS, [[r[c] for c in SEED_COLUMNS] for r in data.seeds]),
@@ -206,12 +214,18 @@ def curves_figure(data: RunHistory) -> Figure:
     bands = _band_metrics(data)
     # "m@ema" is drawn on m's panel; a forecast's band edges on its forecast's panel
     names = [n for n in dict.fromkeys(n.split("@", 1)[0] for n in data.metrics) if n not in bands]
+    flat = {n: _flat(data, n) for n in names}
+    left_out = [f"{n} ({why})" for n, why in flat.items() if why]
+    names = [n for n in names if not flat[n]]
     n = max(1, len(names))
     ncols = min(GRID_COLUMNS, n)
     nrows = math.ceil(n / ncols)
     with _default_style():
         fig = _new_figure(PANEL_SIZE_IN[0] * ncols, PANEL_SIZE_IN[1] * nrows)
-        fig.suptitle(f"run {data.run}: metrics by training step")
+        title = f"run {data.run}: metrics by training step"
+        if left_out:  # named, so nothing silently disappears
+            title += "\nnot drawn: " + ", ".join(left_out[:8]) + (" ..." if len(left_out) > 8 else "")
+        fig.suptitle(title, fontsize="medium" if left_out else "large")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax in axes[n:]:
             fig.delaxes(ax)  # a partly filled last row: the figure's axes are exactly the panels
@@ -223,6 +237,17 @@ def curves_figure(data: RunHistory) -> Figure:
         for ax, name in zip(axes, names, strict=False):
             _metric_panel(ax, name, data)
     return fig
+
+
+def _flat(data: RunHistory, name: str) -> str:
+    """Why a metric's panel would say nothing: ``"no finite value"`` or ``"constant <v>"``; else empty."""
+    values = [v for m, series in data.metrics.items() if m == name or m.startswith(name + "@")
+              for v in series.values() if math.isfinite(v)]  # fmt: skip
+    if not values:
+        return "no finite value"
+    if len(values) > 1 and min(values) == max(values):
+        return f"constant {values[0]:g}"
+    return ""
 
 
 def _band_metrics(data: RunHistory) -> set[str]:

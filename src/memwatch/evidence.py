@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ def save_evidence_grid(
     path: str | Path,
     samples: torch.Tensor,
     pairs: Sequence[EvidencePair],
-    reference_paths: dict[str, Path],
+    reference_paths: Mapping[str, Any],
     *,
     top: int = 8,
 ) -> Path | None:
@@ -68,7 +68,8 @@ def save_evidence_grid(
         path: output PNG path (parent folders are created).
         samples: the probe's samples ``(N, 3, H, W)`` in [0, 1].
         pairs: rows to choose from (see :class:`EvidencePair`).
-        reference_paths: training id -> image file.
+        reference_paths: training id -> its image: a file, or a :class:`~memwatch.refset.ReferenceItem`
+            (whose ``source`` may be inside a tar shard or a parquet file).
         top: pairs shown.
 
     Returns:
@@ -85,7 +86,8 @@ def save_evidence_grid(
     for row, pair in enumerate(chosen):
         y = row * (CELL + LABEL_H)
         grid.paste(tensor_to_pil(samples[pair.sample]).resize((CELL, CELL), Image.Resampling.NEAREST), (0, y + LABEL_H))
-        ref = load_image(reference_paths[pair.training_id], samples.shape[-1])
+        image = reference_paths[pair.training_id]
+        ref = load_image(getattr(image, "source", image), samples.shape[-1])
         grid.paste(tensor_to_pil(ref).resize((CELL, CELL), Image.Resampling.NEAREST), (CELL, y + LABEL_H))
         draw.text((2, y + 1), pair.label, fill=(200, 0, 0) if pair.flagged else (0, 0, 0))
     path = Path(path)

@@ -17,6 +17,7 @@ so a memorized sample is compared with the training image as the model saw it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -69,11 +70,11 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+def load_image(path: str | Path | BinaryIO, resolution: int) -> torch.Tensor:
     """Decode ``path`` and normalise it by the module's rule.
 
     Args:
-        path: an image file.
+        path: an image file, or a binary file object (an image read from a tar shard or a parquet file).
         resolution: output side length in pixels.
 
     Returns:

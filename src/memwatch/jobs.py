@@ -180,8 +180,9 @@ class CheckpointProber:
 
     def open(self) -> None:
         """Load the reference sets, open the store and replay the run's history into the rules."""
-        refs = as_refset(self.config.reference, "reference set")
-        holdout = as_refset(self.config.holdout, "holdout set") if self.config.holdout else None
+        cols = self.config.columns
+        refs = as_refset(self.config.reference, "reference set", cols)
+        holdout = as_refset(self.config.holdout, "holdout set", cols) if self.config.holdout else None
         self.session = ProbeSession(self.config, refs, holdout, self.out, on_event=self._event, run_name=self.run_name)
 
     def _event(self, event: Any) -> None:

@@ -78,10 +78,11 @@ class MemorizationMonitor:
         self.accelerator = accelerator
         self.config = load_config(config)
         holdout = holdout if holdout is not None else self.config.holdout
+        cols = self.config.columns
         self.session = ProbeSession(
             self.config,
-            as_refset(reference if reference is not None else self.config.reference, "reference set"),
-            as_refset(holdout, "holdout set") if holdout is not None else None,
+            as_refset(reference if reference is not None else self.config.reference, "reference set", cols),
+            as_refset(holdout, "holdout set", cols) if holdout is not None else None,
             output_dir or self.config.output_dir or _default_output_dir(accelerator),
             probes=probes,
             workers=Workers.from_accelerator(accelerator),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -81,7 +81,7 @@ class ReferenceIndex:
         >>> result = regurgitation_probe(samples, index, RegurgitationConfig())  # doctest: +SKIP
     """
 
-    def __init__(self, refs: ReferenceSet, embedder: Embedder, cache: EmbeddingCache | None):
+    def __init__(self, refs: ReferenceSet, embedder: Embedder, cache: EmbeddingCache | None, *, search: str = "auto"):
         from memwatch.embed_cache import embed_reference
 
         t0 = time.perf_counter()
@@ -96,7 +96,19 @@ class ReferenceIndex:
         keep = sorted(first.values())
         self.embeddings = embedded.embeddings[keep]
         self.ids = [refs.items[i].id for i in keep]
+        self.search_kind = search
+        self._search: Any = None
         self.seconds = time.perf_counter() - t0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def search(self, query: torch.Tensor, k: int, *, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest training rows of each query (:mod:`memwatch.vector_index`: exact, or a FAISS
+        index for large sets, built on first use), as ``(distances, indices)`` nearest first."""
+        if self._search is None:
+            from memwatch.vector_index import build_search
+
+            self._search = build_search(self.embeddings, self.embedder, self.search_kind)
+        self._search.chunk_size = chunk_size
+        return self._search.search(query, k)

@@ -1,21 +1,27 @@
 """Reference sets: the images a model may memorize (training data) or a holdout of non-members.
 
-Three forms are accepted, told apart by inspecting the path:
+These forms are accepted, told apart by inspecting the path:
 
 * a JSONL manifest file (``*.jsonl``): one object per line with ``path`` (relative to the
   manifest's folder, or absolute) and optional ``caption``, ``identity`` and ``id``;
 * a diffusers ``imagefolder``: a folder with ``metadata.jsonl`` files (``file_name`` plus a
   ``text`` or ``caption`` column) beside the images;
-* a plain image folder, searched recursively.
+* a plain image folder, searched recursively;
+* images inside files (:mod:`memwatch.containers`), as the training scripts read them: a Hugging Face
+  dataset by name from the local cache (``hf:NAME`` or ``hf:NAME:CONFIG``, split ``train``), a
+  ``save_to_disk`` folder, parquet files, or webdataset tar shards (one file, or a folder of them with
+  no loose images), with ``image_column`` / ``caption_column`` named like the scripts' flags.
 
-Every item gets a stable id (its path relative to the set's root, unless the manifest gives one)
-and the sha256 of its file bytes; the set gets a manifest hash over ``(id, sha256, caption,
-identity)``. Files that cannot be read or decoded are kept in :attr:`ReferenceSet.skipped` with the
-reason, counted and reported, never dropped silently.
+Every item gets a stable id (its path relative to the set's root, unless the manifest gives one; for
+an image inside a file, that file's path and the image's name or row in it, e.g.
+``shard-000.tar/0001.jpg`` or ``train.parquet/000017``) and the sha256 of its bytes; the set gets a
+manifest hash over ``(id, sha256, caption, identity)``. Files that cannot be read or decoded are kept
+in :attr:`ReferenceSet.skipped` with the reason, counted and reported, never dropped silently.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -41,13 +47,28 @@ CAPTION_COLUMNS = ("text", "caption")  # diffusers' train_text_to_image default 
 
 @dataclass(frozen=True)
 class ReferenceItem:
-    """One image of a reference set."""
+    """One image of a reference set.
+
+    Attributes:
+        path: the image file, or the file that holds it (a tar shard, a parquet or arrow file).
+        locator: where in ``path`` the image is (:func:`memwatch.containers.read_member`); None for a file.
+    """
 
     id: str
     path: Path
     sha256: str
     caption: str | None = None
     identity: str | None = None
+    locator: tuple | None = None
+
+    @property
+    def source(self) -> Path | io.BytesIO:
+        """What to decode: the file, or the image's bytes read from its container (fresh each time)."""
+        if self.locator is None:
+            return self.path
+        from memwatch.containers import read_member
+
+        return io.BytesIO(read_member(self.path, self.locator))
 
 
 @dataclass
@@ -65,6 +86,8 @@ class ReferenceSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: files in the folder that are not images (a README, metadata.jsonl...): counted, not used
     not_images: int = 0
+    #: the image_column / caption_column settings it was read with (only those set)
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,6 +116,7 @@ class ReferenceSet:
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped[:20]],
             "not_images": self.not_images,
             "manifest_sha256": self.manifest_sha256,
+            **({"columns": dict(self.columns)} if self.columns else {}),
         }
 
     def load(self, items: Sequence[ReferenceItem], resolution: int) -> tuple[torch.Tensor, list[ReferenceItem]]:
@@ -114,7 +138,7 @@ class ReferenceSet:
         images, kept = [], []
         for it in items:
             try:
-                images.append(load_image(it.path, resolution))
+                images.append(load_image(it.source, resolution))
                 kept.append(it)
             except Exception as e:  # decoding errors of any kind: the item is recorded as skipped
                 self.skip(it.path, f"cannot decode image ({type(e).__name__}: {e})")
@@ -123,12 +147,24 @@ class ReferenceSet:
         return stacked, kept
 
 
-def load_reference_set(path: str | Path, *, what: str = "reference set") -> ReferenceSet:
-    """Read a reference (or holdout) set from a folder or a JSONL manifest.
+def load_reference_set(
+    path: str | Path,
+    *,
+    what: str = "reference set",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> ReferenceSet:
+    """Read a reference (or holdout) set from a folder, a JSONL manifest or files holding images.
 
     Args:
-        path: an image folder, a diffusers imagefolder, or a ``.jsonl`` manifest.
+        path: an image folder, a diffusers imagefolder, a ``.jsonl`` manifest, ``hf:NAME[:CONFIG]`` (a
+            Hugging Face dataset in the local cache), a ``save_to_disk`` folder, a parquet file, a tar
+            shard, or a folder of parquet files or tar shards.
         what: how error messages name the set (e.g. ``"holdout set"``).
+        image_column: the column holding images in a dataset, parquet file or shard (default ``image``;
+            shards: any image suffix), as the training script's ``--image_column``.
+        caption_column: the column holding captions (default ``text``, then ``caption``), as
+            ``--caption_column``.
 
     Returns:
         A :class:`ReferenceSet` with at least one usable item.
@@ -142,26 +178,42 @@ def load_reference_set(path: str | Path, *, what: str = "reference set") -> Refe
         >>> len(refs), refs.manifest_sha256[:8]  # doctest: +SKIP
         (16, '3fa2c1d0')
     """
-    root = Path(path)
-    if not root.exists():
-        raise MemwatchError(f"{what} {root} does not exist: pass an image folder or a .jsonl manifest")
-    refs = ReferenceSet(root=root, items=[])
-    if root.is_dir():
-        entries = _read_folder(root, refs)
+    from memwatch.containers import is_container
+
+    if str(path).startswith(HF_PREFIX):
+        root = Path(str(path))
+        refs = ReferenceSet(root=root, items=[])
+        files, files_root = _hub_dataset_files(str(path)[len(HF_PREFIX) :], what)
+        entries = _read_containers(files, files_root, refs, image_column, caption_column)
         base = root
-    elif root.suffix.lower() == ".jsonl":
-        entries = _read_manifest(root)
-        base = root.parent
     else:
-        raise MemwatchError(f"{what} {root} is a file but not a .jsonl manifest: pass a folder or a .jsonl")
+        root = Path(path)
+        if not root.exists():
+            raise MemwatchError(f"{what} {root} does not exist: pass an image folder or a .jsonl manifest")
+        refs = ReferenceSet(root=root, items=[])
+        if root.is_dir() and _saved_dataset_files(root) is not None:
+            entries = _read_containers(_saved_dataset_files(root) or [], root, refs, image_column, caption_column)
+        elif root.is_dir():
+            entries = _read_folder(root, refs, image_column, caption_column)
+        elif root.suffix.lower() == ".jsonl":
+            entries = _read_manifest(root)
+        elif is_container(root):
+            entries = _read_containers([root], root.parent, refs, image_column, caption_column)
+        else:
+            raise MemwatchError(
+                f"{what} {root} is a file but not a .jsonl manifest, a parquet file or a tar shard: pass a folder or "
+                "one of those"
+            )
+        base = root if root.is_dir() else root.parent
+    refs.columns = {k: v for k, v in (("image_column", image_column), ("caption_column", caption_column)) if v}
     seen: dict[str, Path] = {}
     for entry in entries:
         p = entry["path"]
         try:
-            data = p.read_bytes()
-            _check_decodable(p)
+            data = entry["data"] if "data" in entry else p.read_bytes()
+            _check_decodable(io.BytesIO(data) if "data" in entry else p)
         except Exception as e:  # any reader error means the file is unusable: record it
-            refs.skip(p, f"cannot decode image ({type(e).__name__}: {e})")
+            refs.skip(entry.get("id") or p, f"cannot decode image ({type(e).__name__}: {e})")
             continue
         item_id = entry.get("id") or (p.relative_to(base).as_posix() if _is_under(p, base) else str(p))
         if item_id in seen:
@@ -176,6 +228,7 @@ def load_reference_set(path: str | Path, *, what: str = "reference set") -> Refe
                 sha256=sha256_bytes(data),
                 caption=entry.get("caption"),
                 identity=entry.get("identity"),
+                locator=entry.get("locator"),
             )
         )
     refs.items.sort(key=lambda it: it.id)
@@ -196,18 +249,25 @@ def _is_under(p: Path, base: Path) -> bool:
         return False
 
 
-def _check_decodable(p: Path) -> None:
+def _check_decodable(p: Path | io.BytesIO) -> None:
     """Cheap structural check (header and chunk checksums) without decoding every pixel."""
     with Image.open(p) as img:
         img.verify()
 
 
-def _read_folder(root: Path, refs: ReferenceSet) -> list[dict]:
+def _read_folder(root: Path, refs: ReferenceSet, image_column: str | None, caption_column: str | None) -> list[dict]:
     """Image files under ``root`` (recursive, sorted, symbolic links followed once), with captions from any
-    ``metadata.jsonl``. Dangling links and link loops are recorded in ``refs.skipped``; other files are
-    counted in ``refs.not_images``."""
+    ``metadata.jsonl``; or, in a folder with no loose image, the images inside its parquet files or tar
+    shards. Dangling links and link loops are recorded in ``refs.skipped``; other files are counted in
+    ``refs.not_images``."""
+    from memwatch.containers import is_container
+
     meta: dict[Path, dict] = {}
     files, metadata = _walk(root, refs)
+    containers = [p for p in files if is_container(p)]
+    if containers and not any(is_image_path(p) for p in files):
+        refs.not_images += len(files) - len(containers) + len(metadata)
+        return _read_containers(containers, root, refs, image_column, caption_column)
     for mfile in metadata:
         for row in _jsonl_rows(mfile):
             name = row.get("file_name")
@@ -256,6 +316,90 @@ def _walk(root: Path, refs: ReferenceSet) -> tuple[list[Path], list[Path]]:
     walk(root)
     files.sort()
     return [p for p in files if p.name != METADATA_NAME], [p for p in files if p.name == METADATA_NAME]
+
+
+HF_PREFIX = "hf:"
+
+
+def _read_containers(
+    files: list[Path], base: Path | None, refs: ReferenceSet, image_column: str | None, caption_column: str | None
+) -> list[dict]:
+    """Entries for the images inside container files; ids are ``<file relative to base>/<member>``."""
+    from memwatch.containers import list_members
+
+    entries = []
+    for f in files:
+        prefix = f.relative_to(base).as_posix() if base is not None and _is_under(f, base) else f.name
+        try:
+            members = list_members(f, image_column, caption_column)
+        except MemwatchError as e:
+            if "column" in str(e):
+                raise  # a wrong column name is a setting to fix, not a file to skip
+            refs.skip(f, str(e))
+            continue
+        for m in members:
+            entry: dict = {"path": f, "id": f"{prefix}/{m.name}", "data": m.data, "locator": m.locator}
+            if m.caption is not None:
+                entry["caption"] = m.caption
+            entries.append(entry)
+    return entries
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The arrow files of a ``datasets`` ``save_to_disk`` folder (a DatasetDict: its ``train`` split), or
+    None if the folder is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise MemwatchError(
+                f"{folder}: a DatasetDict without a 'train' split (splits: {splits}): pass a split folder"
+            )
+        folder = folder / "train"
+    state = folder / "state.json"
+    if not state.is_file() or not (folder / "dataset_info.json").is_file():
+        return None
+    files = json.loads(state.read_text()).get("_data_files", [])
+    return [folder / f["filename"] for f in files]
+
+
+def _hub_dataset_files(spec: str, what: str) -> tuple[list[Path], Path | None]:
+    """The files of a Hugging Face dataset ``NAME[:CONFIG]`` (split ``train``) already on this machine, and
+    the folder ids are relative to; nothing is downloaded.
+
+    First the datasets cache (what a training script's ``load_dataset(--dataset_name)`` prepared: arrow
+    files), then the hub cache (a downloaded snapshot of the dataset repository: its parquet files, tar
+    shards or arrow files, the ``train`` ones when files are named by split).
+    """
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise MemwatchError(
+            f"{what} hf:{spec} needs the datasets package ({e}): pip install 'memwatch[data]'"
+        ) from None
+    datasets.config.HF_HUB_OFFLINE = True  # the local caches only
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train")
+        return [Path(f["filename"]) for f in ds.cache_files], None
+    except Exception as e:
+        prepared_error = f"{type(e).__name__}: {e}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception:
+        raise MemwatchError(
+            f"{what} hf:{spec} is not in the local Hugging Face caches ({prepared_error}); download it where there "
+            "is a network (datasets.load_dataset), or pass a save_to_disk folder"
+        ) from None
+    from memwatch.containers import is_container
+
+    folder = root / config if config and (root / config).is_dir() else root
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_container(p))
+    train = [p for p in files if "train" in p.relative_to(root).as_posix()]
+    if not (train or files):
+        raise MemwatchError(f"{what} hf:{spec}: its snapshot {folder} holds no parquet, arrow or tar files")
+    return train or files, root
 
 
 def _read_manifest(manifest: Path) -> list[dict]:

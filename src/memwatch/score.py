@@ -7,6 +7,7 @@ to their folders.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ def score_folders(
     *,
     cache: EmbeddingCache | None = None,
     config: RegurgitationConfig | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score every image in ``samples_dir`` against ``reference_dir``.
 
@@ -34,6 +36,8 @@ def score_folders(
         embedder: embedder used for distances and similarities.
         cache: reference-embedding cache (samples are never cached).
         config: thresholds; defaults follow DESIGN.md.
+        columns: ``image_column`` / ``caption_column`` of a reference set stored in a dataset, parquet
+            files or tar shards.
 
     Returns:
         ``{"metrics", "matches", "reference", "samples", "embedder", "thresholds"}``, JSON-ready;
@@ -48,7 +52,7 @@ def score_folders(
         0.25
     """
     config = config or RegurgitationConfig()
-    refs = load_reference_set(reference_dir, what="reference folder")
+    refs = load_reference_set(reference_dir, what="reference folder", **(columns or {}))
     samples = load_reference_set(samples_dir, what="samples folder")
     index = ReferenceIndex(refs, embedder, cache)
     sample_emb = embed_reference(samples, embedder, None).embeddings
@@ -85,6 +89,7 @@ def score_identities(
     *,
     cache: EmbeddingCache | None = None,
     resolution: int = 160,
+    columns: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Identity leakage and interpolation of the faces in ``samples_dir`` against the training faces.
 
@@ -94,6 +99,7 @@ def score_identities(
         config: a :class:`memwatch.faces.IdentityConfig`.
         cache: face-embedding cache for the training faces.
         resolution: side samples are normalised to before face detection.
+        columns: as for :func:`score_folders`.
 
     Returns:
         ``{"metrics", "items", "gallery"}``, JSON-ready.
@@ -108,10 +114,10 @@ def score_identities(
     from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
     from memwatch.images import load_image
 
-    refs = load_reference_set(reference_dir, what="reference folder")
+    refs = load_reference_set(reference_dir, what="reference folder", **(columns or {}))
     samples = load_reference_set(samples_dir, what="samples folder")
     gallery = build_gallery(refs, load_face_pipeline(config), config, cache=cache)
-    images = torch.stack([load_image(it.path, resolution) for it in samples.items])
+    images = torch.stack([load_image(it.source, resolution) for it in samples.items])
     result = identity_probe(images, gallery, config, names=samples.ids)
     return {"metrics": result.metrics, "items": result.items, "gallery": gallery.assignments}
 

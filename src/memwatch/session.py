@@ -53,11 +53,14 @@ log = logging.getLogger("memwatch")
 EVENTS_NAME = "events.jsonl"
 
 
-def as_refset(value: str | Path | ReferenceSet | None, what: str) -> ReferenceSet:
-    """A :class:`ReferenceSet` from a path (or the set itself)."""
+def as_refset(
+    value: str | Path | ReferenceSet | None, what: str, columns: dict[str, str] | None = None
+) -> ReferenceSet:
+    """A :class:`ReferenceSet` from a path (or the set itself); ``columns``: ``image_column`` /
+    ``caption_column`` for sets stored in datasets, parquet files or tar shards."""
     if value is None:
         raise MemwatchError(f"no {what}: pass it to the front-end or set '{what.split()[0]}' in the config")
-    return value if isinstance(value, ReferenceSet) else load_reference_set(value, what=what)
+    return value if isinstance(value, ReferenceSet) else load_reference_set(value, what=what, **(columns or {}))
 
 
 class ProbeSession:
@@ -106,8 +109,9 @@ class ProbeSession:
         self.log_metrics = log_metrics
         self.probes = _merge_probes(config.make_probes(), probes)
         self.data = ProbeData(
-            refs, holdout, lambda resolution: build_embedder(config.embedder, resolution), config.cache_dir
-        )
+            refs, holdout, lambda resolution: build_embedder(config.embedder, resolution), config.cache_dir,
+            search=config.search,
+        )  # fmt: skip
         self.engine = RuleEngine(check_rule_metrics(self.rules(), self.probes, config.source))
         self.cadence = Cadence(config.cadence, clock)
         self.events: list[Event] = []
@@ -137,7 +141,7 @@ class ProbeSession:
         self.store: Store | None = None
         self.run_id = 0
         name = run_name or config.run_name
-        self.run_name = name or "run-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.run_name = name or "run-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         for p in self.probes:
             if p.every and p.needs_holdout and holdout is None:
                 log.warning("%s probe off: no holdout set given (config 'holdout')", p.name)
@@ -589,7 +593,7 @@ class ProbeSession:
                 self.output_dir / "evidence" / name,
                 ctx.samples.images,
                 probe.evidence_pairs(result),
-                {it.id: it.path for it in self.refs.items},
+                {it.id: it for it in self.refs.items},
                 top=self.config.evidence_top,
             )
         except Exception as e:  # a training image gone since listing, a full disk: the result still counts

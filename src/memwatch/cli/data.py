@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from memwatch.cli.embedder_options import add_embedder_options, cache_from_args, embedder_from_args
+from memwatch.cli.embedder_options import (
+    add_embedder_options,
+    add_reference_options,
+    cache_from_args,
+    check_exists,
+    columns_from_args,
+    embedder_from_args,
+)
 from memwatch.errors import MemwatchError
 from memwatch.output import write_output
 
@@ -22,8 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "embedder's copy threshold), grouped, and isolated images (nearest image beyond Tukey's fence). "
         "Duplicated images are memorized first (Carlini et al. 2023).",
     )
-    p.add_argument("reference", metavar="REFERENCE", help="training images (folder, imagefolder or .jsonl)")
+    p.add_argument(
+        "reference", metavar="REFERENCE", help="training images (folder, imagefolder, .jsonl, hf:NAME, a "
+        "save_to_disk folder, parquet files or tar shards)",
+    )  # fmt: skip
     add_embedder_options(p, default_resolution=32)
+    add_reference_options(p)
     p.add_argument(
         "--near-threshold",
         type=float,
@@ -43,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise MemwatchError(f"--top {args.top}: give a number of groups >= 0")
     if args.near_threshold is not None and not 0 < args.near_threshold <= 1:
         raise MemwatchError(f"--near-threshold {args.near_threshold}: give a similarity in (0, 1]")
-    if not Path(args.reference).exists():
-        raise MemwatchError(f"REFERENCE {args.reference} does not exist: pass a folder of images or a .jsonl manifest")
-    refs = load_reference_set(args.reference, what="REFERENCE")
+    check_exists("REFERENCE", args.reference)
+    refs = load_reference_set(args.reference, what="REFERENCE", **columns_from_args(args))
     result = analyse_training_set(
         refs, embedder_from_args(args), cache_from_args(args), near_threshold=args.near_threshold
     )

@@ -1,4 +1,5 @@
-"""The comparison-space options shared by the commands that compare images (``score`` and ``data``)."""
+"""The options shared by the commands that read and compare images (``score`` and ``data``): the comparison
+space, and how to read a reference set stored in a dataset, parquet files or tar shards."""
 
 from __future__ import annotations
 
@@ -31,6 +32,31 @@ def add_embedder_options(p: argparse.ArgumentParser, default_resolution: int) ->
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.set_defaults(default_resolution=default_resolution)
+
+
+def add_reference_options(p: argparse.ArgumentParser) -> None:
+    """``--image-column`` and ``--caption-column``, named like the diffusers training scripts' flags."""
+    p.add_argument(
+        "--image-column", default=None, help="datasets, parquet files, tar shards: the column with the images "
+        "(the training script's --image_column; default image)",
+    )  # fmt: skip
+    p.add_argument(
+        "--caption-column", default=None, help="the column with the captions (the training script's "
+        "--caption_column; default text, then caption)",
+    )  # fmt: skip
+
+
+def columns_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The column settings given, as :func:`memwatch.refset.load_reference_set` keywords."""
+    return {k: v for k in ("image_column", "caption_column") if (v := getattr(args, k, None))}
+
+
+def check_exists(label: str, value: str) -> None:
+    """A one-line error if ``value`` names no file or folder (``hf:NAME`` datasets are looked up later)."""
+    from pathlib import Path
+
+    if not value.startswith("hf:") and not Path(value).exists():
+        raise MemwatchError(f"{label} {value} does not exist: pass a folder of images or a .jsonl manifest")
 
 
 def embedder_from_args(args: argparse.Namespace) -> Embedder:

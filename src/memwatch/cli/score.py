@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from memwatch.cli.embedder_options import add_embedder_options, cache_from_args, embedder_from_args
+from memwatch.cli.embedder_options import (
+    add_embedder_options,
+    add_reference_options,
+    cache_from_args,
+    check_exists,
+    columns_from_args,
+    embedder_from_args,
+)
 from memwatch.errors import MemwatchError
 from memwatch.output import write_output
 
@@ -21,8 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "for generated images against a reference (training) set.",
     )
     p.add_argument("samples", metavar="SAMPLES_DIR", help="generated images (folder or .jsonl manifest)")
-    p.add_argument("reference", metavar="REFERENCE_DIR", help="training images (folder, imagefolder or .jsonl)")
+    p.add_argument(
+        "reference", metavar="REFERENCE_DIR", help="training images (folder, imagefolder, .jsonl, hf:NAME, a "
+        "save_to_disk folder, parquet files or tar shards)",
+    )  # fmt: skip
     add_embedder_options(p, default_resolution=64)
+    add_reference_options(p)
     p.add_argument(
         "--copy-threshold",
         type=float,
@@ -53,19 +63,19 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise MemwatchError(f"--top {args.top}: give a number of matches >= 0")
     for label, folder in (("SAMPLES_DIR", args.samples), ("REFERENCE_DIR", args.reference)):
-        if not Path(folder).exists():
-            raise MemwatchError(f"{label} {folder} does not exist: pass a folder of images or a .jsonl manifest")
+        check_exists(label, folder)
+    columns = columns_from_args(args)
     embedder = embedder_from_args(args)
     cache = cache_from_args(args)
     config = RegurgitationConfig(copy_threshold=args.copy_threshold)
-    doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config)
+    doc = score_folders(args.samples, args.reference, embedder, cache=cache, config=config, columns=columns)
     print(format_summary(doc, top=args.top))
     if args.identity:
         from memwatch.faces import IdentityConfig
         from memwatch.score import score_identities
 
         faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights)
-        doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache)
+        doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache, columns=columns)
         m = doc["identity"]["metrics"]
         print(
             f"\nfaces: detection rate {m['face_detection_rate']:.3f}, leak rate {m['identity_leak_rate']:.3f}, "

@@ -177,7 +177,7 @@ def _import_open_clip() -> Any:
         import open_clip
     except ImportError as e:
         raise MemwatchError(
-            f"the clip embedder needs open_clip ({e}): pip install open_clip_torch, or use the pixel embedder"
+            f"the clip embedder needs open_clip ({e}): pip install 'memwatch[clip]', or use the pixel embedder"
         ) from None
     return open_clip
 

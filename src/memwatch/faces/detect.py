@@ -71,9 +71,7 @@ def import_facenet() -> Any:
     try:
         import facenet_pytorch
     except ImportError as e:
-        raise MemwatchError(
-            f"the identity probe needs facenet-pytorch ({e}): pip install facenet-pytorch==2.5.3"
-        ) from None
+        raise MemwatchError(f"the identity probe needs facenet-pytorch ({e}): pip install 'memwatch[faces]'") from None
     return facenet_pytorch
 
 

@@ -443,10 +443,10 @@ def _count_genuine_at(emb: torch.Tensor, labels: torch.Tensor, threshold: float,
 def _load_native_or_resized(item: ReferenceItem, resolution: int | None) -> torch.Tensor:
     """Decode an item by memwatch's image rule; keep its own size when ``resolution`` is None."""
     if resolution is not None:
-        return load_image(item.path, resolution)
+        return load_image(item.source, resolution)
     from PIL import Image
 
-    with Image.open(item.path) as img:
+    with Image.open(item.source) as img:
         img.load()
         return pil_to_tensor(to_rgb(img))
 

@@ -156,6 +156,7 @@ class ProbeData:
         holdout: non-member images, or None.
         embedder: builds the embedder for a resolution (``(resolution) -> Embedder``).
         cache_dir: the embedding cache folder (None: the default).
+        search: how samples are matched to training images (:func:`memwatch.vector_index.build_search`).
     """
 
     def __init__(
@@ -164,8 +165,11 @@ class ProbeData:
         holdout: ReferenceSet | None,
         embedder: Callable[[int], Any],
         cache_dir: str | None = None,
+        *,
+        search: str = "auto",
     ):
         self.refs = refs
+        self.search = search
         self.holdout = holdout
         self.cache_dir = cache_dir
         self._embedder = embedder
@@ -185,7 +189,9 @@ class ProbeData:
             from memwatch.embed_cache import EmbeddingCache
             from memwatch.neighbours import ReferenceIndex
 
-            self._index = ReferenceIndex(self.refs, self._embedder(resolution), EmbeddingCache(self.cache_dir))
+            self._index = ReferenceIndex(
+                self.refs, self._embedder(resolution), EmbeddingCache(self.cache_dir), search=self.search
+            )
         return self._index
 
 

@@ -31,7 +31,7 @@ import torch
 
 from memwatch.errors import MemwatchError
 from memwatch.evidence import EvidencePair, regurgitation_pairs
-from memwatch.neighbours import ReferenceIndex, knn
+from memwatch.neighbours import ReferenceIndex
 from memwatch.probes.base import Probe, ProbeContext, ProbeResult
 from memwatch.samples import SamplingSettings
 from memwatch.settings import setting
@@ -133,7 +133,7 @@ def regurgitation_from_embeddings(
         names = [str(s) for s in seeds] if seeds is not None else [str(i) for i in range(n)]
     embedder = index.embedder
     k = max(2, config.extraction_n)
-    dist, idx = knn(query, index.embeddings, k, embedder.pairwise_distance, chunk_size=config.chunk_size)
+    dist, idx = index.search(query, k, chunk_size=config.chunk_size)
     d1 = dist[:, 0]
     # With a single distinct training image there is no second neighbour: the ratio is undefined (NaN).
     d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(d1, float("nan"))

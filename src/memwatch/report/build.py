@@ -38,6 +38,7 @@ from memwatch import __version__
 from memwatch.curves import DPI, PNG_METADATA, curves_figure, images_figure, seeds_figure
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash, sha256_bytes
+from memwatch.headline import headline_figure
 from memwatch.history import RunHistory, find_store, load_history
 from memwatch.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.report import sources
@@ -376,6 +377,7 @@ def _curves(data: RunHistory, risks: Sequence[ImageRisk]) -> dict[str, Any]:
         "mem_ratio": data.mem_ratio,
         # Plots of numbers only (no training or generated pixels): kept in redacted reports too.
         "images": {
+            "headline": _figure_uri(headline_figure(data)),
             "curves": _figure_uri(curves_figure(data)),
             "seeds": _figure_uri(seeds_figure(data)),
             "images": _figure_uri(images_figure(data, risks)),
@@ -695,7 +697,9 @@ def _steps(steps: Sequence[int], most: int = 5) -> str:
 def _utc(t: float | None) -> str | None:
     if t is None:
         return None
-    return _dt.datetime.fromtimestamp(float(t), _dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        _dt.datetime.fromtimestamp(float(t), _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 def _json_safe(obj: Any) -> Any:

@@ -39,7 +39,8 @@ IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
 
 class ReferenceFiles:
-    """Reference images by id: ``<reference.root>/<id>``, or the paths a ``.jsonl`` manifest gives.
+    """Reference images by id: ``<reference.root>/<id>``, the paths a ``.jsonl`` manifest gives, or the
+    images inside the set's files (tar shards, parquet or arrow files, ``hf:`` datasets), read again.
 
     A relative root is tried from the working directory, then from the training output dir (the
     memwatch folder's parent). Ids that would leave the root (``..``) are refused.
@@ -49,11 +50,15 @@ class ReferenceFiles:
         self.limits = limits
         self.root: Path | None = None
         self.manifest: dict[str, Path] = {}
+        self.columns: dict[str, str] = {}
+        self._members: dict[str, Any] | None = None
         raw = summary.get("root") if isinstance(summary, dict) else None
         if not raw:
             return
-        for candidate in (Path(raw), store_dir.parent / raw):
-            if candidate.exists():
+        self.columns = dict(summary.get("columns") or {})
+        candidates = [Path(raw), store_dir.parent / raw]
+        for candidate in candidates:
+            if str(raw).startswith("hf:") or candidate.exists():
                 self.root = candidate
                 break
         if self.root is None:
@@ -62,24 +67,54 @@ class ReferenceFiles:
                 f"reference set {raw} (recorded with the run) was not found from here: training images are "
                 "shown by id only; run the report where the reference folder is reachable",
             )
-        elif self.root.is_file():
+        elif self.root.is_file() and self.root.suffix.lower() == ".jsonl":
             self.manifest = _manifest_paths(self.root)
 
-    def resolve(self, item_id: str) -> tuple[Path | None, str]:
-        """(path, status); status is ``ok``, ``missing``, ``outside-root`` or ``no-reference-root``."""
+    def resolve(self, item_id: str) -> tuple[Path | io.BytesIO | None, str]:
+        """(the file or the image's bytes, status); status is ``ok``, ``missing``, ``outside-root`` or
+        ``no-reference-root``."""
         if self.root is None:
             return None, "no-reference-root"
-        if self.root.is_file():
+        if self.manifest:
             path = self.manifest.get(item_id)
-            if path is None:
-                return None, "missing"
-        else:
+            return (path, "ok") if path is not None and path.is_file() else (None, "missing")
+        if self.root.is_dir():
             path = self.root / item_id
             try:
                 path.resolve().relative_to(self.root.resolve())
             except ValueError:
                 return None, "outside-root"
-        return (path, "ok") if path.is_file() else (None, "missing")
+            if path.is_file():
+                return path, "ok"
+        item = self.members().get(item_id)
+        return (item.source, "ok") if item is not None else (None, "missing")
+
+    def members(self) -> dict[str, Any]:
+        """id -> item of a set whose images are inside files, read once on first need (empty otherwise)."""
+        if self._members is None:
+            from memwatch.containers import is_container
+            from memwatch.refset import load_reference_set
+
+            self._members = {}
+            root = self.root
+            inside = root is not None and (
+                str(root).startswith("hf:") or is_container(root) or (root.is_dir() and _holds_containers(root))
+            )
+            if inside:
+                try:
+                    refs = load_reference_set(root, **self.columns)  # type: ignore[arg-type]
+                    self._members = {it.id: it for it in refs.items}
+                except Exception as e:  # the report still shows ids and scores
+                    self.limits.add("reference-unreadable", f"reference set {root} cannot be read again ({e})")
+        return self._members
+
+
+def _holds_containers(folder: Path) -> bool:
+    """A save_to_disk folder, or a folder with parquet files or tar shards at its top."""
+    from memwatch.containers import is_container
+
+    names = {p.name for p in folder.iterdir()}
+    return "state.json" in names or "dataset_dict.json" in names or any(is_container(Path(n)) for n in names)
 
 
 def _manifest_paths(manifest: Path) -> dict[str, Path]:
@@ -294,7 +329,7 @@ def _training_image(
     }
     if path is not None:
         try:
-            data = path.read_bytes()
+            data = path.read_bytes() if isinstance(path, Path) else path.getvalue()
             entry["file_sha256"] = sha256_bytes(data)
             if not redact:
                 entry["thumbnail"], entry["thumbnail_source"] = _thumbnail(data), "reference file"

@@ -314,7 +314,7 @@ _SCHEMA: dict[str, Any] = {
                     "metrics": {"type": "object", "additionalProperties": _list({"$ref": "#/$defs/point"})},
                     "forecasts": _list({"$ref": "#/$defs/forecast"}),
                     "mem_ratio": {"type": "number"},
-                    "images": _obj({"curves": _PNG_URI, "seeds": _PNG_URI, "images": _PNG_URI}),
+                    "images": _obj({"headline": _PNG_URI, "curves": _PNG_URI, "seeds": _PNG_URI, "images": _PNG_URI}),
                 }
             ),
             "events": _list({"$ref": "#/$defs/event"}),

@@ -140,7 +140,7 @@ def load_text_parts(
     except ImportError as e:
         raise MemwatchError(
             f"{root}: loading its text encoder ({enc_spec[1]}) needs the 'transformers' package: "
-            "pip install transformers (or load without text components)"
+            "pip install 'memwatch[text]' (or load without text components)"
         ) from e
     tok_cls, enc_cls = getattr(transformers, tok_spec[1], None), getattr(transformers, enc_spec[1], None)
     if tok_cls is None or enc_cls is None:
