@@ -112,3 +112,25 @@ def test_normalisation_rule_mixed_sizes_and_modes(tmp_path: Path) -> None:
     assert grey.shape == (3, 32, 32) and (grey[0] == grey[1]).all()
     # Fully transparent composites onto white.
     assert float(load_image(tmp_path / "transparent.png", 32).min()) == 1.0
+
+
+def test_unchanged_files_are_not_read_again(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import time
+
+    files = write_images(tmp_path / "d", [0, 1, 2], size=8)
+    old = time.time_ns() - 3600 * 10**9
+    for p in files:  # written an hour ago: old enough to be remembered (the racy-git rule)
+        os.utime(p, ns=(old, old))
+    first = load_reference_set(tmp_path / "d")
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or read_bytes(self))
+    assert load_reference_set(tmp_path / "d").manifest_sha256 == first.manifest_sha256
+    assert reads == []  # every hash came from the cache
+    Image.fromarray(smooth_image(9, 8)).save(files[1])  # changed now: read and hashed again
+    changed = load_reference_set(tmp_path / "d")
+    assert reads == [files[1]] and changed.items[1].sha256 == sha256_file(files[1])
+    load_reference_set(tmp_path / "d")  # modified within the last 2 s: not trusted yet, read again
+    assert reads == [files[1], files[1]]
+    assert load_reference_set(tmp_path / "d", hash_cache=False).manifest_sha256 == changed.manifest_sha256

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from memwatch.errors import MemwatchError
+from memwatch.file_hashes import FileHashCache
 from memwatch.hashing import canonical_json, sha256_bytes
 from memwatch.images import is_image_path, load_image
 
@@ -153,6 +154,7 @@ def load_reference_set(
     what: str = "reference set",
     image_column: str | None = None,
     caption_column: str | None = None,
+    hash_cache: bool = True,
 ) -> ReferenceSet:
     """Read a reference (or holdout) set from a folder, a JSONL manifest or files holding images.
 
@@ -165,6 +167,8 @@ def load_reference_set(
             shards: any image suffix), as the training script's ``--image_column``.
         caption_column: the column holding captions (default ``text``, then ``caption``), as
             ``--caption_column``.
+        hash_cache: take the sha256 of files unchanged since an earlier run (same size, modification
+            time and inode) from :class:`memwatch.file_hashes.FileHashCache` instead of reading them.
 
     Returns:
         A :class:`ReferenceSet` with at least one usable item.
@@ -207,14 +211,23 @@ def load_reference_set(
         base = root if root.is_dir() else root.parent
     refs.columns = {k: v for k, v in (("image_column", image_column), ("caption_column", caption_column)) if v}
     seen: dict[str, Path] = {}
+    hashes = FileHashCache() if hash_cache else None
+    known = hashes.lookup(e["path"] for e in entries if "data" not in e) if hashes else {}
+    hashed: dict[Path, str] = {}
     for entry in entries:
         p = entry["path"]
-        try:
-            data = entry["data"] if "data" in entry else p.read_bytes()
-            _check_decodable(io.BytesIO(data) if "data" in entry else p)
-        except Exception as e:  # any reader error means the file is unusable: record it
-            refs.skip(entry.get("id") or p, f"cannot decode image ({type(e).__name__}: {e})")
-            continue
+        if "data" not in entry and p in known:
+            sha = known[p]  # unchanged since it was hashed and checked: not read again
+        else:
+            try:
+                data = entry["data"] if "data" in entry else p.read_bytes()
+                _check_decodable(io.BytesIO(data) if "data" in entry else p)
+            except Exception as e:  # any reader error means the file is unusable: record it
+                refs.skip(entry.get("id") or p, f"cannot decode image ({type(e).__name__}: {e})")
+                continue
+            sha = sha256_bytes(data)
+            if "data" not in entry:
+                hashed[p] = sha
         item_id = entry.get("id") or (p.relative_to(base).as_posix() if _is_under(p, base) else str(p))
         if item_id in seen:
             raise MemwatchError(
@@ -225,12 +238,15 @@ def load_reference_set(
             ReferenceItem(
                 id=item_id,
                 path=p,
-                sha256=sha256_bytes(data),
+                sha256=sha,
                 caption=entry.get("caption"),
                 identity=entry.get("identity"),
                 locator=entry.get("locator"),
             )
         )
+    if hashes:
+        hashes.remember(hashed)
+        hashes.close()
     refs.items.sort(key=lambda it: it.id)
     if not refs.items:
         detail = f"; {len(refs.skipped)} file(s) could not be decoded" if refs.skipped else ""

@@ -115,8 +115,10 @@ class FaissSearch(Search):
             self.nprobe = nprobe
             index = faiss.index_factory(d, f"IVF{self.nlist},PQ{self.m}", faiss.METRIC_L2)
             index.cp.seed = seed
-            # k-means needs about 30-256 points per list; more only slows training
-            train = x[torch.randperm(r, generator=torch.Generator().manual_seed(seed))[: 64 * self.nlist].numpy()]
+            # k-means wants 30-256 points per list, and each PQ codebook (256 codes) about 39 x 256 = 9,984;
+            # more only slows training
+            n_train = min(r, max(10_000, 30 * self.nlist))
+            train = x[torch.randperm(r, generator=torch.Generator().manual_seed(seed))[:n_train].numpy()]
             index.train(train)
             index.add(x)
             index.nprobe = nprobe
