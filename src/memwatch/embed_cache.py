@@ -21,7 +21,8 @@ import torch
 
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
-from memwatch.refset import ReferenceSet
+from memwatch.file_hashes import connect_wal
+from memwatch.refset import ReferenceItem, ReferenceSet
 
 log = logging.getLogger("memwatch")
 
@@ -49,13 +50,11 @@ class EmbeddingCache:
         self._db: sqlite3.Connection | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
+            self._db = connect_wal(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
-                " PRIMARY KEY (key, sha256))"
+                " PRIMARY KEY (key, sha256))",
             )
-            self._db.commit()
         except (OSError, sqlite3.Error) as e:
             self._disable(e)
 
@@ -119,6 +118,55 @@ class EmbeddedSet:
     cached: int
 
 
+#: vectors written to the cache at a time while embedding: an interrupted run keeps what it had done
+FLUSH_EVERY = 2048
+
+
+def embed_items(
+    refs: ReferenceSet,
+    items: list[ReferenceItem],
+    embedder: Embedder,
+    cache: EmbeddingCache | None,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Embed ``items`` of ``refs`` (duplicate contents once), writing to the cache every
+    :data:`FLUSH_EVERY` vectors, so an interrupted run resumes where it stopped.
+
+    Args:
+        refs: the set the items belong to (undecodable items are moved to its ``skipped``).
+        items: those to embed.
+        embedder: the embedder.
+        cache: the cache, or None.
+        batch_size: images per forward pass.
+        progress: show a progress bar (stderr).
+
+    Returns:
+        sha256 -> vector of every item embedded.
+    """
+    from tqdm import tqdm
+
+    new: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(items), desc="embedding", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = [it for it in items[start : start + batch_size] if it.sha256 not in new]
+            unique = list({it.sha256: it for it in batch}.values())  # duplicate file content: embed once
+            images, kept = refs.load(unique, embedder.resolution)  # undecodable items are skipped and counted
+            if kept:
+                vectors = dict(zip([it.sha256 for it in kept], embedder.embed(images), strict=True))
+                new.update(vectors)
+                pending.update(vectors)
+            if cache is not None and len(pending) >= FLUSH_EVERY:
+                cache.put(embedder.key, pending)
+                pending = {}
+            bar.update(len(items[start : start + batch_size]))
+    if cache is not None and pending:
+        cache.put(embedder.key, pending)
+    return new
+
+
 def embed_reference(
     refs: ReferenceSet,
     embedder: Embedder,
@@ -148,17 +196,9 @@ def embed_reference(
     key = embedder.key
     have = cache.get(key, [it.sha256 for it in refs.items]) if cache is not None else {}
     todo = [it for it in refs.items if it.sha256 not in have]
-    new: dict[str, torch.Tensor] = {}
-    for start in range(0, len(todo), batch_size):
-        batch = [it for it in todo[start : start + batch_size] if it.sha256 not in new]
-        unique = list({it.sha256: it for it in batch}.values())  # duplicate file content: embed once
-        images, kept = refs.load(unique, embedder.resolution)  # undecodable items are skipped and counted
-        if kept:
-            new.update(zip([it.sha256 for it in kept], embedder.embed(images), strict=True))
+    new = embed_items(refs, todo, embedder, cache, batch_size=batch_size)
     if not refs.items:
         raise MemwatchError(f"{refs.root}: no image could be decoded; see the skipped files logged above")
-    if cache is not None and new:
-        cache.put(key, new)
     have.update(new)
     emb = torch.stack([have[it.sha256] for it in refs.items])
     return EmbeddedSet(embeddings=emb, computed=len(new), cached=sum(it.sha256 not in new for it in refs.items))

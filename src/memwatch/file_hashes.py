@@ -32,6 +32,28 @@ log = logging.getLogger("memwatch")
 RACY_S = 2.0
 
 
+def connect_wal(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to a cache file shared by concurrent processes (WAL mode), with ``schema`` created.
+
+    Switching to WAL needs a moment of exclusive access, which SQLite does not wait for: when several
+    processes open the file at once (``accelerate launch``), the losers are told "database is locked"
+    at once. They try again, for up to about 10 s, before giving up.
+    """
+    for attempt in range(100):
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(schema)
+            db.commit()
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if "locked" not in str(e) or attempt == 99:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
 def _key(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
@@ -52,13 +74,11 @@ class FileHashCache:
         self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
+            self._db = connect_wal(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-                "inode INTEGER, sha256 TEXT)"
+                "inode INTEGER, sha256 TEXT)",
             )
-            self._db.commit()
         except (OSError, sqlite3.Error) as e:
             self._disable(e)
 

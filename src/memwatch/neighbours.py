@@ -97,18 +97,30 @@ class ReferenceIndex:
         self.embeddings = embedded.embeddings[keep]
         self.ids = [refs.items[i].id for i in keep]
         self.search_kind = search
+        self.cache_dir = cache.dir if cache is not None else None
         self._search: Any = None
         self.seconds = time.perf_counter() - t0
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def prepare_search(self) -> Any:
+        """Build (or load, when ``memwatch index`` or an earlier run kept it beside the embedding cache)
+        the search behind :meth:`search`; returns it."""
+        from memwatch.vector_index import build_search, resolve_kind, saved_index_path
+
+        kind = resolve_kind(len(self), self.search_kind)
+        kwargs: dict[str, Any] = {}
+        if kind != "exact" and self.cache_dir is not None:
+            manifest = self.refs.manifest_sha256
+            kwargs["path"] = saved_index_path(self.cache_dir, self.embedder, manifest, kind)
+        self._search = build_search(self.embeddings, self.embedder, kind, **kwargs)
+        return self._search
+
     def search(self, query: torch.Tensor, k: int, *, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest training rows of each query (:mod:`memwatch.vector_index`: exact, or a FAISS
         index for large sets, built on first use), as ``(distances, indices)`` nearest first."""
         if self._search is None:
-            from memwatch.vector_index import build_search
-
-            self._search = build_search(self.embeddings, self.embedder, self.search_kind)
+            self.prepare_search()
         self._search.chunk_size = chunk_size
         return self._search.search(query, k)

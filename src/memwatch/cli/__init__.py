@@ -14,11 +14,11 @@ import logging
 import sys
 
 from memwatch import __version__
-from memwatch.cli import canaries, config, curves, data, demo, forecast, probe, report, score, watch
+from memwatch.cli import canaries, config, curves, data, demo, forecast, index, probe, report, score, watch
 from memwatch.errors import MemwatchError
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, canaries, config)
+COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, index, canaries, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
