@@ -18,13 +18,13 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
-from torchvision import transforms
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -40,20 +40,28 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise SystemExit(f"--train-data {folder}: no images found")
-        steps = [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(resolution),
-        ]
-        if flip:
-            steps.append(transforms.RandomHorizontalFlip())
-        self.transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.resolution = resolution
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        """torchvision's Resize (shorter side, bicubic), CenterCrop, RandomHorizontalFlip, ToTensor and
+        Normalize(0.5, 0.5), as the diffusers scripts compose them, with PIL and torch only (torchvision is
+        an optional part of memwatch's environment)."""
+        r = self.resolution
         with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB"))
+            img = img.convert("RGB")
+            w, h = img.size
+            size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+            img = img.resize(size, Image.Resampling.BICUBIC)
+            left, top = int(round((size[0] - r) / 2.0)), int(round((size[1] - r) / 2.0))
+            img = img.crop((left, top, left + r, top + r))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        if self.flip and torch.rand(1) < 0.5:
+            x = x.flip(-1)
+        return (x - 0.5) / 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

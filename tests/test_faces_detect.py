@@ -14,6 +14,8 @@ from support.faces import resize_square, rgb_tensor
 
 from memwatch.faces import FaceDetector, IdentityConfig
 
+pytest.importorskip("facenet_pytorch", reason="the identity probe needs facenet-pytorch (memwatch[faces])")
+
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

@@ -23,6 +23,8 @@ from memwatch.jobs import probe_run_dir
 from memwatch.monitor import MemorizationMonitor
 from memwatch.store import Store
 
+pytest.importorskip("facenet_pytorch", reason="the identity probe needs facenet-pytorch (memwatch[faces])")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

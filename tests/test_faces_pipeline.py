@@ -26,6 +26,8 @@ from memwatch.faces.embed import weights_file_name
 from memwatch.images import load_image, tensor_to_pil
 from memwatch.refset import load_reference_set
 
+pytest.importorskip("facenet_pytorch", reason="the identity probe needs facenet-pytorch (memwatch[faces])")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
