@@ -326,7 +326,11 @@ def probe_run_dir(run_dir: str | Path, config: MonitorConfig, *, wait: bool = Fa
         prober.open()
         skipped: list[tuple[str, str]] = []
         try:
-            for ref in discover_snapshots(run_dir, skipped):
+            from tqdm.auto import tqdm
+
+            snapshots = list(discover_snapshots(run_dir, skipped))
+            # a bar on a terminal only (disable=None): logs and captured output stay clean
+            for ref in tqdm(snapshots, desc="memwatch probe", unit="snapshot", disable=None, leave=False):
                 prober.probe(ref)
         finally:
             prober.report.skipped = [{"path": p, "reason": r} for p, r in skipped]
