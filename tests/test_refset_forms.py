@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -160,15 +161,18 @@ def test_score_and_probe_run_on_a_saved_dataset_and_on_shards(folder: Path, tmp_
         by_sample = {m["sample"]: m for m in json.loads(out.read_text())["matches"]}
         assert by_sample["img001.png"]["memorized"] and by_sample["img004.png"]["memorized"]
         assert not by_sample["img070.png"]["memorized"]
-    run = tmp_path / "run"
-    train_unconditional_like(run, folder, steps=2, every=2)
-    cfg = tmp_path / "c.yaml"
-    probes = {"membership": {"every": 0}, "regurgitation": {"every": 1, "num_samples": 2, "inference_steps": 2}}
-    cfg.write_text(json.dumps({"reference": str(shards), "run_name": "audit", "probes": probes}))
-    assert main(["probe", str(run), "--config", str(cfg)]) == 0
     from memwatch.report import build_report
 
-    report = build_report(run)
-    shown = [t for t in report["evidence"]["training_images"] if t["file_status"] == "ok"]
-    assert shown and all(t["id"].startswith("shard-0000") and t["thumbnail"] for t in shown)
-    assert report["training_set"]["n"] == 6
+    trained = tmp_path / "trained"
+    train_unconditional_like(trained, folder, steps=2, every=2)
+    probes = {"membership": {"every": 0}, "regurgitation": {"every": 1, "num_samples": 2, "inference_steps": 2}}
+    for reference, prefix in ((tmp_path / "ds", "data-00000-of-00001.arrow/"), (shards, "shard-0000")):
+        run = tmp_path / f"run-{reference.name}"
+        shutil.copytree(trained, run)
+        cfg = tmp_path / f"{reference.name}.yaml"
+        cfg.write_text(json.dumps({"reference": str(reference), "run_name": "audit", "probes": probes}))
+        assert main(["probe", str(run), "--config", str(cfg)]) == 0
+        report = build_report(run)
+        shown = [t for t in report["evidence"]["training_images"] if t["file_status"] == "ok"]
+        assert shown and all(t["id"].startswith(prefix) and t["thumbnail"] for t in shown), reference
+        assert report["training_set"]["n"] == 6
