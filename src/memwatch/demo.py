@@ -5,20 +5,57 @@ lines) on ``assets/demo/train``, then draws the curves and prints a summary. ``-
 the same model for the same number of steps on the much larger ``assets/demo/control`` set, where
 it does not have the capacity to copy: no regurgitation warning fires.
 
-Both need the memwatch source checkout (the images and the script are not installed with the
-package); the command finds it from the current folder or from the installed package's location.
+Inside the source checkout they come from ``assets/demo``, ``scripts/train_ddpm.py`` and
+``configs/demo.yaml`` and runs go to ``runs/``; an installed package carries the same files
+(``memwatch/demo_assets``, ``memwatch/demo_train.py``, ``memwatch/configs/demo.yaml``; in the checkout
+these are links to the originals) and writes ``runs/`` in the current folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memwatch.checkpoints import last_clean_checkpoint
 from memwatch.errors import MemwatchError
 from memwatch.store import OUTPUT_SUBDIR
+
+
+@dataclass
+class DemoFiles:
+    """Where the demo's images, training script and config are, and where its runs go."""
+
+    assets: Path
+    script: Path
+    config: Path
+    runs: Path
+
+
+def demo_files(start: Path | None = None) -> DemoFiles:
+    """The source checkout's files when run inside one, else the copies installed with the package.
+
+    Raises:
+        MemwatchError: neither is there (an installation made without its package data).
+    """
+    try:
+        root = find_checkout(start)
+        return DemoFiles(root / "assets" / "demo", root / "scripts" / "train_ddpm.py", root / "configs" / "demo.yaml",
+                         root / "runs")  # fmt: skip
+    except MemwatchError:
+        pass
+    package = Path(__file__).resolve().parent
+    files = DemoFiles(package / "demo_assets", package / "demo_train.py", package / "configs" / "demo.yaml",
+                      (start or Path.cwd()) / "runs")  # fmt: skip
+    if not ((files.assets / "train").is_dir() and files.script.is_file()):
+        raise MemwatchError(
+            f"memwatch demo needs its images and training script, which this installation lacks ({files.assets}): "
+            "install memwatch from a wheel or source checkout that includes them, or run bash scripts/demo.sh in "
+            "the repository"
+        )
+    return files
 
 
 def find_checkout(start: Path | None = None) -> Path:
@@ -49,26 +86,26 @@ def run_demo(*, control: bool = False, steps: int | None = None, output_dir: str
     """
     from memwatch.curves import write_curves
 
-    root = find_checkout()
+    files = demo_files()
     name = "demo-control" if control else "demo"
-    out = Path(output_dir) if output_dir else root / "runs" / name
+    out = Path(output_dir) if output_dir else files.runs / name
     if (out / OUTPUT_SUBDIR).is_dir():
         shutil.rmtree(out)  # a demo starts fresh: only a folder that an earlier demo wrote is removed
-    data = root / "assets" / "demo" / ("control" if control else "train")
+    data = files.assets / ("control" if control else "train")
     argv = [
         "--train-data",
         str(data),
         "--holdout-data",
-        str(root / "assets" / "demo" / "holdout"),
+        str(files.assets / "holdout"),
         "--output-dir",
         str(out),
         "--memwatch-config",
-        str(root / "configs" / "demo.yaml"),
+        str(files.config),
         "--steps",
         str(steps or DEMO_STEPS),
         *DEMO_TRAINING_ARGS,
     ]
-    script = _load_script(root / "scripts" / "train_ddpm.py")
+    script = _load_script(files.script)
     summary: dict[str, Any] = script.main(argv)
     summary["curves"] = {k: str(v) for k, v in write_curves(out / OUTPUT_SUBDIR).items()}
     ckpt = last_clean_checkpoint(out, summary["last_clean_step"])

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         NAME,
         help="train a small DDPM on the bundled images (CPU) and watch it start to memorize",
         description="Train a small UNet2DModel DDPM on assets/demo/train with accelerate and the memwatch "
-        "monitor, then write curves and a summary (output in runs/demo/). Needs the source checkout.",
+        "monitor, then write curves and a summary (output in runs/demo/: beside the source checkout when run "
+        "inside one, else in the current folder; an installed package carries the images and the script).",
     )
     p.add_argument(
         "--control",
