@@ -186,3 +186,22 @@ def test_a_second_job_finds_the_lock(data, staged, tmp_path: Path, capsys) -> No
 def test_probe_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["probe", str(tmp_path / "nowhere"), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_probe_under_accelerate_launch_with_two_processes_gives_the_same_metrics(data, staged, tmp_path: Path) -> None:
+    from support.models import accelerate_launch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        shutil.copytree(staged["run"], run)
+    assert main(["probe", str(one), "--config", str(data["config"])]) == 0
+    cmd = accelerate_launch(2, 29561, "--module", "memwatch.cli", "probe", str(two), "--config", str(data["config"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("probed 4, already done 1") == 1  # the main process alone reports
+    with Store(two / "memwatch" / "memwatch.sqlite") as store:
+        assert store.runs()[0]["info"]["processes"] == 2  # two processes really shared the probes
+    first, second = _metrics(one), _metrics(two)
+    assert first.keys() == second.keys() and len(first) >= 12
+    for key, value in first.items():
+        assert second[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key

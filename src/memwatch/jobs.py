@@ -52,6 +52,7 @@ from memwatch.snapshots import (
     snapshot_sha256,
 )
 from memwatch.store import OUTPUT_SUBDIR, STORE_NAME, Store
+from memwatch.workers import Workers
 
 log = logging.getLogger("memwatch")
 
@@ -161,9 +162,19 @@ class CheckpointProber:
         run_dir: the training output folder.
         config: the validated config (``reference`` must be set).
         on_event: called with each new event.
+        workers: the processes sharing the probes (``accelerate launch``); the main process alone reads
+            and writes the store and decides, every process loads each snapshot and computes its share.
     """
 
-    def __init__(self, run_dir: str | Path, config: MonitorConfig, *, on_event: Callable | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: MonitorConfig,
+        *,
+        on_event: Callable | None = None,
+        workers: Workers | None = None,
+    ):
+        self.workers = workers or Workers()
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise MemwatchError(f"RUN_DIR {self.run_dir} is not a folder: pass a training output folder")
@@ -183,7 +194,9 @@ class CheckpointProber:
         cols = self.config.columns
         refs = as_refset(self.config.reference, "reference set", cols)
         holdout = as_refset(self.config.holdout, "holdout set", cols) if self.config.holdout else None
-        self.session = ProbeSession(self.config, refs, holdout, self.out, on_event=self._event, run_name=self.run_name)
+        self.session = ProbeSession(
+            self.config, refs, holdout, self.out, on_event=self._event, run_name=self.run_name, workers=self.workers
+        )
 
     def _event(self, event: Any) -> None:
         self.report.new_events.append(event.to_dict())
@@ -228,17 +241,16 @@ class CheckpointProber:
             ``"failed"`` (recorded with the reason), or ``"rotated"`` (the folder was deleted meanwhile).
         """
         s = self.session
-        assert s is not None and s.store is not None
+        assert s is not None
         text_to_image = denoiser_class(ref.path, self.config.weights) in (None, "UNet2DConditionModel")
         applicable = s.applicable(text_to_image=text_to_image)
         weights = self.weights_of(ref)
+        # The main process reads the store and decides; every process follows (one collective call).
+        decision = self._decide(ref, applicable) if self.workers.is_main else None
+        action, sha = self.workers.broadcast(decision)
+        if action != "load":
+            return action
         try:
-            sha = self.weights_sha256(ref)
-            existing = s.store.find_snapshot(s.run_id, sha)
-            if existing is not None and all(s.store.has_result(existing, p.name, s.probe_hash(p)) for p in applicable):
-                s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path), weights_sha256=sha)
-                self.report.already_done += 1
-                return "already"
             which = self.config.weights if ref.kind == "checkpoint" else "raw"
             snap = load_snapshot(
                 ref.path,
@@ -252,15 +264,15 @@ class CheckpointProber:
                     f"{ref.path}: text-to-image UNet without tokenizer/text encoder/VAE: set 'base_model' to the "
                     "local pipeline folder the run started from (--pretrained_model_name_or_path)"
                 )
+            error = None
         except (MemwatchError, OSError) as e:
-            if not ref.path.exists():
-                return self._rotated(ref, e)
-            reason = str(e) if isinstance(e, MemwatchError) else f"{type(e).__name__}: {e}"
-            snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
-            for p in applicable:
-                s.store.record_failure(snap_id, p.name, config_hash=s.probe_hash(p), error=reason)
-            self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": reason})
-            log.warning("%s: recorded as failed: %s", ref.path, reason)
+            error = e
+        # every process learns whether all loaded it, so none is left waiting inside the probes
+        reasons = self.workers.gather([None if error is None else _reason_of(error)])
+        failed_to_load = next((r for r in reasons if r is not None), None)
+        if failed_to_load is not None:
+            if self.workers.is_main:
+                return self._failed(ref, applicable, failed_to_load, error)
             return "failed"
         for note in snap.notes:
             log.info("%s: %s", ref.path, note)
@@ -283,6 +295,35 @@ class CheckpointProber:
         self.report.probed.append(ref.step)
         return "probed"
 
+    def _decide(self, ref: SnapshotRef, applicable: list) -> tuple[str, str | None]:
+        """Main process: ``("load", sha)`` when these weights need probing, else what was recorded instead
+        (``"already"``, ``"failed"``, ``"rotated"``)."""
+        s = self.session
+        assert s is not None and s.store is not None
+        try:
+            sha = self.weights_sha256(ref)
+        except (MemwatchError, OSError) as e:
+            return self._failed(ref, applicable, _reason_of(e), e), None
+        existing = s.store.find_snapshot(s.run_id, sha)
+        if existing is not None and all(s.store.has_result(existing, p.name, s.probe_hash(p)) for p in applicable):
+            s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path), weights_sha256=sha)
+            self.report.already_done += 1
+            return "already", sha
+        return "load", sha
+
+    def _failed(self, ref: SnapshotRef, applicable: list, reason: str, error: BaseException | None) -> str:
+        """Main process: record a snapshot that could not be hashed or loaded (or was deleted meanwhile)."""
+        s = self.session
+        assert s is not None and s.store is not None
+        if not ref.path.exists():
+            return self._rotated(ref, error or FileNotFoundError(reason))
+        snap_id = s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path))
+        for p in applicable:
+            s.store.record_failure(snap_id, p.name, config_hash=s.probe_hash(p), error=reason)
+        self.report.failed.append({"step": ref.step, "path": str(ref.path), "error": reason})
+        log.warning("%s: recorded as failed: %s", ref.path, reason)
+        return "failed"
+
     def _rotated(self, ref: SnapshotRef, e: BaseException) -> str:
         log.info("%s was deleted (checkpoint rotation) before it could be probed (%s)", ref.path, e)
         self.report.rotated.append(str(ref.path))
@@ -299,13 +340,16 @@ class CheckpointProber:
         return self.report
 
 
-def probe_run_dir(run_dir: str | Path, config: MonitorConfig, *, wait: bool = False) -> RunReport:
+def probe_run_dir(
+    run_dir: str | Path, config: MonitorConfig, *, wait: bool = False, workers: Workers | None = None
+) -> RunReport:
     """Probe every snapshot of RUN_DIR that has no result for this config yet, oldest first.
 
     Args:
         run_dir: training output folder.
         config: validated config.
         wait: if another job holds RUN_DIR's lock, wait for it (default: do nothing and report).
+        workers: the processes of an ``accelerate launch`` sharing the probes (default: this one alone).
 
     Returns:
         The :class:`RunReport`. When another job held the lock, ``locked`` is True, nothing was
@@ -316,26 +360,35 @@ def probe_run_dir(run_dir: str | Path, config: MonitorConfig, *, wait: bool = Fa
         >>> report.probed  # doctest: +SKIP
         [500, 1000]
     """
-    prober = CheckpointProber(run_dir, config)
-    with run_lock(prober.out, wait=wait) as got:
-        if not got:
+    workers = workers or Workers()
+    prober = CheckpointProber(run_dir, config, workers=workers)
+    lock = run_lock(prober.out, wait=wait) if workers.is_main else contextlib.nullcontext(True)
+    with lock as got:
+        if not workers.broadcast(got):
             prober.report.locked = True
             prober.report.events = stored_events(prober.out / STORE_NAME, prober.run_name)
-            log.warning("%s: another memwatch job holds %s; nothing probed", run_dir, prober.out / LOCK_NAME)
+            if workers.is_main:
+                log.warning("%s: another memwatch job holds %s; nothing probed", run_dir, prober.out / LOCK_NAME)
             return prober.report
         prober.open()
         skipped: list[tuple[str, str]] = []
         try:
             from tqdm.auto import tqdm
 
-            snapshots = list(discover_snapshots(run_dir, skipped))
+            # the main process lists the snapshots; every process probes the same ones in the same order
+            snapshots = workers.broadcast(list(discover_snapshots(run_dir, skipped)) if workers.is_main else None)
             # a bar on a terminal only (disable=None): logs and captured output stay clean
-            for ref in tqdm(snapshots, desc="memwatch probe", unit="snapshot", disable=None, leave=False):
+            bar = None if workers.is_main else True
+            for ref in tqdm(snapshots, desc="memwatch probe", unit="snapshot", disable=bar, leave=False):
                 prober.probe(ref)
         finally:
             prober.report.skipped = [{"path": p, "reason": r} for p, r in skipped]
             report = prober.close()
     return report
+
+
+def _reason_of(e: BaseException) -> str:
+    return str(e) if isinstance(e, MemwatchError) else f"{type(e).__name__}: {e}"
 
 
 def stored_events(store_path: Path, run_name: str) -> list[dict[str, Any]]:

@@ -43,6 +43,23 @@ def load_job_configs(paths: list[str], runs: int) -> list[Any]:
     return configs * runs if len(configs) == 1 else configs
 
 
+def launched_workers() -> Any:
+    """The processes started by ``accelerate launch`` (several: WORLD_SIZE > 1), else this one alone.
+
+    Without GPUs the processes talk over gloo on the CPU (``PartialState(cpu=True)``).
+    """
+    import os
+
+    from memwatch.workers import Workers
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return Workers()
+    import torch
+    from accelerate import PartialState
+
+    return Workers.from_accelerator(PartialState(cpu=not torch.cuda.is_available()))
+
+
 def finish(reports: list, args: argparse.Namespace) -> int:
     """Print one line per run (and its failures), write ``--json``, and give the exit code."""
     from memwatch.jobs import fails

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memwatch.cli.jobs_common import add_job_options, finish, load_job_configs
+from memwatch.cli.jobs_common import add_job_options, finish, launched_workers, load_job_configs
 
 NAME = "probe"
 
@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="probe every checkpoint folder of one or more runs that has no result for this config (cron)",
         description="Probe each snapshot under RUN_DIR (checkpoint-<step>/ folders, oldest first, then the final "
         "model) that has no result for this config yet; results go to RUN_DIR/memwatch/. Running it again does "
-        "nothing; a killed job is finished by the next one; a second job on the same RUN_DIR exits at once.",
+        "nothing; a killed job is finished by the next one; a second job on the same RUN_DIR exits at once. Under "
+        "`accelerate launch` the processes share each snapshot's sampling and membership losses, as the "
+        "in-training monitor does.",
     )
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="training output folder(s)")
     add_job_options(p)
@@ -27,4 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from memwatch.jobs import probe_run_dir
 
     configs = load_job_configs(args.config, len(args.run_dirs))
-    return finish([probe_run_dir(d, c, wait=args.wait) for d, c in zip(args.run_dirs, configs, strict=True)], args)
+    workers = launched_workers()
+    reports = [
+        probe_run_dir(d, c, wait=args.wait, workers=workers) for d, c in zip(args.run_dirs, configs, strict=True)
+    ]
+    return finish(reports, args) if workers.is_main else 0  # the main process alone reports
