@@ -4,13 +4,11 @@ Reference images are embedded once per embedder and reused across probes, runs a
 cache is one SQLite file (``<cache_dir>/embeddings.sqlite``, WAL mode, so concurrent jobs share it
 safely). Vectors are stored as raw float32 bytes: nothing is unpickled when reading.
 
-The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch``.
+The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch`` (:mod:`memwatch.sqlite_cache`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,18 +19,11 @@ import torch
 
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
-from memwatch.file_hashes import connect_wal
 from memwatch.refset import ReferenceItem, ReferenceSet
-
-log = logging.getLogger("memwatch")
-
-
-def default_cache_dir() -> Path:
-    """``$MEMWATCH_CACHE_DIR`` if set, else ``~/.cache/memwatch``."""
-    return Path(os.environ.get("MEMWATCH_CACHE_DIR") or Path.home() / ".cache" / "memwatch")
+from memwatch.sqlite_cache import SqliteCache, default_cache_dir
 
 
-class EmbeddingCache:
+class EmbeddingCache(SqliteCache):
     """Persistent map (embedder key, sha256) -> float32 vector.
 
     Args:
@@ -46,67 +37,45 @@ class EmbeddingCache:
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.path = self.dir / "embeddings.sqlite"
-        self._db: sqlite3.Connection | None = None
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._db = connect_wal(
-                self.path,
-                "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
-                " PRIMARY KEY (key, sha256))",
-            )
-        except (OSError, sqlite3.Error) as e:
-            self._disable(e)
-
-    def _disable(self, e: BaseException) -> None:
-        """The cache is an optimisation: when it cannot be used, say so once and embed without it."""
-        log.warning(
-            "embedding cache %s cannot be used (%s): embedding without it; set cache_dir or $MEMWATCH_CACHE_DIR to "
-            "a writable folder, or delete a corrupt cache file",
-            self.path,
-            getattr(e, "strerror", None) or e,
+        super().__init__(
+            "embedding cache",
+            self.dir / "embeddings.sqlite",
+            "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
+            " PRIMARY KEY (key, sha256))",
+            "embedding without it; set cache_dir or $MEMWATCH_CACHE_DIR to a writable folder, or delete a corrupt "
+            "cache file",
         )
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-        self._db = None
 
     def get(self, key: str, hashes: Iterable[str]) -> dict[str, torch.Tensor]:
         """Cached vectors for the given image hashes (missing ones are simply absent)."""
         hashes = list(dict.fromkeys(hashes))
         found: dict[str, torch.Tensor] = {}
-        if self._db is None:
+        if self.db is None:
             return found
         try:
             for start in range(0, len(hashes), 500):  # stay under SQLite's bound-parameter limit
                 part = hashes[start : start + 500]
                 marks = ",".join("?" * len(part))
-                rows = self._db.execute(
+                rows = self.db.execute(
                     f"SELECT sha256, data FROM embeddings WHERE key = ? AND sha256 IN ({marks})", [key, *part]
                 )
                 for sha, data in rows:
                     found[sha] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
         except sqlite3.Error as e:
-            self._disable(e)
+            self.disable(e)
             return {}
         return found
 
     def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
         """Store vectors (one transaction); a cache that cannot be written is disabled with a warning."""
-        if self._db is None:
+        if self.db is None:
             return
         rows = [(key, sha, v.numel(), v.detach().float().cpu().numpy().tobytes()) for sha, v in vectors.items()]
         try:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
         except sqlite3.Error as e:
-            self._disable(e)
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
+            self.disable(e)
 
 
 @dataclass

@@ -5,8 +5,9 @@ recorded with its hash, as git's index does. Like git, a hash taken while the fi
 is not remembered: a file modified again within the same clock tick would keep its size and
 modification time, so an entry is only stored when the file is older than :data:`RACY_S` seconds.
 
-The cache is one SQLite file beside the embedding cache (``<cache_dir>/file_hashes.sqlite``); it is an
-optimisation only: when it cannot be used, a warning is logged once and every file is read.
+The cache is one SQLite file beside the embedding cache (``<cache_dir>/file_hashes.sqlite``,
+:class:`memwatch.sqlite_cache.SqliteCache`); it is an optimisation only: when it cannot be used, a
+warning is logged once and every file is read.
 
 Example:
     >>> import tempfile
@@ -19,46 +20,23 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-log = logging.getLogger("memwatch")
+from memwatch.sqlite_cache import SqliteCache, default_cache_dir
 
 #: files modified less than this long before hashing are not remembered (the "racy git" rule)
 RACY_S = 2.0
-
-
-def connect_wal(path: Path, schema: str) -> sqlite3.Connection:
-    """A connection to a cache file shared by concurrent processes (WAL mode), with ``schema`` created.
-
-    Switching to WAL needs a moment of exclusive access, which SQLite does not wait for: when several
-    processes open the file at once (``accelerate launch``), the losers are told "database is locked"
-    at once. They try again, for up to about 10 s, before giving up.
-    """
-    for attempt in range(100):
-        db = sqlite3.connect(path, timeout=60)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(schema)
-            db.commit()
-            return db
-        except sqlite3.OperationalError as e:
-            db.close()
-            if "locked" not in str(e) or attempt == 99:
-                raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
 
 
 def _key(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-class FileHashCache:
+class FileHashCache(SqliteCache):
     """Path -> sha256 for files whose size, mtime and inode are unchanged.
 
     Args:
@@ -67,33 +45,18 @@ class FileHashCache:
     """
 
     def __init__(self, cache_dir: str | Path | None = None, clock=time.time):
-        from memwatch.embed_cache import default_cache_dir
-
-        self.path = Path(cache_dir or default_cache_dir()) / "file_hashes.sqlite"
+        super().__init__(
+            "file-hash cache",
+            Path(cache_dir or default_cache_dir()) / "file_hashes.sqlite",
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            "inode INTEGER, sha256 TEXT)",
+            "reading every file",
+        )
         self.clock = clock
-        self._db: sqlite3.Connection | None = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = connect_wal(
-                self.path,
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-                "inode INTEGER, sha256 TEXT)",
-            )
-        except (OSError, sqlite3.Error) as e:
-            self._disable(e)
-
-    def _disable(self, e: BaseException) -> None:
-        log.warning("file-hash cache %s cannot be used (%s): reading every file", self.path, e)
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-        self._db = None
 
     def lookup(self, paths: Iterable[Path]) -> dict[Path, str]:
         """The remembered hash of each path whose file is unchanged (others are absent)."""
-        if self._db is None:
+        if self.db is None:
             return {}
         stats: dict[str, tuple[Path, tuple[int, int, int]]] = {}
         for p in paths:
@@ -107,7 +70,7 @@ class FileHashCache:
             for start in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
                 part = names[start : start + 500]
                 marks = ",".join("?" * len(part))
-                rows = self._db.execute(
+                rows = self.db.execute(
                     f"SELECT path, size, mtime_ns, inode, sha256 FROM files WHERE path IN ({marks})", part
                 )
                 for name, size, mtime_ns, inode, sha in rows:
@@ -115,13 +78,13 @@ class FileHashCache:
                     if now == (size, mtime_ns, inode):
                         found[p] = sha
         except sqlite3.Error as e:
-            self._disable(e)
+            self.disable(e)
             return {}
         return found
 
     def remember(self, hashes: dict[Path, str]) -> None:
         """Record hashes just computed (files younger than :data:`RACY_S` are left out)."""
-        if self._db is None or not hashes:
+        if self.db is None or not hashes:
             return
         now = self.clock()
         rows = []
@@ -133,12 +96,7 @@ class FileHashCache:
             if now - st.st_mtime_ns / 1e9 >= RACY_S:
                 rows.append((str(p.resolve()), *_key(st), sha))
         try:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as e:
-            self._disable(e)
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+            self.disable(e)

@@ -195,8 +195,9 @@ def load_reference_set(
         if not root.exists():
             raise MemwatchError(f"{what} {root} does not exist: pass an image folder or a .jsonl manifest")
         refs = ReferenceSet(root=root, items=[])
-        if root.is_dir() and _saved_dataset_files(root) is not None:
-            entries = _read_containers(_saved_dataset_files(root) or [], root, refs, image_column, caption_column)
+        saved = _saved_dataset_files(root) if root.is_dir() else None
+        if saved is not None:
+            entries = _read_containers(saved, root, refs, image_column, caption_column)
         elif root.is_dir():
             entries = _read_folder(root, refs, image_column, caption_column)
         elif root.suffix.lower() == ".jsonl":
