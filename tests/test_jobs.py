@@ -188,14 +188,23 @@ def test_probe_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert "missing.yaml does not exist" in capsys.readouterr().err
 
 
-def test_probe_under_accelerate_launch_with_two_processes_gives_the_same_metrics(data, staged, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "port"),
+    [(["probe"], 29561), (["watch", "--quiet-period", "0", "--end-quiet", "0", "--poll", "0.1"], 29562)],
+    ids=["probe", "watch"],
+)
+def test_jobs_under_accelerate_launch_with_two_processes_give_the_same_metrics(
+    data, staged, tmp_path: Path, command: list[str], port: int
+) -> None:
     from support.models import accelerate_launch
 
     one, two = tmp_path / "one", tmp_path / "two"
     for run in (one, two):
         shutil.copytree(staged["run"], run)
     assert main(["probe", str(one), "--config", str(data["config"])]) == 0
-    cmd = accelerate_launch(2, 29561, "--module", "memwatch.cli", "probe", str(two), "--config", str(data["config"]))
+    cmd = accelerate_launch(
+        2, port, "--module", "memwatch.cli", command[0], str(two), *command[1:], "--config", str(data["config"])
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("probed 4, already done 1") == 1  # the main process alone reports

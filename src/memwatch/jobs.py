@@ -412,6 +412,7 @@ def watch_run_dir(
     on_event: Callable | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    workers: Workers | None = None,
 ) -> RunReport:
     """Follow a training run: probe each checkpoint once complete and quiet; probe the final model once
     training has ended; then stop.
@@ -442,36 +443,38 @@ def watch_run_dir(
             see above).
         on_event: called with each new event.
         clock, sleep: time sources (tests pass fake ones).
+        workers: the processes of an ``accelerate launch`` sharing the probes (default: this one alone).
+            The main process alone looks at RUN_DIR, keeps time and decides what to probe; it
+            broadcasts each decision, and every process then probes the same snapshots together.
 
     Example:
         >>> watch_run_dir("runs/ddpm", load_config("memwatch.yaml"), idle_timeout=600)  # doctest: +SKIP
     """
+    workers = workers or Workers()
     run_dir = Path(run_dir)
     start = clock()
-    while not run_dir.is_dir():  # started before training created its output folder
-        if clock() - start > idle_timeout:
+    while True:  # started before training created its output folder
+        state = None
+        if workers.is_main:
+            state = "ready" if run_dir.is_dir() else "late" if clock() - start > idle_timeout else "wait"
+        state = workers.broadcast(state)  # every process learns it at each poll: none waits for long
+        if state == "ready":
+            break
+        if state == "late":
             raise MemwatchError(f"RUN_DIR {run_dir} did not appear within --idle-timeout {idle_timeout:g}s")
         sleep(poll)
-    prober = CheckpointProber(run_dir, config, on_event=on_event)
-    with run_lock(prober.out, wait=True):
+    prober = CheckpointProber(run_dir, config, on_event=on_event, workers=workers)
+    lock = run_lock(prober.out, wait=True) if workers.is_main else contextlib.nullcontext(True)
+    with lock:
+        workers.broadcast(None)  # the others wait here until the main process holds the lock
         prober.open()
-        watch = _Watch(run_dir, quiet_period, end_quiet, clock())
+        watch = _Watch(run_dir, quiet_period, end_quiet, clock()) if workers.is_main else None
         try:
             while True:
-                now = clock()
-                watch.look(now)
-                for ref in watch.ready_checkpoints(now):
+                refs, stop = workers.broadcast(watch.next_probes(clock(), idle_timeout) if watch else None)
+                for ref in refs:
                     prober.probe(ref)
-                    watch.done.add(ref.path)
-                final = watch.final(now)
-                if final is not None and watch.ended(now):
-                    prober.probe(final)
-                    break
-                if now - watch.last_change > idle_timeout:
-                    log.warning("%s: nothing changed for %gs (--idle-timeout); stopping", run_dir, idle_timeout)
-                    model = watch.model(now)
-                    if model is not None:  # whatever else is unfinished, the model in RUN_DIR is audited
-                        prober.probe(model)
+                if stop:
                     break
                 sleep(poll)
         finally:
@@ -530,6 +533,26 @@ class _Watch:
             return None
         newest = max((self.stable.get(r.path, (None, -1.0))[1] for r in checkpoints), default=-1.0)
         return final if self.stable[final.path][1] >= newest else None
+
+    def next_probes(self, now: float, idle_timeout: float) -> tuple[list[SnapshotRef], bool]:
+        """Look at RUN_DIR and say what to probe now, oldest first, and whether the watch then stops.
+
+        The checkpoints that are ready are counted as handled at once (a failed or rotated probe is
+        recorded by the prober, not retried). The model in RUN_DIR follows them when training has
+        ended; after ``idle_timeout`` seconds without any change the model in RUN_DIR is probed if it is
+        there, whatever else is unfinished, and the watch stops.
+        """
+        self.look(now)
+        refs = self.ready_checkpoints(now)
+        self.done.update(r.path for r in refs)
+        final = self.final(now)
+        if final is not None and self.ended(now):
+            return [*refs, final], True
+        if now - self.last_change > idle_timeout:
+            log.warning("%s: nothing changed for %gs (--idle-timeout); stopping", self.run_dir, idle_timeout)
+            model = self.model(now)
+            return refs + ([model] if model is not None else []), True
+        return refs, False
 
     def ended(self, now: float) -> bool:
         """Nothing changed for long enough that the run's own pauses are over."""

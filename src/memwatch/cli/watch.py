@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memwatch.cli.jobs_common import add_job_options, finish, load_job_configs
+from memwatch.cli.jobs_common import add_job_options, finish, launched_workers, load_job_configs
 from memwatch.errors import MemwatchError
 
 NAME = "watch"
@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--quiet-period seconds; tolerates checkpoint rotation; probes the model saved in RUN_DIR once training has "
         "ended (nothing changed for --end-quiet seconds, by default three times the longest gap between the run's "
         "saves), then stops; or stops after --idle-timeout seconds in which nothing changed. Writes only to "
-        "RUN_DIR/memwatch/.",
+        "RUN_DIR/memwatch/. Under `accelerate launch` the main process watches and the processes share each "
+        "snapshot's sampling and membership losses.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="training output folder (may not exist yet)")
     add_job_options(p)
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise MemwatchError(f"--{name.replace('_', '-')} {value}: give a number of seconds >= 0")
+    workers = launched_workers()
     report = watch_run_dir(
         args.run_dir,
         config,
@@ -50,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
         poll=args.poll,
         idle_timeout=args.idle_timeout,
         end_quiet=args.end_quiet,
+        workers=workers,
     )
-    return finish([report], args)
+    return finish([report], args) if workers.is_main else 0  # the main process alone reports
