@@ -112,6 +112,24 @@ def test_reference_embeddings_are_cached_and_reused(train_dir: Path, tmp_path: P
     assert (third.computed, third.cached) == (1, 11)
 
 
+def test_cached_vectors_live_in_shards_and_a_lost_shard_is_embedded_again(
+    train_dir: Path, tmp_path: Path, caplog
+) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    embedder = PixelEmbedder(resolution=32)
+    first = ReferenceIndex(load_reference_set(train_dir), embedder, cache)
+    (shard,) = cache.shard_dir(embedder.key).glob("*.npy")  # one write, one shard: the vectors are not in SQLite
+    assert np.load(shard, allow_pickle=False).shape == (12, 3 * 32 * 32)
+    # a pickled .npy in its place is refused, not unpickled; its vectors are embedded again
+    np.save(shard, np.array([{"x": 1}] * 12, dtype=object), allow_pickle=True)
+    again = ReferenceIndex(load_reference_set(train_dir), embedder, EmbeddingCache(tmp_path / "cache"))
+    assert (again.computed, again.cached) == (12, 0) and "cannot be read" in caplog.text
+    assert torch.equal(first.embeddings, again.embeddings)
+    shard.unlink()  # a removed shard: its rows now point at the newer one
+    third = ReferenceIndex(load_reference_set(train_dir), embedder, EmbeddingCache(tmp_path / "cache"))
+    assert (third.computed, third.cached) == (0, 12) and torch.equal(first.embeddings, third.embeddings)
+
+
 def test_undecodable_pixels_found_while_embedding_are_skipped(tmp_path: Path) -> None:
     train = tmp_path / "train"
     write_images(train, [1, 2, 3])

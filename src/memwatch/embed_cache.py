@@ -1,15 +1,23 @@
 """On-disk cache of reference embeddings, keyed by (embedder spec hash, image sha256).
 
 Reference images are embedded once per embedder and reused across probes, runs and processes. The
-cache is one SQLite file (``<cache_dir>/embeddings.sqlite``, WAL mode, so concurrent jobs share it
-safely). Vectors are stored as raw float32 bytes: nothing is unpickled when reading.
+vectors live in memory-mapped shard files (``<cache_dir>/vectors/<embedder>/<shard>.npy``, float32,
+one file per write, never changed after it is written); one SQLite file (``<cache_dir>/embeddings.sqlite``,
+WAL mode, so concurrent jobs share it safely) maps each (embedder, sha256) to its shard and row.
+Reading a million vectors is then a few large sequential reads instead of a million database rows,
+and nothing is unpickled: ``.npy`` files are opened with ``allow_pickle=False``.
 
 The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch`` (:mod:`memwatch.sqlite_cache`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import sqlite3
+import uuid
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +30,21 @@ from memwatch.errors import MemwatchError
 from memwatch.refset import ReferenceItem, ReferenceSet
 from memwatch.sqlite_cache import SqliteCache, default_cache_dir
 
+log = logging.getLogger("memwatch")
+
 
 class EmbeddingCache(SqliteCache):
-    """Persistent map (embedder key, sha256) -> float32 vector.
+    """Persistent map (embedder key, sha256) -> float32 vector, the vectors in memory-mapped shards.
 
     Args:
-        cache_dir: folder holding ``embeddings.sqlite`` (created if missing).
+        cache_dir: folder holding ``embeddings.sqlite`` and ``vectors/`` (created if missing).
 
     Example:
-        >>> cache = EmbeddingCache("/tmp/mw-cache")  # doctest: +SKIP
-        >>> cache.put("k", {"ab12": torch.ones(4)}); cache.get("k", ["ab12"])["ab12"].shape  # doctest: +SKIP
-        torch.Size([4])
+        >>> import tempfile
+        >>> cache = EmbeddingCache(tempfile.mkdtemp())
+        >>> cache.put("k", {"ab12": torch.ones(4)})
+        >>> cache.get("k", ["ab12", "cd34"])["ab12"].tolist()
+        [1.0, 1.0, 1.0, 1.0]
     """
 
     def __init__(self, cache_dir: str | Path | None = None):
@@ -40,41 +52,77 @@ class EmbeddingCache(SqliteCache):
         super().__init__(
             "embedding cache",
             self.dir / "embeddings.sqlite",
-            "CREATE TABLE IF NOT EXISTS embeddings (key TEXT, sha256 TEXT, dim INTEGER, data BLOB,"
+            "CREATE TABLE IF NOT EXISTS vectors (key TEXT, sha256 TEXT, shard TEXT, row INTEGER,"
             " PRIMARY KEY (key, sha256))",
             "embedding without it; set cache_dir or $MEMWATCH_CACHE_DIR to a writable folder, or delete a corrupt "
             "cache file",
         )
 
+    def shard_dir(self, key: str) -> Path:
+        """The folder of one embedder's shards (named by a hash of its key, which may be long)."""
+        return self.dir / "vectors" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
     def get(self, key: str, hashes: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Cached vectors for the given image hashes (missing ones are simply absent)."""
+        """Cached vectors for the given image hashes (missing ones are simply absent, and so are those
+        whose shard file was removed or damaged: they are embedded again)."""
         hashes = list(dict.fromkeys(hashes))
-        found: dict[str, torch.Tensor] = {}
         if self.db is None:
-            return found
+            return {}
+        where: dict[str, list[tuple[str, int]]] = defaultdict(list)  # shard -> [(sha256, row)]
         try:
             for start in range(0, len(hashes), 500):  # stay under SQLite's bound-parameter limit
                 part = hashes[start : start + 500]
                 marks = ",".join("?" * len(part))
                 rows = self.db.execute(
-                    f"SELECT sha256, data FROM embeddings WHERE key = ? AND sha256 IN ({marks})", [key, *part]
+                    f"SELECT sha256, shard, row FROM vectors WHERE key = ? AND sha256 IN ({marks})", [key, *part]
                 )
-                for sha, data in rows:
-                    found[sha] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+                for sha, shard, row in rows:
+                    where[shard].append((sha, row))
         except sqlite3.Error as e:
             self.disable(e)
             return {}
+        found: dict[str, torch.Tensor] = {}
+        for shard, wanted in where.items():
+            path = self.shard_dir(key) / shard
+            try:
+                data = np.load(path, mmap_mode="r", allow_pickle=False)
+                rows = np.asarray([r for _, r in wanted])
+                block = np.array(data[np.sort(rows)], dtype=np.float32)  # sorted: sequential reads of the map
+                del data  # the map is released here: no file stays open between calls
+            except (OSError, ValueError, IndexError) as e:
+                log.warning(
+                    "embedding cache shard %s cannot be read (%s): its %d vectors are embedded again",
+                    path,
+                    e,
+                    len(wanted),
+                )
+                continue
+            position = {r: i for i, r in enumerate(np.sort(rows).tolist())}
+            for sha, r in wanted:
+                found[sha] = torch.from_numpy(block[position[r]])
         return found
 
     def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
-        """Store vectors (one transaction); a cache that cannot be written is disabled with a warning."""
-        if self.db is None:
+        """Write vectors as one new shard and record them (one transaction); a cache that cannot be
+        written is disabled with a warning."""
+        if self.db is None or not vectors:
             return
-        rows = [(key, sha, v.numel(), v.detach().float().cpu().numpy().tobytes()) for sha, v in vectors.items()]
+        shas = list(vectors)
+        block = torch.stack([vectors[s].detach().float().cpu().reshape(-1) for s in shas]).numpy()
+        folder = self.shard_dir(key)
+        name = f"{uuid.uuid4().hex}.npy"  # unique: concurrent writers never share a file
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, block, allow_pickle=False)
+            os.replace(tmp, folder / name)  # a shard appears whole or not at all
             with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
-        except sqlite3.Error as e:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
+                    [(key, s, name, i) for i, s in enumerate(shas)],
+                )
+        except (OSError, sqlite3.Error) as e:
             self.disable(e)
 
 
