@@ -42,9 +42,10 @@ class EmbeddingCache(SqliteCache):
     Example:
         >>> import tempfile
         >>> cache = EmbeddingCache(tempfile.mkdtemp())
-        >>> cache.put("k", {"ab12": torch.ones(4)})
-        >>> cache.get("k", ["ab12", "cd34"])["ab12"].tolist()
-        [1.0, 1.0, 1.0, 1.0]
+        >>> cache.put("k", {"ab12": torch.ones(4), "ef56": torch.empty(0)})  # empty: an image without a face
+        >>> got = cache.get("k", ["ab12", "cd34", "ef56"])
+        >>> got["ab12"].tolist(), got["ef56"].numel(), "cd34" in got
+        ([1.0, 1.0, 1.0, 1.0], 0, False)
     """
 
     def __init__(self, cache_dir: str | Path | None = None):
@@ -103,25 +104,27 @@ class EmbeddingCache(SqliteCache):
         return found
 
     def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
-        """Write vectors as one new shard and record them (one transaction); a cache that cannot be
-        written is disabled with a warning."""
+        """Write vectors as new shards (one per vector length) and record them in one transaction; a
+        cache that cannot be written is disabled with a warning."""
         if self.db is None or not vectors:
             return
-        shas = list(vectors)
-        block = torch.stack([vectors[s].detach().float().cpu().reshape(-1) for s in shas]).numpy()
+        by_size: dict[int, list[str]] = defaultdict(list)  # one shard per vector length (a face cache
+        for sha, v in vectors.items():  # holds empty vectors for images without a face)
+            by_size[v.numel()].append(sha)
         folder = self.shard_dir(key)
-        name = f"{uuid.uuid4().hex}.npy"  # unique: concurrent writers never share a file
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, block, allow_pickle=False)
-            os.replace(tmp, folder / name)  # a shard appears whole or not at all
+            rows = []
+            for shas in by_size.values():
+                block = torch.stack([vectors[s].detach().float().cpu().reshape(-1) for s in shas]).numpy()
+                name = f"{uuid.uuid4().hex}.npy"  # unique: concurrent writers never share a file
+                tmp = folder / f".{name}.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, block, allow_pickle=False)
+                os.replace(tmp, folder / name)  # a shard appears whole or not at all
+                rows += [(key, s, name, i) for i, s in enumerate(shas)]
             with self.db:
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
-                    [(key, s, name, i) for i, s in enumerate(shas)],
-                )
+                self.db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)", rows)
         except (OSError, sqlite3.Error) as e:
             self.disable(e)
 
