@@ -40,6 +40,7 @@ def test_the_monitor_and_the_pixel_path_need_no_extra(train_holdout, tmp_path: P
     [
         (["--embedder", "clip"], "memwatch[clip]"),
         (["--identity"], "memwatch[faces]"),
+        (["--identity", "--matcher", "dlib"], "memwatch[faces]"),
     ],
 )
 def test_a_feature_that_needs_an_extra_names_it(args, extra, train_holdout, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
-    return FaceDetector(IdentityConfig())
+    return FaceDetector(IdentityConfig(matcher="vggface2"))
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def _gallery(world: dict, config: IdentityConfig, **kw):
 
 
 def test_near_copies_leak_with_their_identity_and_do_not_interpolate(world: dict) -> None:
-    config = IdentityConfig()
+    config = IdentityConfig(matcher="vggface2")
     gallery = _gallery(world, config)
     queries, truth = [], []
     for name in ("ann", "cat", "fay"):
@@ -84,7 +84,7 @@ def test_near_copies_leak_with_their_identity_and_do_not_interpolate(world: dict
 
 
 def test_unrelated_faces_neither_leak_nor_interpolate(world: dict) -> None:
-    config = IdentityConfig()
+    config = IdentityConfig(matcher="vggface2")
     gallery = _gallery(world, config)
     unrelated = F.normalize(torch.randn(20, DIM, generator=world["gen"]), dim=1)
     rows = match_faces(unrelated, gallery, config)
@@ -95,7 +95,7 @@ def test_unrelated_faces_neither_leak_nor_interpolate(world: dict) -> None:
 @pytest.mark.parametrize(("a", "b"), [("ann", "bob"), ("eve", "dan"), ("cat", "fay")])
 @pytest.mark.parametrize("t", [0.45, 0.5, 0.55])
 def test_slerp_blends_interpolate_with_the_right_parents(world: dict, a: str, b: str, t: float) -> None:
-    config = IdentityConfig()
+    config = IdentityConfig(matcher="vggface2")
     gallery = _gallery(world, config)
     blends = _noisy(_slerp(world["centers"][a], world["centers"][b], t), 4, 0.2, world["gen"])
     rows = match_faces(blends, gallery, config)
@@ -106,12 +106,15 @@ def test_slerp_blends_interpolate_with_the_right_parents(world: dict, a: str, b:
         assert abs(r["sim_a"] - r["sim_b"]) <= config.balance_tolerance
         t_from_a = r["slerp_t"] if r["parent_a"] == a else 1 - r["slerp_t"]
         assert t_from_a == pytest.approx(t, abs=0.05)
-        assert r["leak"]  # a blend matches training identities too
+        assert not r["leak"]  # a blend verifies against both parents, but reproduces neither
 
 
 def test_balance_tolerance_decides_unbalanced_blends(world: dict) -> None:
     blends = _noisy(_slerp(world["centers"]["ann"], world["centers"]["bob"], 0.4), 4, 0.2, world["gen"])
-    strict, loose = IdentityConfig(balance_tolerance=0.05), IdentityConfig(balance_tolerance=0.3)
+    strict, loose = (
+        IdentityConfig(matcher="vggface2", balance_tolerance=0.05),
+        IdentityConfig(matcher="vggface2", balance_tolerance=0.3),
+    )
     assert not any(r["interpolation"] for r in match_faces(blends, _gallery(world, strict), strict))
     assert all(r["interpolation"] for r in match_faces(blends, _gallery(world, loose), loose))
 
@@ -120,24 +123,24 @@ def test_blends_near_one_parent_are_not_interpolations(world: dict) -> None:
     """A face 20% of the way from ann to bob matches both (at a low fixed threshold, with the balance
     test switched off), but lies near ann's end of the arc: only a narrower end margin admits it."""
     near_ann = _noisy(_slerp(world["centers"]["ann"], world["centers"]["bob"], 0.2), 4, 0.2, world["gen"])
-    default = IdentityConfig(threshold=0.25, balance_tolerance=2.0)
+    default = IdentityConfig(matcher="vggface2", threshold=0.25, balance_tolerance=2.0)
     rows = match_faces(near_ann, _gallery(world, default), default)
     assert all(r["leak"] and r["identity"] == "ann" for r in rows)
     assert not any(r["interpolation"] for r in rows)
-    narrow = IdentityConfig(threshold=0.25, balance_tolerance=2.0, slerp_end_margin=0.1)
+    narrow = IdentityConfig(matcher="vggface2", threshold=0.25, balance_tolerance=2.0, slerp_end_margin=0.1)
     assert all(r["interpolation"] for r in match_faces(near_ann, _gallery(world, narrow), narrow))
 
 
 def test_faces_off_the_arc_are_not_interpolations(world: dict) -> None:
     """Blends with heavy noise (cosine ~0.89 to the arc) pass the default, not a 0.95 arc similarity."""
     blurred = _noisy(_slerp(world["centers"]["ann"], world["centers"]["bob"], 0.5), 4, NOISE, world["gen"])
-    default, tight = IdentityConfig(), IdentityConfig(slerp_min_similarity=0.95)
+    default, tight = IdentityConfig(matcher="vggface2"), IdentityConfig(slerp_min_similarity=0.95)
     assert all(r["interpolation"] for r in match_faces(blurred, _gallery(world, default), default))
     assert not any(r["interpolation"] for r in match_faces(blurred, _gallery(world, tight), tight))
 
 
 def test_blends_of_identities_that_verify_against_each_other_are_not_interpolations(world: dict) -> None:
-    config = IdentityConfig()
+    config = IdentityConfig(matcher="vggface2")
     gallery = _gallery(world, config)
     twins = (
         gallery.centroids[gallery.identities.index("twin_a")] @ gallery.centroids[gallery.identities.index("twin_b")]
@@ -161,7 +164,7 @@ def test_slerp_position_geometry() -> None:
 
 
 def test_probe_metrics_and_items(world: dict) -> None:
-    config = IdentityConfig()
+    config = IdentityConfig(matcher="vggface2")
     hold_gen = torch.Generator().manual_seed(1)
     holdout = torch.cat(
         [
@@ -188,19 +191,19 @@ def test_probe_metrics_and_items(world: dict) -> None:
     assert result.probe == "identity"
     assert m["num_samples"] == 8 and m["faces_found"] == 7
     assert m["face_detection_rate"] == pytest.approx(7 / 8)
-    assert m["identity_leak_rate"] == pytest.approx(4 / 7)  # ann, ann, bob, the cat/eve blend
-    assert m["identities_leaked"] == 3  # ann, bob and one of cat/eve (the blend's best match)
+    assert m["identity_leak_rate"] == pytest.approx(3 / 7)  # ann, ann, bob; the cat/eve blend is no leak
+    assert m["identities_leaked"] == 2  # ann and bob
     assert m["identity_interpolation_rate"] == pytest.approx(1 / 7)
     assert m["identity_pairs_interpolated"] == 1
     assert m["identity_leak_baseline"] == pytest.approx(0.1)
-    assert m["identity_leak_excess"] == pytest.approx(4 / 7 - 0.1)
-    assert m["threshold_calibrated"] == 0.0 and m["identity_threshold"] == config.fallback_threshold
+    assert m["identity_leak_excess"] == pytest.approx(3 / 7 - 0.1)
+    assert m["threshold_calibrated"] == 0.0 and m["identity_threshold"] == config.documented_threshold == 0.45
     assert m["gallery_identities"] == 8 and m["gallery_faces"] == 32
     items = result.items
     assert [it["seed"] for it in items] == seeds and [it["sample"] for it in items] == [str(s) for s in seeds]
     assert [it["identity"] for it in items[:3]] == ["ann", "ann", "bob"]
     blend = items[3]
-    assert blend["interpolation"] and (blend["parent_a"], blend["parent_b"]) == ("cat", "eve")
+    assert blend["interpolation"] and not blend["leak"] and (blend["parent_a"], blend["parent_b"]) == ("cat", "eve")
     assert blend["sim_a"] >= m["identity_threshold"] and blend["sim_b"] >= m["identity_threshold"]
     assert items[7]["face_found"] is False and items[7]["identity"] is None and items[7]["leak"] is False
     no_faces = identity_from_embeddings(emb[:2], torch.tensor([False, False]), gallery, config)
@@ -217,7 +220,7 @@ def test_calibration_recovers_the_threshold_of_a_known_impostor_distribution(fmr
     impostor = 0.1 * torch.randn(1_000_000, generator=gen)
     genuine = 0.7 + 0.1 * torch.randn(10_000, generator=gen)
     expected = 0.1 * NormalDist().inv_cdf(1 - fmr)
-    cal = calibrate_threshold(impostor, IdentityConfig(target_fmr=fmr), genuine_scores=genuine)
+    cal = calibrate_threshold(impostor, IdentityConfig(matcher="vggface2", target_fmr=fmr), genuine_scores=genuine)
     assert cal.calibrated and cal.source == "labels"
     assert cal.threshold == pytest.approx(expected, abs=0.01)
     assert fmr / 2 <= cal.fmr <= fmr
@@ -235,11 +238,12 @@ def test_threshold_at_fmr_is_exact_on_small_lists() -> None:
 
 def test_too_few_impostor_pairs_fall_back_and_say_so() -> None:
     scores = 0.1 * torch.randn(500, generator=torch.Generator().manual_seed(0))
-    cal = calibrate_threshold(scores, IdentityConfig())  # 500 < 1 / 1e-4 pairs
+    cal = calibrate_threshold(scores, IdentityConfig(matcher="vggface2"))  # 500 < 1 / 1e-4 pairs
     assert not cal.calibrated and cal.source == "fallback"
-    assert cal.threshold == IdentityConfig().fallback_threshold and "500 impostor pairs" in cal.reason
+    assert cal.threshold == IdentityConfig(matcher="vggface2").documented_threshold == 0.45
+    assert "500 impostor pairs" in cal.reason
     assert cal.metrics()["threshold_calibrated"] == 0.0
-    fixed = calibrate_threshold(scores, IdentityConfig(threshold=0.6))
+    fixed = calibrate_threshold(scores, IdentityConfig(matcher="vggface2", threshold=0.6))
     assert fixed.threshold == 0.6 and fixed.source == "config" and not fixed.calibrated
 
 
@@ -249,7 +253,7 @@ def test_gallery_calibration_equals_brute_force_over_labelled_pairs() -> None:
     centers = F.normalize(torch.randn(60, 64, generator=gen), dim=1)
     faces = torch.cat([_noisy(c, 3, 0.6, gen) for c in centers])
     labels = [f"p{i:02d}" for i in range(60) for _ in range(3)]
-    config = IdentityConfig(chunk_size=7)
+    config = IdentityConfig(matcher="vggface2", chunk_size=7)
     gallery = gallery_from_embeddings(faces, [f"img{i}" for i in range(180)], labels, config)
     sims = faces @ faces.T
     person = torch.arange(60).repeat_interleave(3)
@@ -275,7 +279,12 @@ def test_unlabelled_gallery_is_clustered_at_the_holdout_calibrated_threshold() -
     ids = [f"img{i:03d}.png" for i in range(60)]
     holdout = F.normalize(torch.randn(200, DIM, generator=gen), dim=1)  # 60 x 200 = 12,000 impostor pairs
     gallery = gallery_from_embeddings(
-        faces, ids, None, IdentityConfig(), holdout_embeddings=holdout, no_face_items=[("img999.png", None)]
+        faces,
+        ids,
+        None,
+        IdentityConfig(matcher="vggface2"),
+        holdout_embeddings=holdout,
+        no_face_items=[("img999.png", None)],
     )
     assert gallery.source == "clustering"
     assert gallery.calibration.calibrated and gallery.calibration.source == "holdout"
@@ -300,7 +309,7 @@ def test_clustering_keeps_singletons_and_follows_chains() -> None:
 def test_partially_labelled_items_become_their_own_identities(world: dict) -> None:
     labels = list(world["labels"])
     labels[0] = None
-    gallery = gallery_from_embeddings(world["faces"], world["ids"], labels, IdentityConfig())
+    gallery = gallery_from_embeddings(world["faces"], world["ids"], labels, IdentityConfig(matcher="vggface2"))
     assert gallery.source == "labels"
     assert f"item:{world['ids'][0]}" in gallery.identities
     # The unlabelled face may be anyone (ann, even): it is in no impostor or genuine pair.
@@ -311,10 +320,10 @@ def test_partially_labelled_items_become_their_own_identities(world: dict) -> No
 
 def test_empty_gallery_and_bad_settings_are_user_errors() -> None:
     with pytest.raises(MemwatchError, match="no face"):
-        gallery_from_embeddings(torch.empty(0, DIM), [], None, IdentityConfig())
+        gallery_from_embeddings(torch.empty(0, DIM), [], None, IdentityConfig(matcher="vggface2"))
     with pytest.raises(MemwatchError, match="identity.matcher"):
         IdentityConfig(matcher="arcface")
     with pytest.raises(MemwatchError, match="identity.target_fmr"):
-        IdentityConfig(target_fmr=0)
+        IdentityConfig(matcher="vggface2", target_fmr=0)
     with pytest.raises(MemwatchError, match="identity.detect_min_side"):
-        IdentityConfig(detect_min_side=10)
+        IdentityConfig(matcher="vggface2", detect_min_side=10)

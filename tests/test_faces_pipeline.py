@@ -79,7 +79,7 @@ def manifest(tmp_path: Path, images: dict[str, torch.Tensor]) -> Path:
 
 
 def test_identity_probe_end_to_end(weights: Path, manifest: Path, images: dict, tmp_path: Path) -> None:
-    config = IdentityConfig(weights=str(weights), reference_resolution=64)
+    config = IdentityConfig(matcher="vggface2", weights=str(weights), reference_resolution=64)
     pipeline = load_face_pipeline(config)
     cache = EmbeddingCache(tmp_path / "cache")
     gallery = build_gallery(load_reference_set(manifest), pipeline, config, cache=cache)
@@ -122,7 +122,7 @@ def test_identity_probe_end_to_end(weights: Path, manifest: Path, images: dict, 
 
 
 def test_holdout_gives_the_leak_baseline(weights: Path, manifest: Path, images: dict, tmp_path: Path) -> None:
-    config = IdentityConfig(weights=str(weights), reference_resolution=64)
+    config = IdentityConfig(matcher="vggface2", weights=str(weights), reference_resolution=64)
     holdout_dir = tmp_path / "holdout"
     holdout_dir.mkdir()
     for key in ("lfw50", "lfw60", "coffee"):
@@ -146,8 +146,8 @@ def test_weights_from_the_torch_hub_cache_match_the_safetensors_file(
     cached.parent.mkdir(parents=True)
     release = dict(state_dict, **{"logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)})
     torch.save(release, cached)
-    from_cache = FaceMatcher(IdentityConfig())
-    from_file = FaceMatcher(IdentityConfig(weights=str(weights)))
+    from_cache = FaceMatcher(IdentityConfig(matcher="vggface2"))
+    from_file = FaceMatcher(IdentityConfig(matcher="vggface2", weights=str(weights)))
     assert from_cache.weights_path == cached
     crops = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(from_cache.embed(crops), from_file.embed(crops), atol=1e-6)
@@ -170,19 +170,19 @@ def test_missing_weights_offline_fail_fast_with_the_file_name(tmp_path: Path, mo
         assert weights_file_name(matcher) in message and "identity.weights" in message
         assert "identity.download" in message and "\n" not in message
     with pytest.raises(MemwatchError, match="missing.safetensors does not exist"):
-        load_face_pipeline(IdentityConfig(weights=str(tmp_path / "missing.safetensors")))
+        load_face_pipeline(IdentityConfig(matcher="vggface2", weights=str(tmp_path / "missing.safetensors")))
 
 
 def test_unreadable_or_unfitting_weights_are_user_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(MemwatchError, match="cannot read face matcher weights file"):
-        FaceMatcher(IdentityConfig(weights=str(garbage)))
+        FaceMatcher(IdentityConfig(matcher="vggface2", weights=str(garbage)))
     other = tmp_path / "other.safetensors"
     save_file({"conv.weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(MemwatchError, match="does not fit InceptionResnetV1"):
-        FaceMatcher(IdentityConfig(weights=str(other)))
+        FaceMatcher(IdentityConfig(matcher="vggface2", weights=str(other)))
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": Image.new("RGB", (1, 1))}, pickled)  # not loadable with weights_only=True
     with pytest.raises(MemwatchError, match="cannot read face matcher weights file"):
-        FaceMatcher(IdentityConfig(weights=str(pickled)))
+        FaceMatcher(IdentityConfig(matcher="vggface2", weights=str(pickled)))

@@ -102,7 +102,8 @@ def score_identities(
         columns: as for :func:`score_folders`.
 
     Returns:
-        ``{"metrics", "items", "gallery"}``, JSON-ready.
+        ``{"metrics", "items", "gallery", "threshold", "matcher"}``, JSON-ready: ``threshold`` says how
+        the verification threshold was chosen, ``matcher`` names the matcher and its weights' sha256.
 
     Example:
         >>> doc = score_identities("samples/", "faces.jsonl", IdentityConfig(weights="w.safetensors"))  # doctest: +SKIP
@@ -119,7 +120,13 @@ def score_identities(
     gallery = build_gallery(refs, load_face_pipeline(config), config, cache=cache)
     images = torch.stack([load_image(it.source, resolution) for it in samples.items])
     result = identity_probe(images, gallery, config, names=samples.ids)
-    return {"metrics": result.metrics, "items": result.items, "gallery": gallery.assignments}
+    return {
+        "metrics": result.metrics,
+        "items": result.items,
+        "gallery": gallery.assignments,
+        "threshold": {k: v for k, v in gallery.summary().items() if k.startswith("threshold")},
+        "matcher": gallery.pipeline.matcher.spec() if gallery.pipeline is not None else None,
+    }
 
 
 def format_summary(doc: dict[str, Any], top: int = 10) -> str:

@@ -1,4 +1,4 @@
-"""Run memwatch as an environment without its extras would: open_clip, facenet_pytorch, transformers and
+"""Run memwatch as an environment without its extras would: open_clip, facenet_pytorch, dlib, transformers and
 torchvision cannot be imported (``sys.modules[name] = None`` makes ``import`` fail and
 ``importlib.util.find_spec`` answer None, as for a package that is not installed).
 
@@ -8,7 +8,7 @@ torchvision cannot be imported (``sys.modules[name] = None`` makes ``import`` fa
 
 import sys
 
-EXTRAS = ("open_clip", "facenet_pytorch", "transformers", "torchvision")
+EXTRAS = ("open_clip", "facenet_pytorch", "dlib", "face_recognition_models", "transformers", "torchvision")
 
 
 def block_extras() -> None:

@@ -14,6 +14,7 @@ from memwatch.cli.embedder_options import (
     embedder_from_args,
 )
 from memwatch.errors import MemwatchError
+from memwatch.faces.config import MATCHERS
 from memwatch.output import write_output
 
 NAME = "score"
@@ -42,15 +43,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--identity",
         action="store_true",
-        help="also run the face identity probe (leakage and interpolation; needs matcher weights)",
+        help="also run the face identity probe (leakage and interpolation of training people; REFERENCE_DIR "
+        "holds their faces, best as a .jsonl manifest with identity labels)",
     )
     p.add_argument(
+        "--matcher",
         "--face-matcher",
-        choices=("vggface2", "casia-webface"),
-        default="vggface2",
-        help="InceptionResnetV1 weights to match faces with (default vggface2)",
+        dest="face_matcher",
+        choices=MATCHERS,
+        default="auto",
+        help="face matcher: dlib (offline, from memwatch[faces]), vggface2 or casia-webface (InceptionResnetV1 "
+        "weights from the torch hub cache or --face-weights); auto: dlib when installed (default)",
     )
-    p.add_argument("--face-weights", default=None, help="local matcher weights file (default: the torch hub cache)")
+    p.add_argument(
+        "--face-weights",
+        default=None,
+        help="dlib: a folder with its model files (default: the face_recognition_models package); FaceNet: a local "
+        "weights file (default: the torch hub cache)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write all metrics and matches as JSON")
     p.add_argument("--top", type=int, default=10, metavar="N", help="matches shown in the table (default 10)")
     p.set_defaults(func=run)

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 from memwatch.probes.base import ProbeSettings
 from memwatch.settings import setting
 
-#: The two InceptionResnetV1 weight sets facenet-pytorch publishes (davidsandberg/facenet models
-#: 20180402-114759 trained on VGGFace2 and 20180408-102900 trained on CASIA-WebFace). Both are
-#: supported because identity leakage shows for some matchers and not others (Tinsley et al. 2021,
-#: "This face does not exist... but it might be yours!").
-MATCHERS = ("vggface2", "casia-webface")
+#: Face matchers. ``dlib``: dlib's ResNet descriptor (installed with ``memwatch[faces]``, offline;
+#: :mod:`memwatch.faces.dlib_matcher`). ``vggface2`` / ``casia-webface``: the two InceptionResnetV1
+#: weight sets facenet-pytorch publishes (davidsandberg/facenet models 20180402-114759 and
+#: 20180408-102900), which must be in the torch hub cache or a local file. Several are offered because
+#: identity leakage shows for some matchers and not others (Tinsley et al. 2021, "This face does not
+#: exist... but it might be yours!"). ``auto``: dlib when installed, else vggface2.
+MATCHERS = ("auto", "dlib", "vggface2", "casia-webface")
+FACENET_MATCHERS = ("vggface2", "casia-webface")
+#: FaceNet (Schroff et al. 2015): squared L2 1.1 between unit embeddings, i.e. cosine 0.45.
+FACENET_THRESHOLD = 0.45
 
 
 @dataclass
@@ -34,15 +39,17 @@ class IdentityConfig(ProbeSettings):
         source="off unless asked for: the probe needs face-matcher weights",
     )
     matcher: str = setting(
-        "vggface2",
-        "InceptionResnetV1 weights to match faces with",
+        "auto",
+        "face matcher: dlib (offline, memwatch[faces]), vggface2 or casia-webface (InceptionResnetV1 weights); "
+        "auto: dlib when installed (and weights is not a FaceNet file), else vggface2",
         choices=MATCHERS,
-        source="leakage shows for some matchers only (Tinsley et al. 2021)",
+        source="dlib's ResNet descriptor ships with face_recognition_models (public domain) and needs no download; "
+        "leakage shows for some matchers only (Tinsley et al. 2021)",
     )
     weights: str | None = setting(
         None,
-        "local matcher weights file (.safetensors, or a .pt state dict); null: the torch hub cache "
-        "(20180402-114759-vggface2.pt)",
+        "dlib: a folder holding its two model files (null: the face_recognition_models package); FaceNet: a "
+        "local weights file (.safetensors, or a .pt state dict; null: the torch hub cache)",
         path=True,
     )
     download: bool = setting(False, "allow downloading matcher weights that are not cached (never by default)")
@@ -120,13 +127,14 @@ class IdentityConfig(ProbeSettings):
     min_impostor_pairs: int | None = setting(
         None, "fewest impostor pairs needed to calibrate (null: ceil(1 / target_fmr))", min=1
     )
-    fallback_threshold: float = setting(
-        0.45,
-        "threshold used when there are too few impostor pairs to calibrate",
+    fallback_threshold: float | None = setting(
+        None,
+        "threshold used when there are too few impostor pairs to calibrate (null: the matcher's documented one)",
         min=-1.0,
         max=1.0,
         threshold=True,
-        source="FaceNet (Schroff et al. 2015): squared l2 1.1 between unit embeddings, i.e. cosine 0.45",
+        source="dlib: its same-person distance 0.6 as a cosine, 0.907 (faces/dlib_matcher.py); FaceNet (Schroff et "
+        "al. 2015): squared l2 1.1 between unit embeddings, i.e. cosine 0.45",
     )
     balance_tolerance: float = setting(
         0.2,
@@ -163,6 +171,31 @@ class IdentityConfig(ProbeSettings):
             raise self.invalid("face_margin", "must be smaller than probes.identity.face_size")
         if self.slerp_end_margin >= 0.5:
             raise self.invalid("slerp_end_margin", "must be below 0.5 (the arc's middle)")
+
+    @property
+    def resolved_matcher(self) -> str:
+        """The matcher used: ``matcher``, with ``auto`` resolved: vggface2 when ``weights`` names a file
+        (FaceNet weights; dlib's are a folder), else dlib when installed, else vggface2."""
+        if self.matcher != "auto":
+            return self.matcher
+        from pathlib import Path
+
+        from memwatch.faces.dlib_matcher import dlib_available
+
+        if self.weights and not Path(self.weights).expanduser().is_dir():
+            return "vggface2"
+        return "dlib" if dlib_available() else "vggface2"
+
+    @property
+    def documented_threshold(self) -> float:
+        """``fallback_threshold``, or the matcher's documented threshold (cosine) when it is null."""
+        if self.fallback_threshold is not None:
+            return float(self.fallback_threshold)
+        if self.resolved_matcher == "dlib":
+            from memwatch.faces.dlib_matcher import cosine_threshold
+
+            return cosine_threshold()
+        return FACENET_THRESHOLD
 
     @property
     def required_impostor_pairs(self) -> int:

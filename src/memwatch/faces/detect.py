@@ -141,7 +141,7 @@ class FaceDetector:
             >>> dets, errors  # doctest: +SKIP
             ([None], 0)
         """
-        images = _as_list(images)
+        images = as_image_list(images)
         out: list[Detection | None] = [None] * len(images)
         errors = 0
         # MTCNN batches only equal-sized images; group by size, keep the caller's order in the output.
@@ -160,24 +160,8 @@ class FaceDetector:
         return out, errors
 
     def crop(self, image: torch.Tensor, det: Detection) -> torch.Tensor | None:
-        """Cut the face out of ``image`` (``(3, H, W)`` in [0, 1]) as facenet-pytorch's ``extract_face`` does.
-
-        The margin is given in pixels of the output crop and converted to image pixels; the box is
-        clamped to the image and resized (bilinear, antialiased) to ``face_size`` squared.
-        Returns None if the clamped box is empty.
-        """
-        size, margin = self.config.face_size, self.config.face_margin
-        x1, y1, x2, y2 = det.box
-        mx = margin * (x2 - x1) / (size - margin)
-        my = margin * (y2 - y1) / (size - margin)
-        h, w = int(image.shape[-2]), int(image.shape[-1])
-        left, top = int(max(x1 - mx / 2, 0)), int(max(y1 - my / 2, 0))
-        right, bottom = int(min(x2 + mx / 2, w)), int(min(y2 + my / 2, h))
-        if right <= left or bottom <= top:
-            return None
-        face = image[:, top:bottom, left:right].unsqueeze(0).float()
-        face = F.interpolate(face, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return face[0].clamp(0.0, 1.0)
+        """:func:`crop_face` with this detector's ``face_size`` and ``face_margin``."""
+        return crop_face(image, det, self.config.face_size, self.config.face_margin)
 
     def detect_and_crop(self, images: torch.Tensor | Sequence[torch.Tensor]) -> FaceCrops:
         """Detect (see :meth:`detect`) and crop every found face.
@@ -187,13 +171,13 @@ class FaceDetector:
             >>> sum(out.found), out.crops.shape  # doctest: +SKIP
             (7, torch.Size([7, 3, 160, 160]))
         """
-        images = _as_list(images)
+        images = as_image_list(images)
         dets, errors = self.detect(images)
         crops = []
         for i, det in enumerate(dets):
             if det is None:
                 continue
-            face = self.crop(_clean(images[i]), det)
+            face = self.crop(clean_pixels(images[i]), det)
             if face is None:
                 dets[i] = None
             else:
@@ -224,7 +208,7 @@ class FaceDetector:
 
     def _detect_group(self, batch: torch.Tensor) -> tuple[list[Detection | None], int]:
         """Detect on equal-sized images; on an MTCNN failure retry image by image."""
-        canvas, scale, pad = self._canvas(_clean(batch))
+        canvas, scale, pad = self._canvas(clean_pixels(batch))
         try:
             return self._run_mtcnn(canvas, scale, pad), 0
         except Exception as e:  # MTCNN raises RuntimeError/IndexError on degenerate inputs
@@ -256,7 +240,31 @@ class FaceDetector:
         return out
 
 
-def _as_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def crop_face(image: torch.Tensor, det: Detection, size: int, margin: int) -> torch.Tensor | None:
+    """Cut the face out of ``image`` (``(3, H, W)`` in [0, 1]) as facenet-pytorch's ``extract_face`` does.
+
+    The margin is given in pixels of the output crop and converted to image pixels; the box is
+    clamped to the image and resized (bilinear, antialiased) to ``size`` squared.
+    Returns None if the clamped box is empty.
+
+    Example:
+        >>> crop_face(torch.rand(3, 40, 40), Detection(0.99, (10, 10, 30, 30)), 160, 0).shape
+        torch.Size([3, 160, 160])
+    """
+    x1, y1, x2, y2 = det.box
+    mx = margin * (x2 - x1) / (size - margin)
+    my = margin * (y2 - y1) / (size - margin)
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    left, top = int(max(x1 - mx / 2, 0)), int(max(y1 - my / 2, 0))
+    right, bottom = int(min(x2 + mx / 2, w)), int(min(y2 + my / 2, h))
+    if right <= left or bottom <= top:
+        return None
+    face = image[:, top:bottom, left:right].unsqueeze(0).float()
+    face = F.interpolate(face, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return face[0].clamp(0.0, 1.0)
+
+
+def as_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Accept ``(N, 3, H, W)`` or a sequence of ``(3, H, W)``; check the channel count."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
@@ -268,6 +276,6 @@ def _as_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor
     return [img.detach().float().cpu() for img in images]
 
 
-def _clean(x: torch.Tensor) -> torch.Tensor:
+def clean_pixels(x: torch.Tensor) -> torch.Tensor:
     """Replace NaN/inf (a diverged model can produce them) and clamp to [0, 1]."""
     return torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)

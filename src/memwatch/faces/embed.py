@@ -1,6 +1,11 @@
-"""Face embeddings with InceptionResnetV1 (facenet-pytorch), and the detect-crop-embed pipeline.
+"""Face matchers and the detect-align-embed pipeline.
 
-Weights are never fetched behind the user's back. For matcher ``vggface2`` / ``casia-webface`` they
+The pipeline finds faces with :class:`~memwatch.faces.detect.FaceDetector` and hands the images and
+boxes to a matcher, which crops or aligns the face its own way and returns unit vectors:
+:class:`~memwatch.faces.dlib_matcher.DlibMatcher` (``dlib``, offline) or :class:`FaceMatcher`
+(InceptionResnetV1 from facenet-pytorch, ``vggface2`` / ``casia-webface``; this module).
+
+FaceNet weights are never fetched behind the user's back. For matcher ``vggface2`` / ``casia-webface`` they
 come from, in order:
 
 1. ``identity.weights``: a local file (``.safetensors`` read with safetensors; anything else with
@@ -27,8 +32,16 @@ from typing import Any
 import torch
 
 from memwatch.errors import MemwatchError
-from memwatch.faces.config import IdentityConfig
-from memwatch.faces.detect import Detection, FaceDetector, import_facenet, pick_device
+from memwatch.faces.config import FACENET_THRESHOLD, IdentityConfig
+from memwatch.faces.detect import (
+    Detection,
+    FaceDetector,
+    as_image_list,
+    clean_pixels,
+    crop_face,
+    import_facenet,
+    pick_device,
+)
 from memwatch.hashing import config_hash, sha256_file
 from memwatch.weights import read_state_dict as read_weights
 
@@ -83,18 +96,19 @@ def resolve_weights(config: IdentityConfig) -> Path:
             return path
         what = "is a folder" if path.is_dir() else "does not exist"
         raise MemwatchError(f"face matcher weights file {path} {what}: fix identity.weights")
-    candidates = weights_candidates(config.matcher)
+    matcher = config.resolved_matcher
+    candidates = weights_candidates(matcher)
     for path in candidates:
         if path.is_file():
             return path
-    name = weights_file_name(config.matcher)
+    name = weights_file_name(matcher)
     if config.download:
-        return _download(config.matcher, candidates[0])
+        return _download(matcher, candidates[0])
     looked = ", ".join(str(p.parent) for p in candidates)
     raise MemwatchError(
-        f"face matcher '{config.matcher}' needs weights file {name}, not found in {looked}: copy it there "
-        f"(from {WEIGHTS_URLS[config.matcher]}), set identity.weights to a local file, or set "
-        "identity.download: true on a machine with network"
+        f"face matcher '{matcher}' needs weights file {name}, not found in {looked}: copy it there "
+        f"(from {WEIGHTS_URLS[matcher]}), set identity.weights to a local file, set identity.download: true on "
+        "a machine with network, or use the offline matcher dlib (pip install 'memwatch[faces]')"
     )
 
 
@@ -137,9 +151,14 @@ class FaceMatcher:
         torch.Size([2, 512])
     """
 
+    dim = EMBEDDING_DIM
+    threshold = FACENET_THRESHOLD
+    threshold_source = "FaceNet (Schroff et al. 2015): squared l2 1.1 between unit embeddings, i.e. cosine 0.45"
+
     def __init__(self, config: IdentityConfig):
         facenet = import_facenet()
         self.config = config
+        self.name = config.resolved_matcher
         self.device = pick_device(config.device)
         self.weights_path = resolve_weights(config)
         # A changed file must change spec(), and with it the embedding cache key.
@@ -157,8 +176,33 @@ class FaceMatcher:
         self.model.to(self.device).eval()
 
     def spec(self) -> dict[str, Any]:
-        """Matcher name and the sha256 of its weights file."""
-        return {"model": "inception_resnet_v1", "matcher": self.config.matcher, "weights_sha256": self.weights_sha256}
+        """Matcher name, its weights file and the file's sha256, and the crop settings."""
+        return {
+            "model": "inception_resnet_v1",
+            "matcher": self.name,
+            "weights_file": self.weights_path.name,
+            "weights_sha256": self.weights_sha256,
+            "face_size": self.config.face_size,
+            "face_margin": self.config.face_margin,
+        }
+
+    def embed_faces(
+        self, images: Sequence[torch.Tensor], detections: Sequence[Detection | None]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Crop (facenet-pytorch's margin rule, ``face_size`` squared) and embed the detected faces.
+
+        Returns:
+            ``(vectors, embedded)``: ``(M, 512)`` unit vectors in image order, and per image whether
+            its face was embedded.
+        """
+        crops, embedded = [], []
+        size, margin = self.config.face_size, self.config.face_margin
+        for image, det in zip(images, detections, strict=True):
+            face = None if det is None else crop_face(clean_pixels(image), det, size, margin)
+            embedded.append(face is not None)
+            if face is not None:
+                crops.append(face)
+        return self.embed(torch.stack(crops) if crops else torch.empty(0, 3, size, size)), embedded
 
     @torch.no_grad()
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
@@ -179,7 +223,7 @@ class FaceEmbeddings:
     Attributes:
         found: ``(N,)`` bool, a face was found in image i.
         probs: ``(N,)`` detection probabilities (NaN where no face).
-        embeddings: ``(N, 512)`` unit vectors; rows without a face are zero.
+        embeddings: ``(N, D)`` unit vectors (D: 128 for dlib, 512 for FaceNet); rows without a face are zero.
         detections: per image, the :class:`Detection` or None.
         errors: images MTCNN failed on (counted as no face).
         timings: seconds spent in ``detection`` and ``embedding``.
@@ -194,26 +238,26 @@ class FaceEmbeddings:
 
 
 class FacePipeline:
-    """Detect, crop and embed faces, identically for training, holdout and generated images.
+    """Detect, align and embed faces, identically for training, holdout and generated images.
 
     Args:
-        config: detection and matcher settings.
+        config: detection and matcher settings (``matcher``: dlib, vggface2, casia-webface or auto).
 
     Example:
-        >>> pipe = FacePipeline(IdentityConfig(weights="vggface2.safetensors"))  # doctest: +SKIP
+        >>> pipe = FacePipeline(IdentityConfig(matcher="dlib"))  # doctest: +SKIP
         >>> out = pipe.embed_images(torch.rand(4, 3, 64, 64))  # doctest: +SKIP
         >>> out.found.sum().item(), out.embeddings.shape  # doctest: +SKIP
-        (0, torch.Size([4, 512]))
+        (0, torch.Size([4, 128]))
     """
 
     def __init__(self, config: IdentityConfig):
         self.config = config
-        self.matcher = FaceMatcher(config)
+        self.matcher = build_matcher(config)
         self.detector = FaceDetector(config)
 
     def spec(self) -> dict[str, Any]:
         """Detector and matcher settings: equal specs give equal embeddings."""
-        return {"name": "facenet", **self.matcher.spec(), **self.detector.spec()}
+        return {"name": "faces", **self.matcher.spec(), **self.detector.spec()}
 
     @property
     def key(self) -> str:
@@ -229,28 +273,43 @@ class FacePipeline:
         Returns:
             :class:`FaceEmbeddings` aligned with ``images``.
         """
+        images = as_image_list(images)
         t0 = time.perf_counter()
-        crops = self.detector.detect_and_crop(images)
+        detections, errors = self.detector.detect(images)
         t1 = time.perf_counter()
-        vecs = self.matcher.embed(crops.crops)
+        vecs, embedded = self.matcher.embed_faces(images, detections)
         t2 = time.perf_counter()
-        n = len(crops.detections)
-        found = torch.tensor(crops.found, dtype=torch.bool)
-        embeddings = torch.zeros(n, vecs.shape[1] if vecs.numel() else EMBEDDING_DIM)
+        detections = [d if ok else None for d, ok in zip(detections, embedded, strict=True)]
+        found = torch.tensor(embedded, dtype=torch.bool)
+        embeddings = torch.zeros(len(images), self.matcher.dim)
         embeddings[found] = vecs
-        probs = torch.tensor([d.prob if d is not None else float("nan") for d in crops.detections])
+        probs = torch.tensor([d.prob if d is not None else float("nan") for d in detections])
         return FaceEmbeddings(
             found=found,
             probs=probs,
             embeddings=embeddings,
-            detections=crops.detections,
-            errors=crops.errors,
+            detections=detections,
+            errors=errors,
             timings={"detection": t1 - t0, "embedding": t2 - t1},
         )
 
 
+def build_matcher(config: IdentityConfig) -> Any:
+    """The matcher ``config.matcher`` names (``auto``: dlib when installed, else vggface2).
+
+    Example:
+        >>> build_matcher(IdentityConfig(matcher="dlib")).spec()["matcher"]  # doctest: +SKIP
+        'dlib'
+    """
+    if config.resolved_matcher == "dlib":
+        from memwatch.faces.dlib_matcher import DlibMatcher
+
+        return DlibMatcher(config)
+    return FaceMatcher(config)
+
+
 def load_face_pipeline(config: IdentityConfig | None = None) -> FacePipeline:
-    """Build the face pipeline (MTCNN + InceptionResnetV1) from ``config`` (defaults if None).
+    """Build the face pipeline (MTCNN and the configured matcher) from ``config`` (defaults if None).
 
     Example:
         >>> pipe = load_face_pipeline(IdentityConfig(matcher="casia-webface"))  # doctest: +SKIP

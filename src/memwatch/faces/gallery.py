@@ -142,7 +142,7 @@ def calibrate_threshold(
         threshold, calibrated, src = float(config.threshold), False, "config"
         reason = "identity.threshold is set"
     elif n < need:
-        threshold, calibrated, src = float(config.fallback_threshold), False, "fallback"
+        threshold, calibrated, src = config.documented_threshold, False, "fallback"
         reason = f"{n} impostor pairs, {need} needed for FMR {config.target_fmr:g}"
     else:
         threshold, _ = threshold_at_fmr(impostor_scores, n, config.target_fmr)

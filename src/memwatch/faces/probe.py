@@ -3,10 +3,11 @@
 For every generated sample the face is detected and embedded (:class:`~memwatch.faces.embed.FacePipeline`),
 then compared with the gallery of training faces:
 
-* **leak**: the best-matching training face passes the verification threshold. The sample's
-  ``identity`` is that face's identity. ``identity_leak_rate`` is the share of generated faces that
-  leak; ``identities_leaked`` counts distinct identities matched. With a holdout of other people's
-  real faces, the same rate on the holdout is the baseline and ``identity_leak_excess`` the difference.
+* **leak**: the best-matching training face passes the verification threshold and the face is not
+  a blend (below). The sample's ``identity`` is that face's identity. ``identity_leak_rate`` is the
+  share of generated faces that leak; ``identities_leaked`` counts distinct identities matched.
+  With a holdout of other people's real faces, the same rate on the holdout is the baseline and
+  ``identity_leak_excess`` the difference.
 * **interpolation** (identity blending; MMPMR-style, Scherhag et al. 2017): the face verifies against
   two training identities A and B (best-face similarity to each at or above the threshold), the two
   similarities are balanced (``|s_A - s_B| <= balance_tolerance``), A and B do not verify against each
@@ -85,6 +86,9 @@ def identity_probe(
         detect_errors=faces.errors,
     )
     result.timings = {**faces.timings, "matching": time.perf_counter() - t0}
+    spec = gallery.pipeline.matcher.spec()
+    for row in result.items:  # every identity result names the matcher and weights that produced it
+        row["matcher"], row["matcher_weights_sha256"] = spec["matcher"], spec["weights_sha256"]
     return result
 
 
@@ -173,12 +177,14 @@ def match_faces(query: torch.Tensor, gallery: FaceGallery, config: IdentityConfi
         for r in range(q.shape[0]):
             face = int(best_face[r])
             sim = float(best_sim[r])
+            blend = _interpolation(q[r], per_id[r], gallery, config)
             row = {
                 "identity": gallery.identities[int(gallery.face_identity[face])],
                 "identity_item": gallery.item_ids[face],
                 "similarity": sim,
-                "leak": sim >= t,
-                **_interpolation(q[r], per_id[r], gallery, config),
+                # a face that blends two people verifies against both, but reproduces neither
+                "leak": sim >= t and not blend["interpolation"],
+                **blend,
             }
             rows.append(row)
     return rows
