@@ -69,10 +69,12 @@ def small_copy(image, box, size: int = 64, face_fraction: float = 0.5, shift: tu
 
     x1, y1, x2, y2 = box
     side = (x2 - x1) / face_fraction
-    cx = (x1 + x2) / 2 + shift[0] * side / size
-    cy = (y1 + y2) / 2 + shift[1] * side / size
+    pad = int(side)  # edge pixels repeated around the photo, so the square may run past its borders
+    padded = Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    cx = (x1 + x2) / 2 + shift[0] * side / size + pad
+    cy = (y1 + y2) / 2 + shift[1] * side / size + pad
     area = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=area)
+    return padded.resize((size, size), Image.Resampling.BICUBIC, box=area)
 
 
 def aligned_morph(a, box_a, b, box_b, *, weight: float = 0.5, size: int = 64, chip: int = 256):
