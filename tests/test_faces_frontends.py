@@ -80,6 +80,11 @@ def test_identity_probe_in_the_monitor_and_curves(faces, tmp_path: Path) -> None
     for step in (4, 8):
         assert 0.0 <= rows["metrics"][(step, "identity", "face_detection_rate")] <= 1.0
         assert (step, "identity", "identity_leak_rate") in rows["metrics"]
+        assert (step, "identity", "leak_onset") in rows["metrics"]  # the leak forecast runs with every probe
+    # every identity row names the matcher and the sha256 of its weights
+    sample_rows = [it for it in rows["items"] if it["probe"] == "identity"]
+    assert sample_rows and all(it["matcher"] == "vggface2" and len(it["matcher_weights_sha256"]) == 64
+                               for it in sample_rows)  # fmt: skip
     # The gallery (who is who, and the threshold used) is recorded once, with the first identity probe.
     gallery = [it for it in rows["items"] if it["probe"] == "identity_gallery"]
     assert sorted((g["item"], g["identity"]) for g in gallery) == [

@@ -327,3 +327,24 @@ def test_empty_gallery_and_bad_settings_are_user_errors() -> None:
         IdentityConfig(matcher="vggface2", target_fmr=0)
     with pytest.raises(MemwatchError, match="identity.detect_min_side"):
         IdentityConfig(matcher="vggface2", detect_min_side=10)
+
+
+def test_the_leak_forecast_follows_the_closest_person() -> None:
+    from memwatch.faces.probe import closest_approaches, leak_forecast
+
+    # ann's best face approaches the threshold 0.9 steadily; bob stays far
+    steps = [100, 200, 300, 400, 500]
+    trajectory = []
+    for step, sim in zip(steps, (0.60, 0.70, 0.77, 0.82, 0.855), strict=True):
+        rows = [{"identity": "ann", "similarity": sim}, {"identity": "ann", "similarity": sim - 0.1},
+                {"identity": "bob", "similarity": 0.5}, {"identity": None, "similarity": None}]  # fmt: skip
+        trajectory.append((step, closest_approaches(rows)))
+    assert trajectory[-1][1] == {"ann": 0.855, "bob": 0.5}
+    out = leak_forecast(trajectory, 0.9)
+    m = out["metrics"]
+    assert 500 < m["leak_onset"] < 900 and m["leak_onset_low"] <= m["leak_onset"] <= m["leak_onset_high"]
+    assert m["people_approaching"] == 1 and math.isnan(out["crossings"]["bob"])
+    flat = leak_forecast([(s, {"ann": 0.6, "bob": 0.5}) for s in steps], 0.9)
+    assert math.isnan(flat["metrics"]["leak_onset"])  # nobody approaches: no forecast
+    leaked = leak_forecast([*trajectory[:-1], (500, {"ann": 0.95})], 0.9)
+    assert leaked["metrics"]["leak_onset"] == 500  # already past the threshold: the onset is now

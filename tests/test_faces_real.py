@@ -116,3 +116,23 @@ def test_score_names_copies_blends_and_strangers(faces, tmp_path: Path, capsys) 
     assert doc["threshold"]["threshold"] == pytest.approx(cosine_threshold())
     assert doc["matcher"]["matcher"] == "dlib" and all(r["matcher"] == "dlib" for r in doc["items"])
     assert all(r["matcher_weights_sha256"] == doc["matcher"]["weights_sha256"] for r in doc["items"])
+
+
+def test_the_faces_demo_runs_its_recipe_with_the_identity_probe(tmp_path: Path) -> None:
+    """`memwatch demo --faces`, cut to 100 steps (one probe): the crops, labels, gallery and identity metrics."""
+    from memwatch.demo import FACES_CROPS, people_leaked, run_demo
+    from memwatch.store import Store
+
+    out = tmp_path / "demo-faces"
+    summary = run_demo(faces=True, steps=100, output_dir=out)
+    meta = [json.loads(line) for line in (out / "data" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == FACES_CROPS * len(PORTRAITS)
+    assert {m["identity"] for m in meta} == set(PORTRAITS.values())
+    assert summary["last_step"] == 100 and not summary["failed_probes"]
+    with Store(Path(summary["store"]), readonly=True) as store:
+        run = store.runs()[0]["id"]
+        metrics = {(m["probe"], m["metric"]): m["value"] for m in store.metrics(run)}
+    assert metrics[("identity_gallery", "identities")] == 3 and metrics[("identity_gallery", "faces")] == 20
+    assert metrics[("identity", "identity_threshold")] == pytest.approx(cosine_threshold())
+    assert ("identity", "leak_onset") in metrics
+    assert summary["people"] == people_leaked(Path(summary["store"]))  # 100 steps: nobody yet

@@ -245,7 +245,8 @@ def _flat(data: RunHistory, name: str) -> str:
               for v in series.values() if math.isfinite(v)]  # fmt: skip
     if not values:
         return "no finite value"
-    if len(values) > 1 and min(values) == max(values):
+    # a metric measured once in a longer run (the identity gallery's size) draws no curve either
+    if min(values) == max(values) and (len(values) > 1 or len(data.steps) > 1):
         return f"constant {values[0]:g}"
     return ""
 

@@ -7,7 +7,11 @@ Against training step, on one figure:
   the threshold 1/3 at which copying begins, with the latest onset forecast as a band on the step axis;
 * membership separability (``membership/mia_auc``; 0.5 is chance) on a second axis;
 * the warnings (vertical lines by severity), the onset (the first probe with a copying sample) and the
-  last clean probe (before any warning or copy), with the newest checkpoint saved by then when it is known.
+  last clean probe (before any warning or copy), with the newest checkpoint saved by then when it is known;
+* for runs with the identity probe, a second panel on the same steps: the share of generated faces that
+  are training people (leak) and that blend two of them (interpolation), the number of people leaked
+  (right axis), and the precursor of a leak, the closest approach of any face to a training person
+  (``identity/identity_sim_max``), rising towards the verification threshold.
 
 The detail grid (``curves.png``) keeps every other metric; this chart only draws what it names.
 
@@ -33,7 +37,9 @@ COPYING = "regurgitation/mem_fraction"
 PRECURSOR = "forecast/precursor"
 ONSET = "forecast/onset"
 SEPARABILITY = "membership/mia_auc"
+LEAKS = "identity/identity_leak_rate"
 SIZE_IN = (9.0, 5.6)
+FACES_HEIGHT_IN = 4.2
 SEVERITY_COLOURS = {"info": "tab:gray", "warning": "tab:orange", "critical": "tab:red"}
 
 
@@ -64,9 +70,10 @@ def headline_figure(data: RunHistory, last_clean_checkpoint: Path | None = None)
     from memwatch.curves import _default_style, _new_figure
 
     keys = key_steps(data)
+    faces = any(math.isfinite(v) for v in data.metrics.get(LEAKS, {}).values())
     with _default_style():
-        fig = _new_figure(*SIZE_IN)
-        ax = fig.add_subplot()
+        fig = _new_figure(SIZE_IN[0], SIZE_IN[1] + (FACES_HEIGHT_IN if faces else 0.0))
+        ax = fig.add_subplot(2, 1, 1) if faces else fig.add_subplot()
         ax.set_title(f"run {data.run}: memorization")
         ax.set_xlabel("training step")
         ax.set_ylabel("share of samples / d1/d2")
@@ -85,6 +92,8 @@ def headline_figure(data: RunHistory, last_clean_checkpoint: Path | None = None)
         auc = _series(right, data.metrics.get(SEPARABILITY), "^-", "tab:purple", "membership AUC (right axis)")
         if auc:
             right.axhline(0.5, color="tab:purple", linewidth=0.6, linestyle=":")
+        else:  # no membership results: no empty axis
+            right.set_visible(False)
         _events(ax, data)
         if keys["onset"] is not None:
             ax.axvline(keys["onset"], color="black", linewidth=1.6, label=f"onset: first copy at step {keys['onset']}")
@@ -95,11 +104,45 @@ def headline_figure(data: RunHistory, last_clean_checkpoint: Path | None = None)
         if not (drawn or precursor or auc):
             ax.text(0.5, 0.5, "no regurgitation, forecast or membership results", ha="center", va="center",
                     transform=ax.transAxes)  # fmt: skip
-        handles, labels = ax.get_legend_handles_labels()
-        h2, l2 = right.get_legend_handles_labels()
-        if handles or h2:  # below the chart, so it hides no curve
-            fig.legend(handles + h2, labels + l2, fontsize="x-small", loc="outside lower center", ncols=3)
+        axes = [ax, right]
+        if faces:
+            axes += _faces_panel(fig.add_subplot(2, 1, 2, sharex=ax), data)
+        legend: dict[str, Any] = {}
+        for a in axes:  # one legend for both panels (a warning drawn on both is listed once)
+            for handle, label in zip(*a.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        if legend:  # below the chart, so it hides no curve
+            fig.legend(list(legend.values()), list(legend), fontsize="x-small", loc="outside lower center", ncols=3)
     return fig
+
+
+def _faces_panel(ax: Any, data: RunHistory) -> list[Any]:
+    """Identity leakage and blending over training, the people leaked, and the leak precursor."""
+    m = data.metrics
+    ax.set_title("faces: training people reproduced (leak) or blended (interpolation)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of generated faces / similarity")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    _series(ax, m.get(LEAKS), "o-", "tab:red", "identity leak rate: faces that are a training person")
+    _series(ax, m.get("identity/identity_interpolation_rate"), "D-", "tab:orange",
+            "identity interpolation rate: faces that blend two people")  # fmt: skip
+    if _series(ax, m.get("identity/identity_sim_max"), "s--", "tab:brown",
+               "precursor: closest approach of any face to a training person"):  # fmt: skip
+        thresholds = [v for v in m.get("identity/identity_threshold", {}).values() if math.isfinite(v)]
+        if thresholds:
+            ax.axhline(thresholds[-1], color="tab:brown", linewidth=0.8, linestyle=":",
+                       label=f"verification threshold {thresholds[-1]:.3f}")  # fmt: skip
+    leaks = [s for s, v in m.get("identity/identities_leaked", {}).items() if math.isfinite(v) and v > 0]
+    if leaks:
+        ax.axvline(min(leaks), color="black", linewidth=1.6, label=f"first identity leak at step {min(leaks)}")
+    right = ax.twinx()
+    right.set_ylabel("people leaked")
+    _series(right, m.get("identity/identities_leaked"), "^-", "tab:purple", "people leaked (right axis)")
+    people = [v for v in m.get("identity/gallery_identities", {}).values() if math.isfinite(v)]
+    right.set_ylim(-0.1, max(people, default=1.0) + 0.5)
+    _events(ax, data)
+    return [ax, right]
 
 
 def _series(ax: Any, series: Mapping[int, float] | None, style: str, colour: str, label: str) -> bool:

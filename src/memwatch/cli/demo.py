@@ -20,14 +20,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train on the large control set instead (no regurgitation expected); runs/demo-control/",
     )
+    p.add_argument(
+        "--faces",
+        action="store_true",
+        help="train on face crops of the bundled public-domain portraits with the identity probe on (dlib, offline; "
+        "needs memwatch[faces]): when the model starts to reproduce the people, and to blend them; runs/demo-faces/",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
-    p.add_argument("--output-dir", default=None, help="default runs/demo or runs/demo-control")
+    p.add_argument("--output-dir", default=None, help="default runs/demo, runs/demo-control or runs/demo-faces")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from memwatch.demo import format_demo_summary, run_demo
 
-    summary = run_demo(control=args.control, steps=args.steps, output_dir=args.output_dir)
+    summary = run_demo(control=args.control, faces=args.faces, steps=args.steps, output_dir=args.output_dir)
     print(format_demo_summary(summary))
     return 0

@@ -18,7 +18,13 @@ then compared with the gallery of training faces:
   (ordered by name), their similarities, the arc position ``slerp_t`` and ``slerp_similarity``.
 
 Per-sample rows go to :attr:`ProbeResult.items`; they carry the identity so per-identity trajectories
-can be computed from stored results.
+can be computed from stored results, and the matcher and its weights' sha256.
+
+**Leak forecast** (the identity precursor): each training person's *closest approach* at a probe is
+the highest similarity among the generated faces whose best match they are
+(:func:`closest_approaches`). Before the first leak, it rises towards the threshold;
+:func:`leak_forecast` fits that approach as the copy forecast fits d1/d2 and gives ``leak_onset``
+with a band, which the ``identity-leak-forecast`` rule reads.
 """
 
 from __future__ import annotations
@@ -308,12 +314,81 @@ def identity_evidence(result: ProbeResult) -> dict[str, Any]:
     """Seeds and training identities of the faces that leak or blend (for warning events).
 
     Example:
-        >>> identity_evidence(ProbeResult("identity", {}, items=[{"seed": 3, "leak": True, "identity": "ann"}]))
-        {'seeds': [3], 'identities': ['ann'], 'blends': []}
+        >>> rows = [{"seed": 3, "leak": True, "identity": "ann", "similarity": 0.95}]
+        >>> identity_evidence(ProbeResult("identity", {}, items=rows))
+        {'seeds': [3], 'identities': ['ann'], 'blends': [], 'closest_people': 'ann (0.950)'}
     """
     flagged = [it for it in result.items if it.get("leak") or it.get("interpolation")]
+    closest = sorted(closest_approaches(result.items).items(), key=lambda kv: -kv[1])[:3]
     return {
         "seeds": [it["seed"] for it in flagged if it.get("seed") is not None],
         "identities": sorted({str(it["identity"]) for it in flagged if it.get("identity")}),
         "blends": sorted({f"{it['parent_a']}+{it['parent_b']}" for it in flagged if it.get("interpolation")}),
+        "closest_people": ", ".join(f"{p} ({s:.3f})" for p, s in closest) or "-",
     }
+
+
+#: Probes of each person's closest approach in the leak forecast, and how far ahead it may reach: the
+#: copy forecast's settings (probes/forecast.py, tuned on scripts/bench_warnings.py), not tuned for faces.
+LEAK_WINDOW = 6
+LEAK_MAX_EXTRAPOLATION = 2.0
+
+
+def closest_approaches(items: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each training person's closest approach at one probe: the highest similarity among the generated
+    faces whose best match they are (a person no face matches best has no value then), as
+    :mod:`memwatch.image_risk` does for training images.
+
+    Example:
+        >>> closest_approaches([{"identity": "ann", "similarity": 0.8}, {"identity": "ann", "similarity": 0.9},
+        ...                     {"identity": None, "similarity": None}])
+        {'ann': 0.9}
+    """
+    out: dict[str, float] = {}
+    for row in items:
+        person, sim = row.get("identity"), row.get("similarity")
+        if person is not None and sim is not None and math.isfinite(float(sim)):
+            out[str(person)] = max(out.get(str(person), -math.inf), float(sim))
+    return out
+
+
+def leak_forecast(
+    trajectory: Sequence[tuple[int, dict[str, float]]], threshold: float, *, window: int = LEAK_WINDOW
+) -> dict[str, Any]:
+    """Forecast the first identity leak from the people's closest approaches, as the copy forecast does.
+
+    Each person's cosine distance ``1 - similarity`` falls towards ``1 - threshold`` as generated faces
+    come to resemble them; :func:`memwatch.forecast.forecast_onset` fits the smallest distance over the
+    people (the person closest to leaking) and says when it reaches the threshold.
+
+    Args:
+        trajectory: ``(step, {person: closest approach})`` per probe, oldest first; the last is now.
+        threshold: the verification threshold (cosine similarity).
+        window: the most recent probes in the fit.
+
+    Returns:
+        ``{"metrics": {leak_onset, leak_onset_low, leak_onset_high, leak_steps_to_onset, leak_slope_t,
+        people_approaching}, "crossings": {person: forecast step or NaN}}``.
+
+    Example:
+        >>> steps = [(100, {"ann": 0.70}), (200, {"ann": 0.78}), (300, {"ann": 0.84}), (400, {"ann": 0.88})]
+        >>> out = leak_forecast(steps, 0.907)
+        >>> 400 < out["metrics"]["leak_onset"] < 700
+        True
+    """
+    from memwatch.forecast import forecast_onset
+
+    distances = [(step, {p: 1.0 - s for p, s in people.items()}) for step, people in trajectory]
+    f = forecast_onset(
+        distances, threshold=1.0 - threshold, quantile=0.0, window=window, max_extrapolation=LEAK_MAX_EXTRAPOLATION
+    )
+    m = f.metrics()
+    metrics = {
+        "leak_onset": m["onset"],
+        "leak_onset_low": m["onset_low"],
+        "leak_onset_high": m["onset_high"],
+        "leak_steps_to_onset": m["steps_to_onset"],
+        "leak_slope_t": m["slope_t"],
+        "people_approaching": m["seeds_approaching"],
+    }
+    return {"metrics": metrics, "crossings": dict(f.per_seed)}

@@ -28,7 +28,8 @@ class IdentityProbe(Probe):
                "identity_pairs_interpolated", "identity_sim_p50", "identity_sim_p95", "identity_sim_max",
                "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated",
                "threshold_target_fmr", "threshold_fmr", "threshold_fnmr", "threshold_impostor_pairs",
-               "identity_leak_baseline", "identity_leak_excess")  # fmt: skip
+               "identity_leak_baseline", "identity_leak_excess", "leak_onset", "leak_onset_low", "leak_onset_high",
+               "leak_steps_to_onset", "leak_slope_t", "people_approaching")  # fmt: skip
     default_rules = (
         {
             "name": "first-identity-leak",
@@ -64,6 +65,17 @@ class IdentityProbe(Probe):
             "not verify against each other",
             "message": "step {step}: a generated face blends two training identities",
         },
+        {
+            "name": "identity-leak-forecast",
+            "type": "forecast",
+            "metric": "identity/leak_onset",
+            "horizon_share": 0.5,
+            "severity": "warning",
+            "source": "the onset forecast's rule applied to the people's closest approaches (faces/probe.py "
+            "leak_forecast); its settings were tuned for copies (scripts/bench_warnings.py), not for faces",
+            "message": "step {step}: generated faces approach training people; a leak is forecast at step "
+            "{forecast_step} (band {forecast_low}-{forecast_high}); closest: {evidence[closest_people]}; keep {keep}",
+        },
     )
 
     def __init__(self, settings: IdentityConfig | None = None, **values: Any):
@@ -73,6 +85,7 @@ class IdentityProbe(Probe):
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> list[ProbeResult]:
         from memwatch.embed_cache import EmbeddingCache
         from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+        from memwatch.faces.probe import LEAK_WINDOW, closest_approaches, leak_forecast
 
         assert ctx.samples is not None
         cfg = self.settings
@@ -97,6 +110,10 @@ class IdentityProbe(Probe):
             ctx.samples.images, self._gallery, cfg, names=[f"seed-{s:06d}" for s in seeds], seeds=seeds
         )
         ctx.add_time("identity", time.perf_counter() - t0)
+        # each person's closest approach over time: the precursor of the first identity leak
+        past = [(e["step"], closest_approaches(e["items"])) for e in ctx.earlier(self.name, LEAK_WINDOW - 1)]
+        forecast = leak_forecast([*past, (ctx.step, closest_approaches(result.items))], self._gallery.threshold)
+        result.metrics.update(forecast["metrics"])
         out.append(result)
         if gallery is not None:
             out.append(gallery)
