@@ -48,8 +48,9 @@ def identity_pairs(items: Sequence[dict[str, Any]]) -> list[EvidencePair]:
     pairs = []
     for i, it in enumerate(items):
         if (it.get("leak") or it.get("interpolation")) and it.get("identity_item"):
-            what = "blend" if it.get("interpolation") else "leak"
-            label = f"seed {it['seed']} {what} {it['identity']} s={float(it['similarity']):.2f}"
+            # a blend names both parents (the training face shown is the closer one's)
+            who = f"blend {it['parent_a']}+{it['parent_b']}" if it.get("interpolation") else f"leak {it['identity']}"
+            label = f"seed {it['seed']} {who} s={float(it['similarity']):.2f}"
             pairs.append(EvidencePair(i, it["identity_item"], 1.0 - float(it["similarity"]), label, True))
     return pairs
 
