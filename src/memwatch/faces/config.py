@@ -98,7 +98,8 @@ class IdentityConfig(ProbeSettings):
         source="facenet-pytorch's own cut-off for a confident face (MTCNN select_boxes)",
     )
     face_size: int = setting(
-        160, "side of the square face crop fed to the matcher", min=1, unit="pixels",
+        160, "side of the square face crop fed to the FaceNet matcher (dlib aligns its own 150 px chips)", min=1,
+        unit="pixels",
         source="InceptionResnetV1 was trained on 160 px crops (facenet-pytorch MTCNN image_size=160)",
     )  # fmt: skip
     face_margin: int = setting(
