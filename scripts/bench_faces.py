@@ -5,7 +5,7 @@ The gallery is four portraits of two people (assets/faces: Barack Obama and Joe 
 Eileen Collins is the stranger. Samples, scored with ``memwatch score --identity --matcher dlib`` as a
 user runs it:
 
-* copies of every portrait, small (a 48-256 px square whose face is 40-75% of its width), shifted by a
+* copies of every portrait, small (a 16-256 px square whose face is 40-75% of its width), shifted by a
   few pixels, and transformed (mirrored, JPEG quality 30, brighter, darker, grey, rotated 8 degrees,
   blurred, less contrast): a gallery person's copy should be a leak of that person, the stranger's neither;
 * landmark-aligned morphs of every Obama photo with every Biden photo (weights 0.4, 0.5, 0.6; 64 and
@@ -40,7 +40,9 @@ from memwatch.faces import IdentityConfig, build_gallery, load_face_pipeline  # 
 from memwatch.refset import load_reference_set  # noqa: E402
 
 GALLERY = ["obama_2012_official", "obama_blue_room", "biden_2013_official", "biden_blue_room"]
-SIZES = [(48, 0.6), (64, 0.4), (64, 0.5), (96, 0.5), (128, 0.6), (256, 0.5), (64, 0.75)]
+#: (image side, face width as a share of it)
+SIZES = [(16, 0.75), (24, 0.6), (32, 0.6), (48, 0.6), (64, 0.4), (64, 0.5), (96, 0.5), (128, 0.6), (256, 0.5),
+         (64, 0.75)]  # fmt: skip
 
 
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -128,6 +130,14 @@ def main() -> int:
             correct = None
         listed = ", ".join(f"{v} {k}" for k, v in verdicts.most_common())
         print(f"| {kind} | {detail or '-'} | {len(files)} | {listed} | {'-' if correct is None else correct} |")
+
+    print("\n| image size (face width) | copies of gallery people, all transformations | leak of the right person |")
+    print("|---|---|---|")
+    for size, share in SIZES:
+        files = [f for f, (kind, _, _) in expect.items()
+                 if kind == "copy of a gallery person" and f"_{size}_{share}_" in f]  # fmt: skip
+        right = sum(verdict(rows[f]) == f"leak of {expect[f][2]}" for f in files)
+        print(f"| {size} px ({round(size * share)} px) | {len(files)} | {right} |")
 
     # the morphs: does the verdict follow "verifies against both parents"?
     both = flagged = flagged_when_both = 0
