@@ -27,3 +27,6 @@ def test_bad_usage_is_one_line_with_exit_2(capsys: pytest.CaptureFixture, tmp_pa
     assert main(["curves", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
+    assert main(["demo", "--control", "--faces", "--output-dir", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two different demos" in err and not (tmp_path / "demo").exists()
