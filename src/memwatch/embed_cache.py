@@ -87,8 +87,8 @@ class EmbeddingCache(SqliteCache):
             path = self.shard_dir(key) / shard
             try:
                 data = np.load(path, mmap_mode="r", allow_pickle=False)
-                rows = np.asarray([r for _, r in wanted])
-                block = np.array(data[np.sort(rows)], dtype=np.float32)  # sorted: sequential reads of the map
+                rows = np.sort([r for _, r in wanted])  # sorted: sequential reads of the map
+                block = np.array(data[rows], dtype=np.float32)
                 del data  # the map is released here: no file stays open between calls
             except (OSError, ValueError, IndexError) as e:
                 log.warning(
@@ -98,7 +98,7 @@ class EmbeddingCache(SqliteCache):
                     len(wanted),
                 )
                 continue
-            position = {r: i for i, r in enumerate(np.sort(rows).tolist())}
+            position = {r: i for i, r in enumerate(rows.tolist())}
             for sha, r in wanted:
                 found[sha] = torch.from_numpy(block[position[r]])
         return found
