@@ -21,9 +21,6 @@ from memwatch.settings import setting
 #: identity leakage shows for some matchers and not others (Tinsley et al. 2021, "This face does not
 #: exist... but it might be yours!"). ``auto``: dlib when installed, else vggface2.
 MATCHERS = ("auto", "dlib", "vggface2", "casia-webface")
-FACENET_MATCHERS = ("vggface2", "casia-webface")
-#: FaceNet (Schroff et al. 2015): squared L2 1.1 between unit embeddings, i.e. cosine 0.45.
-FACENET_THRESHOLD = 0.45
 
 
 @dataclass
@@ -192,11 +189,9 @@ class IdentityConfig(ProbeSettings):
         """``fallback_threshold``, or the matcher's documented threshold (cosine) when it is null."""
         if self.fallback_threshold is not None:
             return float(self.fallback_threshold)
-        if self.resolved_matcher == "dlib":
-            from memwatch.faces.dlib_matcher import cosine_threshold
+        from memwatch.faces.embed import matcher_class
 
-            return cosine_threshold()
-        return FACENET_THRESHOLD
+        return float(matcher_class(self.resolved_matcher).threshold)
 
     @property
     def required_impostor_pairs(self) -> int:

@@ -117,8 +117,8 @@ class DlibMatcher:
         config: ``weights`` (a folder with both model files; default the installed package) is read.
 
     Attributes:
-        threshold: dlib's documented same-person threshold as a cosine (see the module docs).
-        threshold_source: where it comes from.
+        threshold: dlib's documented same-person threshold as a cosine (see the module docs), the
+            fallback when the gallery cannot calibrate one (``IdentityConfig.documented_threshold``).
 
     Example:
         >>> from memwatch.faces import Detection, IdentityConfig
@@ -129,11 +129,9 @@ class DlibMatcher:
 
     name = "dlib"
     dim = EMBEDDING_DIM
+    #: dlib's same-person distance 0.6 (dnn_face_recognition_ex.cpp) at descriptor length 1.39 (measured
+    #: on assets/faces): cosine 1 - 0.6^2 / (2 * 1.39^2) = 0.907
     threshold = cosine_threshold()
-    threshold_source = (
-        f"dlib's same-person distance {DLIB_DISTANCE} (dnn_face_recognition_ex.cpp) at descriptor length "
-        f"{DESCRIPTOR_NORM} (measured on assets/faces): cosine 1 - 0.6^2 / (2 * 1.39^2)"
-    )
 
     def __init__(self, config: IdentityConfig):
         dlib = import_dlib()

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from memwatch.errors import MemwatchError
-from memwatch.faces.config import FACENET_THRESHOLD, IdentityConfig
+from memwatch.faces.config import IdentityConfig
 from memwatch.faces.detect import (
     Detection,
     FaceDetector,
@@ -152,8 +152,9 @@ class FaceMatcher:
     """
 
     dim = EMBEDDING_DIM
-    threshold = FACENET_THRESHOLD
-    threshold_source = "FaceNet (Schroff et al. 2015): squared l2 1.1 between unit embeddings, i.e. cosine 0.45"
+    #: FaceNet (Schroff et al. 2015): squared L2 1.1 between unit embeddings, i.e. cosine 0.45; the fallback
+    #: when the gallery cannot calibrate a threshold (``IdentityConfig.documented_threshold``)
+    threshold = 0.45
 
     def __init__(self, config: IdentityConfig):
         facenet = import_facenet()
@@ -301,11 +302,22 @@ def build_matcher(config: IdentityConfig) -> Any:
         >>> build_matcher(IdentityConfig(matcher="dlib")).spec()["matcher"]  # doctest: +SKIP
         'dlib'
     """
-    if config.resolved_matcher == "dlib":
+    return matcher_class(config.resolved_matcher)(config)
+
+
+def matcher_class(name: str) -> type:
+    """The class of matcher ``name`` (``dlib``, or a FaceNet weight set); it carries the matcher's
+    documented threshold (``threshold``) without loading any weights.
+
+    Example:
+        >>> matcher_class("vggface2").threshold
+        0.45
+    """
+    if name == "dlib":
         from memwatch.faces.dlib_matcher import DlibMatcher
 
-        return DlibMatcher(config)
-    return FaceMatcher(config)
+        return DlibMatcher
+    return FaceMatcher
 
 
 def load_face_pipeline(config: IdentityConfig | None = None) -> FacePipeline:
