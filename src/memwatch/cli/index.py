@@ -13,6 +13,7 @@ interrupted run resumes: what was embedded is in the cache.
 from __future__ import annotations
 
 import argparse
+import os
 
 from memwatch.cli.embedder_options import (
     add_embedder_options,
@@ -48,29 +49,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.cli.jobs_common import launched_workers
-    from memwatch.embed_cache import EmbeddingCache, embed_items
+    import torch
+    from accelerate import PartialState
+
+    from memwatch.embed_cache import embed_items
     from memwatch.neighbours import ReferenceIndex
     from memwatch.refset import load_reference_set
+    from memwatch.sampling import split_for_process
 
     if args.no_cache:
         raise MemwatchError("--no-cache: memwatch index writes the cache; drop --no-cache (or set --cache-dir)")
     if args.batch_size < 1:
         raise MemwatchError(f"--batch-size {args.batch_size}: give a number of images >= 1")
     check_exists("REFERENCE", args.reference)
-    workers = launched_workers()
+    # Without GPUs, accelerate's processes talk over gloo on the CPU (the test of two processes does so).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and state.num_processes == 1:
+        raise MemwatchError("the launcher started several processes but accelerate sees one: check the launch")
+    from memwatch.embed_cache import EmbeddingCache
+
     cache = EmbeddingCache(args.cache_dir)
     embedder = embedder_from_args(args)
     refs = load_reference_set(args.reference, what="REFERENCE", **columns_from_args(args))
     distinct = list({it.sha256: it for it in refs.items}.values())
     have = cache.get(embedder.key, [it.sha256 for it in distinct])
     todo = [it for it in distinct if it.sha256 not in have]
-    workers.broadcast(None)  # every process has read the cache before any writes: the same shares for all
-    mine = workers.share(todo)
-    new = embed_items(refs, mine, embedder, cache, batch_size=args.batch_size, progress=workers.is_main)
-    print(f"process {workers.process_index}: embedded {len(new)} of {len(todo)} to do ({len(have)} were cached)")
-    workers.broadcast(None)  # every share is in the cache before the index is built
-    if workers.is_main:
+    state.wait_for_everyone()  # every process has read the cache before any writes: the same shares for all
+    mine = split_for_process(todo, state.process_index, state.num_processes)
+    new = embed_items(refs, mine, embedder, cache, batch_size=args.batch_size, progress=state.is_main_process)
+    print(f"process {state.process_index}: embedded {len(new)} of {len(todo)} to do ({len(have)} were cached)")
+    state.wait_for_everyone()
+    if state.is_main_process:
         index = ReferenceIndex(refs, embedder, cache, search=args.search)  # all cached now: no embedding
         search = index.prepare_search()
         kept = getattr(search, "loaded", None)
@@ -79,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
             f"{len(refs)} images ({len(index)} distinct) embedded with {embedder.name} in {cache.path}; "
             f"search {search.describe()['kind']}: {state_note[kept]}"
         )
-    workers.broadcast(None)
+    state.wait_for_everyone()
     return 0
