@@ -35,5 +35,8 @@ cd "$root"
 # memwatch have finished and written everything, in about 1 run of 6 (measured 2026-12-01: the stuck rank
 # sits in train_ddpm.py's last line with a native thread alive). The two-process path is tested by the main
 # suite on the tested torch; here it would only make CI flaky.
-exec "$work/venv/bin/python" -m pytest -p no:cacheprovider -o testpaths=tests \
-  --deselect tests/test_train_script.py::test_train_ddpm_under_accelerate_launch_with_two_processes "$@"
+# Not exec: the EXIT trap must still remove the ~1.7 GB environment when pytest ends.
+rc=0
+"$work/venv/bin/python" -m pytest -p no:cacheprovider -o testpaths=tests \
+  --deselect tests/test_train_script.py::test_train_ddpm_under_accelerate_launch_with_two_processes "$@" || rc=$?
+exit "$rc"
