@@ -4,15 +4,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from support.models import FAST_MONITOR as FAST
 from support.models import accelerate_launch, tiny_unet, train
 
 from memwatch.monitor import MemorizationMonitor
+from memwatch.report.build import build_report
 from memwatch.store import Store
 
 
@@ -166,6 +169,61 @@ def test_ema_weights_are_probed_and_restored(train_holdout, tmp_path: Path) -> N
     with Store(tmp_path / "x" / "memwatch.sqlite") as store:
         (failed,) = store.results(store.runs()[0]["id"])
     assert failed["status"] == "failed" and "pass the EMA model" in failed["error"]
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_checkpoints_saved_with_save_state_are_sightings_of_the_probed_weights(
+    train_holdout, tmp_path: Path, weights: str
+) -> None:
+    train_dir, holdout_dir = train_holdout
+    run = tmp_path / "run"
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(run)))
+    model = tiny_unet()
+    ema = EMAModel(tiny_unet(seed=1).parameters())  # weights unlike the model's: a swap would show
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    cfg = {**FAST, "weights": weights, "probes": {**FAST["probes"], "membership": {**FAST["probes"]["membership"],
+           "every": 2}, "regurgitation": {"every": 0}, "forecast": {"every": 0}}}  # fmt: skip
+    mon = MemorizationMonitor(acc, cfg, reference=train_dir, holdout=holdout_dir)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    for step in range(1, 5):
+        for p in model.parameters():
+            p.data.add_(0.01 * step)  # new weights at every step
+        if step >= 2:  # as the diffusers scripts: save before the monitor sees the step
+            before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+            acc.save_state(str(run / f"checkpoint-{step}"))
+            saved = safetensors.torch.load_file(run / f"checkpoint-{step}" / "model.safetensors")
+            after = acc.unwrap_model(model).state_dict()
+            assert all(torch.equal(saved[k], v) and torch.equal(after[k], v) for k, v in before.items())
+        mon.step(step, model, sched, ema=ema)
+    mon.close()
+    acc.save_state(str(run / "checkpoint-99"))  # after close(): the hook is gone, nothing recorded
+    with Store(run / "memwatch" / "memwatch.sqlite") as store:
+        run_id = store.runs()[0]["id"]
+        probed = {r["snapshot_id"] for r in store.results(run_id) if r["status"] == "ok"}
+        seen = {s["step"]: (s["id"] in probed, sorted((g["kind"], g["step"]) for g in s["sightings"]))
+                for s in store.snapshots(run_id)}  # fmt: skip
+    if weights == "raw":  # checkpoints 2 and 4 are the probed weights; 3 was saved between probes
+        assert seen == {2: (True, [("checkpoint", 2), ("live", 2)]), 3: (False, [("checkpoint", 3)]),
+                        4: (True, [("checkpoint", 4), ("live", 4)])}  # fmt: skip
+        overall = build_report(run)["verdict"]["overall"]
+        assert overall["last_clean_step"] == 4
+        assert overall["last_clean_checkpoint"]["path"] == str(run / "checkpoint-4")
+    else:  # the probes measured the EMA weights, which never change here: one snapshot, seen in every checkpoint
+        assert seen == {2: (True, [("checkpoint", 2), ("checkpoint", 3), ("checkpoint", 4), ("live", 2), ("live", 4)])}
+
+
+def test_a_checkpoint_that_cannot_be_recorded_is_still_saved(train_holdout, tmp_path: Path, caplog) -> None:
+    train_dir, holdout_dir = train_holdout
+    acc = Accelerator(cpu=True)
+    cfg = {**FAST, "weights": "ema", "probes": {**FAST["probes"], "regurgitation": {"every": 0}}}
+    mon = MemorizationMonitor(acc, cfg, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "mw")
+    model = acc.prepare(tiny_unet())
+    mon.step(1, model, DDPMScheduler(num_train_timesteps=1000))  # no EMA model passed: every hash fails
+    acc.save_state(str(tmp_path / "checkpoint-1"))
+    mon.close()
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").is_file()
+    assert "checkpoint" in caplog.text and "not recorded" in caplog.text and "pass the EMA model" in caplog.text
 
 
 MP_SCRIPT = Path(__file__).parent / "support" / "mp_monitor_job.py"

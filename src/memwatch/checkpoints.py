@@ -14,6 +14,17 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MAX_STEP = 2**63 - 1
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a ``checkpoint-<step>`` folder's name, or None for any other name.
+
+    Example:
+        >>> checkpoint_step("out/checkpoint-500"), checkpoint_step("out/checkpoints/checkpoint_3")
+        (500, None)
+    """
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m and int(m.group(1)) <= MAX_STEP else None
+
+
 def list_checkpoints(run_dir: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``checkpoint-<step>`` folder directly under ``run_dir``, oldest first.
 

@@ -16,6 +16,8 @@ What it guarantees:
   step number); sample generation and membership losses are split across processes and gathered
   with ``gather_object``. Only the main process writes the store, logs and events. The monitor makes
   no collective call anywhere else, so a checkpoint saved on the main process alone cannot hang.
+* Checkpoints saved with ``accelerator.save_state`` are recorded as sightings of the probed weights
+  (a save-state pre-hook that only reads the model), so the report can name the last clean checkpoint.
 * Results go to the store (one transaction per probe result), to ``accelerator.log`` under
   ``memwatch/<probe>/<metric>``, and through the rules to events (store, log, trackers,
   ``events.jsonl`` and the ``on_event`` callback).
@@ -90,6 +92,13 @@ class MemorizationMonitor:
             log_metrics=lambda values, step: accelerator.log(values, step=step),
         )
         self._closed = False
+        # Checkpoints saved with accelerator.save_state become sightings of the weights the probes measured.
+        register = getattr(accelerator, "register_save_state_pre_hook", None)
+        self._save_hook = register(self._on_save_state) if callable(register) else None
+
+    def _on_save_state(self, models: Any, weights: Any, output_dir: str) -> None:
+        """accelerate's save-state pre-hook: leaves ``models`` and ``weights`` as they are (never raises)."""
+        self.session.saw_checkpoint(output_dir)
 
     # Read-only views of the session's state, for training loops and callbacks.
     @property
@@ -154,6 +163,8 @@ class MemorizationMonitor:
         """
         if not self._closed:
             self._closed = True
+            if self._save_hook is not None:
+                self._save_hook.remove()
             self.session.finish()
             return self.session.close()
         return self.summary()

@@ -32,7 +32,7 @@ import torch
 
 from memwatch import __version__
 from memwatch.cadence import Cadence
-from memwatch.checkpoints import last_clean_checkpoint
+from memwatch.checkpoints import checkpoint_step, last_clean_checkpoint
 from memwatch.config import MonitorConfig
 from memwatch.embedders import build_embedder
 from memwatch.errors import MemwatchError, ProbeUnavailable
@@ -254,6 +254,31 @@ class ProbeSession:
             self._fail_all(step, self.applicable(), f"cannot probe this model: {e}")
             return []
         return self._probe_live(step, model, scheduler, ema, due) if due else []
+
+    def saw_checkpoint(self, path: str | Path) -> None:
+        """In-loop front-ends: the training script is saving the model last passed to :meth:`step` to ``path``.
+
+        The folder is recorded as a sighting of those weights, identified as the probes identify them
+        (the probed weights' :func:`~memwatch.hashing.state_sha256`), so a checkpoint saved at a probed step
+        is that probed snapshot: the report can name it as the last clean checkpoint. A checkpoint saved
+        between probes is recorded as a snapshot without results (unaudited). Its step is the one in a
+        ``checkpoint-<step>`` name, else the last step seen. Main process only; never raises.
+
+        Args:
+            path: the folder being written.
+        """
+        if not self.workers.is_main or self.store is None or self._last_args is None or self.closed:
+            return
+        try:
+            model, _, ema = self._last_args
+            step = checkpoint_step(path)
+            step = self.last_step if step is None else step
+            with ema_weights(model, ema, self.config.weights) as unet:
+                sha = state_sha256(unwrap_model(unet))
+            self.store.add_snapshot(self.run_id, step, kind="checkpoint", path=str(path), weights_sha256=sha,
+                                    weights=self.config.weights)  # fmt: skip
+        except Exception as e:  # training's own save goes on; only the link to the probes is missing
+            log.warning("memwatch: checkpoint %s not recorded: %s", path, _reason(e))
 
     def finish(self) -> list[Event]:
         """In-loop front-ends: probe the last step seen by :meth:`step` with every applicable probe
