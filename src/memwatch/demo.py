@@ -156,10 +156,12 @@ def people_leaked(store_path: Path) -> list[dict[str, Any]]:
 # The demo recipe (docs/benchmarks.md has its timings): a 0.27M-parameter UNet predicting v (as Stable
 # Diffusion 2 does) on 8 images (each 4 times per batch of 32) memorizes within ~2,000 steps; mem_fraction is 0 before
 # step ~1,000. Found by a small sweep over model width, batch size, learning rate and prediction type.
+# Checkpoints every 200 steps, a multiple of the probes' 100 (configs/demo*.yaml): each checkpoint is a probed
+# snapshot, so the report can name the last clean one by its weights.
 DEMO_STEPS = 2000
 DEMO_TRAINING_ARGS = [
     "--resolution", "32", "--batch-size", "32", "--repeats", "4", "--lr", "1e-3", "--block-channels", "16", "32", "32",
-    "--prediction-type", "v_prediction", "--checkpointing-steps", "250",
+    "--prediction-type", "v_prediction", "--checkpointing-steps", "200",
 ]  # fmt: skip
 
 
@@ -171,7 +173,7 @@ FACES_RESOLUTION = 48
 FACES_CROPS = 4
 FACES_TRAINING_ARGS = [
     "--resolution", str(FACES_RESOLUTION), "--batch-size", "20", "--lr", "1e-3", "--block-channels", "16", "32", "32",
-    "--prediction-type", "v_prediction", "--checkpointing-steps", "250",
+    "--prediction-type", "v_prediction", "--checkpointing-steps", "200",
 ]  # fmt: skip
 
 
