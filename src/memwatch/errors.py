@@ -22,3 +22,19 @@ class ProbeUnavailable(MemwatchError):
 
     The probe is recorded as failed with this message for the snapshot; the other probes run.
     """
+
+
+def failure_reason(e: BaseException) -> str:
+    """How a failure is recorded: one line, a MemwatchError's message or the exception type and message.
+
+    Only the first line of a message is kept: the line that says what went wrong (a traceback-like
+    tail from a library adds nothing to a stored reason).
+
+    Example:
+        >>> failure_reason(MemwatchError("no images in data/: point --reference at a folder"))
+        'no images in data/: point --reference at a folder'
+        >>> failure_reason(ValueError("bad shape\\nmore detail")), failure_reason(KeyError())
+        ('ValueError: bad shape', 'KeyError')
+    """
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, MemwatchError) else f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -39,7 +39,7 @@ from typing import Any
 
 from memwatch.checkpoints import list_checkpoints
 from memwatch.config import MonitorConfig
-from memwatch.errors import MemwatchError
+from memwatch.errors import MemwatchError, failure_reason
 from memwatch.hashing import sha256_file
 from memwatch.history import load_history
 from memwatch.rules import severity_at_least
@@ -268,7 +268,7 @@ class CheckpointProber:
         except (MemwatchError, OSError) as e:
             error = e
         # every process learns whether all loaded it, so none is left waiting inside the probes
-        reasons = self.workers.gather([None if error is None else _reason_of(error)])
+        reasons = self.workers.gather([None if error is None else failure_reason(error)])
         failed_to_load = next((r for r in reasons if r is not None), None)
         if failed_to_load is not None:
             if self.workers.is_main:
@@ -303,7 +303,7 @@ class CheckpointProber:
         try:
             sha = self.weights_sha256(ref)
         except (MemwatchError, OSError) as e:
-            return self._failed(ref, applicable, _reason_of(e), e), None
+            return self._failed(ref, applicable, failure_reason(e), e), None
         existing = s.store.find_snapshot(s.run_id, sha)
         if existing is not None and all(s.store.has_result(existing, p.name, s.probe_hash(p)) for p in applicable):
             s.store.add_snapshot(s.run_id, ref.step, kind=ref.kind, path=str(ref.path), weights_sha256=sha)
@@ -385,10 +385,6 @@ def probe_run_dir(
             prober.report.skipped = [{"path": p, "reason": r} for p, r in skipped]
             report = prober.close()
     return report
-
-
-def _reason_of(e: BaseException) -> str:
-    return str(e) if isinstance(e, MemwatchError) else f"{type(e).__name__}: {e}"
 
 
 def stored_events(store_path: Path, run_name: str) -> list[dict[str, Any]]:

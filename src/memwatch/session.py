@@ -35,7 +35,7 @@ from memwatch.cadence import Cadence
 from memwatch.checkpoints import checkpoint_step, last_clean_checkpoint
 from memwatch.config import MonitorConfig
 from memwatch.embedders import build_embedder
-from memwatch.errors import MemwatchError, ProbeUnavailable
+from memwatch.errors import MemwatchError, ProbeUnavailable, failure_reason
 from memwatch.evidence import save_evidence_grid
 from memwatch.hashing import state_sha256
 from memwatch.history import load_history
@@ -278,7 +278,7 @@ class ProbeSession:
             self.store.add_snapshot(self.run_id, step, kind="checkpoint", path=str(path), weights_sha256=sha,
                                     weights=self.config.weights)  # fmt: skip
         except Exception as e:  # training's own save goes on; only the link to the probes is missing
-            log.warning("memwatch: checkpoint %s not recorded: %s", path, _reason(e))
+            log.warning("memwatch: checkpoint %s not recorded: %s", path, failure_reason(e))
 
     def finish(self) -> list[Event]:
         """In-loop front-ends: probe the last step seen by :meth:`step` with every applicable probe
@@ -296,7 +296,7 @@ class ProbeSession:
             with ema_weights(model, ema, self.config.weights) as unet:
                 events = self.probe(step, unet, scheduler, [p.name for p in probes], weights=self.config.weights)
         except Exception as e:  # the last line of defence: nothing reaches the training loop
-            self._fail_all(step, probes, _reason(e))
+            self._fail_all(step, probes, failure_reason(e))
             events = []
         if self.workers.is_main:
             sampled = any(p.needs_samples for p in probes)
@@ -320,7 +320,7 @@ class ProbeSession:
                 for p in probes:
                     self.store.record_failure(snap, p.name, config_hash=self.probe_hash(p), error=reason)
         except Exception as e:  # e.g. a step the store cannot hold: said, never raised into training
-            log.warning("memwatch: could not record the failure either: %s", _reason(e))
+            log.warning("memwatch: could not record the failure either: %s", failure_reason(e))
 
     def _forecast_now(self) -> tuple[float, bool]:
         """The earliest band edge of the forecast rules' latest forecasts (NaN: none), and whether every
@@ -447,7 +447,7 @@ class ProbeSession:
             self.store.write_training_set(self.run_id, manifest, analysis)
             self.training_set = _training_set_counts(analysis)
         except Exception as e:
-            reason = _reason(e)
+            reason = failure_reason(e)
             log.warning("memwatch: training-set analysis failed: %s", reason)
             self.failures.append({"step": ctx.step, "probe": "training_set", "error": reason})
             self.training_set = {"error": reason}
@@ -490,7 +490,7 @@ class ProbeSession:
                 self.store.add_snapshot(self.run_id, **snapshot)
             return {"todo": todo, "fail": [], "reason": None}
         except Exception as e:  # e.g. the store's disk is full: no probe runs, training goes on
-            return {"todo": [], "fail": names, "reason": _reason(e)}
+            return {"todo": [], "fail": names, "reason": failure_reason(e)}
 
     def _gathered(self, name: str, failures: dict[str, str], compute: Callable[[], list]) -> list | None:
         """Every process's rows of one probe, in process order; None (and a failure) if any process failed.
@@ -504,7 +504,7 @@ class ProbeSession:
             mine = (str(e), [])
         except Exception as e:
             log.debug("probe %s failed", name, exc_info=True)
-            mine = (_reason(e), [])
+            mine = (failure_reason(e), [])
         gathered = self.workers.gather([mine])
         errors = [err for err, _ in gathered if err]
         if errors:
@@ -521,8 +521,8 @@ class ProbeSession:
             return _results(probe.reduce(rows, ctx))
         except Exception as e:
             log.debug("probe %s failed", probe.name, exc_info=True)
-            log.warning("%s not run: %s", probe.name, _reason(e))
-            failures[probe.name] = _reason(e)
+            log.warning("%s not run: %s", probe.name, failure_reason(e))
+            failures[probe.name] = failure_reason(e)
             return None
 
     def _samples(self, ctx: ProbeContext, names: list[str], failures: dict[str, str]) -> Samples | None:
@@ -536,7 +536,7 @@ class ProbeSession:
             mine = (str(e), None)
         except Exception as e:
             log.debug("sampling failed", exc_info=True)
-            mine = (_reason(e), None)
+            mine = (failure_reason(e), None)
         gathered = self.workers.gather([mine])
         self._add_time("sampling", time.perf_counter() - t0)
         errors = [err for err, _ in gathered if err]
@@ -598,7 +598,7 @@ class ProbeSession:
                     self.store.add_event(self.run_id, {**event.to_dict(), "snapshot_id": snap})
         except Exception as e:
             # The training goes on; the warnings below still reach the log and the callback.
-            log.error("memwatch: step %d could not be recorded: %s", step, _reason(e))
+            log.error("memwatch: step %d could not be recorded: %s", step, failure_reason(e))
         self._add_time("store", time.perf_counter() - t0)
         self.latest.update(flat)
         if self.log_metrics is not None and flat:
@@ -622,7 +622,7 @@ class ProbeSession:
                 top=self.config.evidence_top,
             )
         except Exception as e:  # a training image gone since listing, a full disk: the result still counts
-            log.warning("memwatch: evidence grid %s not written: %s", name, _reason(e))
+            log.warning("memwatch: evidence grid %s not written: %s", name, failure_reason(e))
             return
         if grid is not None:
             result.evidence.append(str(grid.relative_to(self.output_dir)))
@@ -700,7 +700,7 @@ class ProbeSession:
             try:
                 self.on_event(event)
             except Exception as e:  # the user's callback must not stop the monitor either
-                log.error("memwatch: on_event callback raised %s", _reason(e))
+                log.error("memwatch: on_event callback raised %s", failure_reason(e))
         if self.config.stop_on and severity_at_least(event.severity, self.config.stop_on):
             self.should_stop = True
 
@@ -817,12 +817,6 @@ def _rounded(value: float, digits: int) -> float | None:
 
 def _results(out: ProbeResult | Sequence[ProbeResult]) -> list[ProbeResult]:
     return [out] if isinstance(out, ProbeResult) else list(out)
-
-
-def _reason(e: BaseException) -> str:
-    """One line naming what went wrong (a MemwatchError's message, or the exception type and message)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, MemwatchError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _non_finite(parts: ModelParts) -> str | None:
