@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -196,6 +197,13 @@ def test_checkpoints_saved_with_save_state_are_sightings_of_the_probed_weights(
             after = acc.unwrap_model(model).state_dict()
             assert all(torch.equal(saved[k], v) and torch.equal(after[k], v) for k, v in before.items())
         mon.step(step, model, sched, ema=ema)
+    if weights == "raw":  # the advice a warning would give names the newest probed checkpoint still on disk
+        assert mon.session.keep_advice() == f"{run / 'checkpoint-4'} (the last clean checkpoint)"
+        shutil.rmtree(run / "checkpoint-4")  # rotated away: the one before it (3 was never probed)
+        assert mon.session.keep_advice() == f"{run / 'checkpoint-2'} (the last clean checkpoint)"
+        shutil.rmtree(run / "checkpoint-2")
+        assert mon.session.keep_advice().endswith("checkpoint-3 (saved by step 4, the last clean probe; "
+                                                  "matched by step, not by weights)")  # fmt: skip
     mon.close()
     acc.save_state(str(run / "checkpoint-99"))  # after close(): the hook is gone, nothing recorded
     with Store(run / "memwatch" / "memwatch.sqlite") as store:

@@ -628,17 +628,43 @@ class ProbeSession:
             result.evidence.append(str(grid.relative_to(self.output_dir)))
 
     def keep_advice(self) -> str:
-        """What to keep when a warning fires now: the newest checkpoint at or before the last clean step.
+        """What to keep when a warning fires now: the newest checkpoint with clean weights.
 
-        Checkpoints are looked for beside the output folder (``<run>/memwatch`` -> ``<run>/checkpoint-*``).
+        First the newest checkpoint folder, still on disk, that holds weights the probes measured at or
+        before the last clean step (a sighting in the store: ``memwatch probe``/``watch`` folders, and
+        the monitor's ``save_state`` checkpoints). Else, for checkpoints saved without ``save_state``,
+        the newest ``checkpoint-<step>`` beside the output folder saved by the last clean step, said to
+        be matched by step only.
         """
         if self.last_clean_step is None:
             return "the weights from before training (no clean probe yet)"
+        try:
+            path = self._last_clean_sighting()
+        except Exception as e:  # the advice is a courtesy: a store that cannot be read leaves the fallback
+            log.debug("memwatch: clean checkpoints not read: %s", failure_reason(e))
+            path = None
+        if path is not None:
+            return f"{path} (the last clean checkpoint)"
         run_dir = self.output_dir.parent
-        path = last_clean_checkpoint(run_dir, self.last_clean_step)
-        if path is None:
+        guess = last_clean_checkpoint(run_dir, self.last_clean_step)
+        if guess is None:
             return f"the model as of step {self.last_clean_step} (no checkpoint saved by then in {run_dir})"
-        return f"{path} (the last clean checkpoint)"
+        return f"{guess} (saved by step {self.last_clean_step}, the last clean probe; matched by step, not by weights)"
+
+    def _last_clean_sighting(self) -> str | None:
+        """The newest checkpoint folder on disk whose weights were probed at or before the last clean step."""
+        if self.store is None or self.last_clean_step is None:
+            return None
+        probed = {r["snapshot_id"] for r in self.store.results(self.run_id) if r["status"] == "ok"}
+        seen = [
+            (g["step"], g["path"])
+            for snap in self.store.snapshots(self.run_id)
+            if snap["id"] in probed and snap["step"] <= self.last_clean_step
+            for g in snap["sightings"]
+            if g["kind"] == "checkpoint" and g["path"] and g["step"] <= self.last_clean_step
+        ]
+        kept = [(step, path) for step, path in seen if Path(path).is_dir()]
+        return max(kept)[1] if kept else None
 
     def _track(self, step: int, flat: dict[str, float], events: list[Event]) -> None:
         """Update onset, at-risk, first alarm and last clean step from one probed step."""
