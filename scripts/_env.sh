@@ -22,8 +22,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "Installing memwatch and its dependencies into .venv (first run downloads torch; a few minutes) ..." >&2
   # pip's own chatter goes to a log; it is shown only when the install fails.
   # torch goes first, on its own: pip keeps every wheel it downloads until its install ends, and torch's
-  # CUDA libraries are 2.7 GB of wheels for 5 GB installed. In one step the install needs 9.8 GB of disk
-  # at its peak, in two 7.9 GB (measured 2026-12-01, fresh venv, empty pip cache); CI ran out of disk in one.
+  # CUDA libraries are 2.6 GiB of wheels for 5 GiB installed. In one step the install needs 9.5 GiB of disk
+  # at its peak, in two 7.7 GiB (measured 2026-12-01, fresh venv, empty pip cache); CI ran out of disk in one.
   if ! { .venv/bin/python -m pip install -c constraints.txt torch \
       && .venv/bin/python -m pip install -c constraints.txt -e ".[all,test]"; } > .venv/install.log 2>&1; then
     tail -n 40 .venv/install.log >&2
