@@ -29,3 +29,4 @@ monitor = MemorizationMonitor(
 monitor.step(4, model, DDPMScheduler(num_train_timesteps=1000))
 monitor.close()
 acc.wait_for_everyone()
+acc.end_training()  # as a training script ends: destroys the process group before the interpreter exits

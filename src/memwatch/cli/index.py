@@ -89,4 +89,5 @@ def run(args: argparse.Namespace) -> int:
             f"search {search.describe()['kind']}: {state_note[kept]}"
         )
     state.wait_for_everyone()
+    state.destroy_process_group()  # as accelerator.end_training() does: no rank exits with gloo's threads running
     return 0

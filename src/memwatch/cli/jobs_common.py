@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +45,34 @@ def load_job_configs(paths: list[str], runs: int) -> list[Any]:
     return configs * runs if len(configs) == 1 else configs
 
 
-def launched_workers() -> Any:
+@contextlib.contextmanager
+def launched_workers() -> Iterator[Any]:
     """The processes started by ``accelerate launch`` (several: WORLD_SIZE > 1), else this one alone.
 
-    Without GPUs the processes talk over gloo on the CPU (``PartialState(cpu=True)``).
+    Without GPUs the processes talk over gloo on the CPU (``PartialState(cpu=True)``). Several
+    processes end together, as ``accelerator.end_training()`` ends a training script: a barrier, then
+    the process group is destroyed, so no rank exits with the group's threads still running. An error
+    leaves at once (no barrier it could wait in forever).
+
+    Example:
+        >>> with launched_workers() as workers:
+        ...     workers.is_main
+        True
     """
     import os
 
     from memwatch.workers import Workers
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return Workers()
+        yield Workers()
+        return
     import torch
     from accelerate import PartialState
 
-    return Workers.from_accelerator(PartialState(cpu=not torch.cuda.is_available()))
+    state = PartialState(cpu=not torch.cuda.is_available())
+    yield Workers.from_accelerator(state)
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def finish(reports: list, args: argparse.Namespace) -> int:

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from memwatch.jobs import probe_run_dir
 
     configs = load_job_configs(args.config, len(args.run_dirs))
-    workers = launched_workers()
-    reports = [
-        probe_run_dir(d, c, wait=args.wait, workers=workers) for d, c in zip(args.run_dirs, configs, strict=True)
-    ]
+    with launched_workers() as workers:
+        reports = [
+            probe_run_dir(d, c, wait=args.wait, workers=workers) for d, c in zip(args.run_dirs, configs, strict=True)
+        ]
     return finish(reports, args) if workers.is_main else 0  # the main process alone reports

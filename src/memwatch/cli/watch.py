@@ -44,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise MemwatchError(f"--{name.replace('_', '-')} {value}: give a number of seconds >= 0")
-    workers = launched_workers()
-    report = watch_run_dir(
-        args.run_dir,
-        config,
-        quiet_period=args.quiet_period,
-        poll=args.poll,
-        idle_timeout=args.idle_timeout,
-        end_quiet=args.end_quiet,
-        workers=workers,
-    )
+    with launched_workers() as workers:
+        report = watch_run_dir(
+            args.run_dir,
+            config,
+            quiet_period=args.quiet_period,
+            poll=args.poll,
+            idle_timeout=args.idle_timeout,
+            end_quiet=args.end_quiet,
+            workers=workers,
+        )
     return finish([report], args) if workers.is_main else 0  # the main process alone reports
