@@ -311,6 +311,7 @@ def test_failures_on_one_process_reach_all_without_a_hang(train_holdout, tmp_pat
         " reference=sys.argv[1], holdout=sys.argv[2], output_dir=sys.argv[3], probes=[RankOne(every=4)])\n"
         "m.step(4, acc.prepare(tiny_unet()), DDPMScheduler())\n"
         "m.close()\n"
+        "acc.end_training()\n"  # as a training script ends: no rank exits with the process group alive
     )
     cmd = accelerate_launch(2, 29610, script, str(train_dir), str(holdout_dir), str(tmp_path / "mw"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
