@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.faces import PORTRAITS, aligned_morph, pil_tensor, plain_average, portrait, small_copy  # noqa: E402
 
 from memwatch.cli import main as memwatch  # noqa: E402
+from memwatch.data.refset import load_reference_set  # noqa: E402
 from memwatch.faces import IdentityConfig, build_gallery, load_face_pipeline  # noqa: E402
-from memwatch.refset import load_reference_set  # noqa: E402
 
 GALLERY = ["obama_2012_official", "obama_blue_room", "biden_2013_official", "biden_blue_room"]
 #: (image side, face width as a share of it)

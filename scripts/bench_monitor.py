@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from memwatch.demo import DEMO_STEPS, DEMO_TRAINING_ARGS, _load_script, find_checkout
+from memwatch.demo.run import DEMO_STEPS, DEMO_TRAINING_ARGS, _load_script, find_checkout
 
 
 def run(script, root: Path, out: Path, config: Path, steps: int) -> tuple[float, dict]:
@@ -52,8 +52,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         off, defaults = tmp / "off.yaml", tmp / "defaults.yaml"
-        disabled = {name: {"every": 0} for name in ("membership", "regurgitation", "forecast")}
-        off.write_text(yaml.safe_dump({"run_name": "bench-off", "probes": disabled}))
+        disabled = {"sampling": {"every": 0}, "probes": {"membership": {"every": 0}}}
+        off.write_text(yaml.safe_dump({"run_name": "bench-off", **disabled}))
         defaults.write_text(yaml.safe_dump({"run_name": "bench-defaults"}))
         default_s, default = run(script, root, tmp / "defaults", defaults, args.steps)
         on_s, on = run(script, root, tmp / "on", root / "configs" / "demo.yaml", args.steps)

@@ -3,11 +3,11 @@
 
 Two parts; each prints a Markdown table for docs/benchmarks.md.
 
-``--exact`` (the default without ``--large``): exact chunked search (memwatch.neighbours.knn) in pixel
+``--exact`` (the default without ``--large``): exact chunked search (memwatch.search.exact.knn) in pixel
 space, Q samples against R reference images (32x32x3 pixel vectors), time and the largest distance
 block held at once (chunking bounds it at Q x chunk whatever R is).
 
-``--large``: the FAISS indexes of memwatch.vector_index on 1,000,000 synthetic 512-D embeddings (CLIP's
+``--large``: the FAISS indexes of memwatch.search.index on 1,000,000 synthetic 512-D embeddings (CLIP's
 width): unit vectors drawn around 20,000 random centres (a clustered set, as image embeddings are),
 1,024 queries of two kinds: near copies of reference rows (a sample that copies a training image, the
 case memwatch must not miss) and fresh draws from the same clusters. Ground truth is FAISS's exact flat
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.neighbours import knn
+from memwatch.search.exact import knn
 
 
 def exact_table(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def recall(found: torch.Tensor, truth: np.ndarray, k: int) -> float:
 def large_table(args: argparse.Namespace) -> None:
     import faiss
 
-    from memwatch.vector_index import FaissSearch
+    from memwatch.search.index import FaissSearch
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.centres, args.dim), dtype=np.float32)

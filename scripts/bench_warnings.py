@@ -19,9 +19,9 @@ scikit-learn's handwritten digits (1,797 images of 8x8, upsampled; sizes above 2
 Each run also gets 32 held-out images of the same family (the membership probe).
 
 Which images (``--canaries 2 4 8``): some training images are planted as duplicates (byte copies, each
-level once per run; :mod:`memwatch.canaries`), and the dense truth records every seed's nearest training
+level once per run; :mod:`memwatch.frontends.canaries`), and the dense truth records every seed's nearest training
 image, so each image's true first copy is known. Per memorizing run: the Spearman correlation between
-memwatch's image ranking at half the onset step (:mod:`memwatch.image_risk`, from the monitor's own
+memwatch's image ranking at half the onset step (:mod:`memwatch.signals.image_risk`, from the monitor's own
 probes up to then) and the true order of first copies; the precision of its top-k against the first k
 images copied (k = 5, or fewer when fewer were copied); for each canary, its first copy and when memwatch
 first put it at risk, against the onset.
@@ -118,7 +118,7 @@ def write_sets(spec: RunSpec, run_dir: Path) -> tuple[Path, Path]:
         for i, k in enumerate(picks):
             pool[int(k)].save(folder / f"{i:04d}_{spec.family}{int(k):04d}.png")
     if spec.canaries:
-        from memwatch.canaries import plant_canaries
+        from memwatch.frontends.canaries import plant_canaries
 
         plant_canaries(source, train, levels=spec.canaries, seed=spec.seed, manifest=run_dir / "canaries.json")
     return train, holdout
@@ -135,11 +135,12 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from memwatch import MemorizationMonitor
+    from memwatch.data.reference_index import ReferenceIndex
+    from memwatch.data.refset import load_reference_set
     from memwatch.embedders.pixel import PixelEmbedder
-    from memwatch.neighbours import ReferenceIndex
     from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_probe
-    from memwatch.refset import load_reference_set
-    from memwatch.sampling import generate_samples
+    from memwatch.sampling.ddim import generate_samples
+    from memwatch.sampling.plan import SamplingSettings
 
     torch.set_num_threads(1)
     run_dir = Path(spec.out) / spec.name
@@ -150,6 +151,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     images = torch.stack([_tensor(it.path) for it in refs.items])  # [0, 1]
     index = ReferenceIndex(refs, PixelEmbedder(RESOLUTION), None)
     regurgitation = RegurgitationConfig()
+    inference_steps = SamplingSettings().inference_steps
 
     torch.manual_seed(spec.seed)
     model = UNet2DModel(
@@ -191,7 +193,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         if step % spec.dense_every == 0:
             d0 = time.perf_counter()
             samples = generate_samples(model, scheduler, range(spec.dense_samples),
-                                       num_inference_steps=regurgitation.inference_steps, batch_size=64)  # fmt: skip
+                                       num_inference_steps=inference_steps, batch_size=64)  # fmt: skip
             result = regurgitation_probe(samples, index, regurgitation, seeds=list(range(spec.dense_samples)))
             ratios = [m["ratio"] for m in result.matches]
             frac = result.metrics["mem_fraction"]
@@ -240,7 +242,7 @@ def _tensor(path: Path) -> Any:
 
 def warnings_of(run_dir: Path) -> list[dict[str, Any]]:
     """The monitor's stored events of severity warning or above, in step order."""
-    from memwatch.rules import severity_at_least
+    from memwatch.signals.rules import severity_at_least
     from memwatch.store import Store
 
     store_path = run_dir / "memwatch" / "memwatch.sqlite"
@@ -288,11 +290,11 @@ def image_check(run_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
     (Spearman, top-k precision), and each canary's true first copy and first at-risk step."""
     from scipy.stats import spearmanr
 
-    from memwatch.canaries import check_canaries
-    from memwatch.history import load_history
-    from memwatch.image_risk import image_trajectories, rank_images
-    from memwatch.refset import load_reference_set
+    from memwatch.data.refset import load_reference_set
+    from memwatch.frontends.canaries import check_canaries
+    from memwatch.signals.image_risk import image_trajectories, rank_images
     from memwatch.store import Store
+    from memwatch.store.history import load_history
 
     truth, onset = data["truth"], data["onset_step"]
     store_path = run_dir / "memwatch" / "memwatch.sqlite"
@@ -357,7 +359,7 @@ def image_check(run_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
 
 def forecast_check(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """``memwatch forecast`` on the stores of all but the largest memorizing size, for the largest one."""
-    from memwatch.planning import forecast_from_stores
+    from memwatch.views.planning import forecast_from_stores
 
     memorizing = sorted({r["n"] for r in rows if r["onset_step"] is not None})
     if len(memorizing) < 3:

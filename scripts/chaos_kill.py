@@ -28,8 +28,8 @@ import torch
 import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 
-from memwatch.history import find_store, load_history
 from memwatch.store import Store
+from memwatch.store.history import find_store, load_history
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = 8
@@ -86,9 +86,9 @@ def main() -> None:
                 {
                     "reference": str(ROOT / "assets" / "demo" / "train"),
                     "holdout": str(ROOT / "assets" / "demo" / "holdout"),
+                    "sampling": {"num_samples": 16, "inference_steps": 20, "batch_size": 16},
                     "probes": {
                         "membership": {"num_members": 8, "num_holdout": 16, "timesteps": [50, 150, 300, 500]},
-                        "regurgitation": {"num_samples": 16, "inference_steps": 20, "batch_size": 16},
                     },
                     "rules": rules,
                 }

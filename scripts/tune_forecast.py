@@ -4,7 +4,7 @@
 Each run folder's ``truth.json`` holds every seed's d1/d2 at every dense step (64 seeds, every 50
 steps, the monitor's own sampler settings). The monitor's probes are the first 32 of those seeds, so
 its warnings can be replayed for any forecast setting and any cadence that falls on dense steps,
-without training again. The replay uses memwatch's own forecaster (:func:`memwatch.forecast.forecast_onset`),
+without training again. The replay uses memwatch's own forecaster (:func:`memwatch.signals.forecast.forecast_onset`),
 rule engine and adaptive cadence (without the time budget).
 
 Tune on some seeds, report on others: run ``bench_warnings.py --no-monitor --seeds 100 101`` for the
@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memwatch.cadence import Cadence, CadenceSettings
-from memwatch.forecast import forecast_onset
-from memwatch.rules import RuleEngine, parse_rules
+from memwatch.core.cadence import Cadence, CadenceSettings
+from memwatch.signals.forecast import forecast_onset
+from memwatch.signals.rules import RuleEngine, parse_rules
 
 MONITOR_SEEDS = 32
 

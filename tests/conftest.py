@@ -10,7 +10,7 @@ from diffusers import UNet2DModel
 from support.images import write_images
 from support.models import text_to_image_parts, tiny_unet
 
-from memwatch.model_parts import ModelParts
+from memwatch.models.parts import ModelParts
 
 # A script run by tests under `accelerate launch`, not a module to import.
 collect_ignore = ["support/mp_monitor_job.py"]

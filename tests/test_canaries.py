@@ -14,11 +14,11 @@ from diffusers import DDPMScheduler
 from support.demo_run import MemorizingDenoiser
 from support.images import write_images
 
-from memwatch.canaries import check_canaries, plant_canaries
 from memwatch.cli import main
-from memwatch.images import load_image
-from memwatch.monitor import MemorizationMonitor
-from memwatch.refset import load_reference_set
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
+from memwatch.frontends.canaries import check_canaries, plant_canaries
+from memwatch.frontends.monitor import MemorizationMonitor
 
 SIZE = 16
 MONITOR = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts
+from memwatch.models.parts import ModelParts
 from memwatch.probes.condnoise import (
     CondNoiseConfig,
     condnoise_evidence,
@@ -16,9 +16,9 @@ from memwatch.probes.condnoise import (
     condnoise_probe,
     condnoise_scores,
 )
-from memwatch.sampling import ddim_from, seed_noise
-from memwatch.stats import roc_auc
-from memwatch.text_to_image import encode_prompts
+from memwatch.sampling.ddim import ddim_from, seed_noise
+from memwatch.sampling.text_to_image import encode_prompts
+from memwatch.signals.stats import roc_auc
 
 FAST = {"num_inference_steps": 10, "num_generations": 2}
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from memwatch.cli import main
-from memwatch.config import defaults_yaml, load_config
+from memwatch.core.config import defaults_yaml, load_config
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import MembershipConfig
 from memwatch.settings import declarations
@@ -53,7 +53,8 @@ def test_memwatch_config_prints_the_defaults_and_checks_a_file(tmp_path: Path, c
             "setting 'probes.membership.timesteps' must be a list of",
         ),
         ({"probes": {"membership": {"timesteps": []}}}, "setting 'probes.membership.timesteps' is empty"),
-        ({"probes": {"regurgitation": {"num_samples": 0}}}, "setting 'probes.regurgitation.num_samples' must be >= 1"),
+        ({"sampling": {"num_samples": 0}}, "setting 'sampling.num_samples' must be >= 1"),
+        ({"probes": {"regurgitation": {"num_samples": 0}}}, "setting 'sampling.num_samples' must be >= 1"),
         ({"probes": {"regurgitation": {"mem_ratio": "1e-3"}}}, "write 1.0e-3, with a dot"),
         (
             {"probes": {"regurgitation": {"mem_ratio": 1.5}}},
@@ -84,8 +85,10 @@ def test_bad_values_give_one_error_format(user: dict, expected: str) -> None:
 def test_custom_probe_import_errors_name_the_path() -> None:
     with pytest.raises(MemwatchError, match=r"probe 'no_such_module:Probe': cannot import no_such_module"):
         load_config({"custom_probes": ["no_such_module:Probe"]})
-    with pytest.raises(MemwatchError, match=r"probe 'memwatch.config:MonitorConfig': memwatch.config has no Probe"):
-        load_config({"custom_probes": ["memwatch.config:MonitorConfig"]})
+    with pytest.raises(
+        MemwatchError, match=r"probe 'memwatch.core.config:MonitorConfig': memwatch.core.config has no Probe"
+    ):
+        load_config({"custom_probes": ["memwatch.core.config:MonitorConfig"]})
     with pytest.raises(MemwatchError, match=r"probe name\(s\) \['membership'\] are used twice"):
         load_config({"custom_probes": ["memwatch.probes.membership:MembershipProbe"]})
 

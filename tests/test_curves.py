@@ -1,4 +1,4 @@
-"""Tests for memwatch.curves: CSV tables and plots drawn from a real store."""
+"""Tests for memwatch.views.curves: CSV tables and plots drawn from a real store."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from memwatch import curves
-from memwatch.curves import curves_figure, format_written, seeds_figure, write_curves
+from memwatch.core.declared import load_run
+from memwatch.core.probe import ProbeResult
 from memwatch.errors import MemwatchError
-from memwatch.headline import headline_figure, key_steps
-from memwatch.history import RunHistory, find_store, load_history, training_images
-from memwatch.probes.base import ProbeResult
 from memwatch.store import Store
+from memwatch.store.history import RunHistory, find_store, load_history, training_images
+from memwatch.views import curves, plotting
+from memwatch.views.curves import curves_figure, format_written, seeds_figure, write_curves
+from memwatch.views.headline import headline_figure, key_steps
 
 MEM_RATIO = 0.3  # not the default 1/3, so the test sees that the run's own setting is used
 RULES = [
@@ -200,7 +201,7 @@ def test_image_risk_ranks_copied_images_by_first_copy(run_dir: Path) -> None:
 
 
 def test_images_figure_puts_the_most_at_risk_on_top(run_dir: Path) -> None:
-    from memwatch.image_risk import image_trajectories, rank_images
+    from memwatch.signals.image_risk import image_trajectories, rank_images
 
     with Store(find_store(run_dir)) as store:
         data = load_history(store)
@@ -244,11 +245,14 @@ def test_pngs_are_valid_with_one_panel_per_metric(run_dir: Path) -> None:
         im.load()
         # Three metrics: one row of three panels, each PANEL_SIZE_IN at DPI.
         assert im.format == "PNG"
-        assert im.size == (round(3 * curves.PANEL_SIZE_IN[0] * curves.DPI), round(curves.PANEL_SIZE_IN[1] * curves.DPI))
+        assert im.size == (
+            round(3 * curves.PANEL_SIZE_IN[0] * plotting.DPI),
+            round(curves.PANEL_SIZE_IN[1] * plotting.DPI),
+        )
         assert "Software" not in im.info
     with Image.open(paths["seeds.png"]) as im:
         im.load()
-        assert im.format == "PNG" and im.size[0] == round(curves.HEATMAP_WIDTH_IN * curves.DPI)
+        assert im.format == "PNG" and im.size[0] == round(curves.HEATMAP_WIDTH_IN * plotting.DPI)
 
 
 def test_curves_figure_draws_thresholds_events_and_forecast(run_dir: Path) -> None:
@@ -285,7 +289,7 @@ def test_seeds_figure_marks_memorized_cells_and_first_copy(run_dir: Path) -> Non
     from matplotlib.patches import Rectangle
 
     with Store(find_store(run_dir)) as store:
-        data = load_history(store)
+        data = load_run(store)
     assert data.mem_ratio == MEM_RATIO
     fig = seeds_figure(data)
     heat = fig.axes[0]
@@ -354,8 +358,8 @@ def test_run_without_regurgitation_single_point_and_nan(tmp_path: Path) -> None:
     with Image.open(paths["curves.png"]) as im:
         im.load()  # two panels: the metrics never finite (NaN, inf) are named, not drawn
         assert im.size == (
-            round(2 * curves.PANEL_SIZE_IN[0] * curves.DPI),
-            round(1 * curves.PANEL_SIZE_IN[1] * curves.DPI),
+            round(2 * curves.PANEL_SIZE_IN[0] * plotting.DPI),
+            round(1 * curves.PANEL_SIZE_IN[1] * plotting.DPI),
         )
     with Image.open(paths["headline.png"]) as im:
         im.load()

@@ -18,16 +18,16 @@ from support.images import write_images
 from support.models import tiny_unet, train, train_unconditional_like
 
 from memwatch.cli import main
-from memwatch.config import load_config
+from memwatch.core.config import load_config
+from memwatch.core.probe import Probe, ProbeContext, ProbeResult, ProbeSettings
+from memwatch.core.session import ProbeSession
+from memwatch.data.refset import load_reference_set
 from memwatch.embedders.base import Embedder
-from memwatch.history import find_store, load_history
-from memwatch.monitor import MemorizationMonitor
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
-from memwatch.refset import load_reference_set
-from memwatch.session import ProbeSession
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.settings import setting
 from memwatch.snapshots import load_snapshot
 from memwatch.store import Store
+from memwatch.store.history import find_store, load_history
 
 OFF = {"membership": {"every": 0}, "regurgitation": {"every": 0}}
 

@@ -16,12 +16,12 @@ from support.faces import face_state_dict, resize_square, rgb_tensor
 from support.models import train, train_unconditional_like
 
 from memwatch.cli import main
-from memwatch.config import load_config
-from memwatch.curves import write_curves
-from memwatch.images import tensor_to_pil
-from memwatch.jobs import probe_run_dir
-from memwatch.monitor import MemorizationMonitor
+from memwatch.core.config import load_config
+from memwatch.data.images import tensor_to_pil
+from memwatch.frontends.jobs import probe_run_dir
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.store import Store
+from memwatch.views.curves import write_curves
 
 pytest.importorskip("facenet_pytorch", reason="the identity probe needs facenet-pytorch (memwatch[faces])")
 

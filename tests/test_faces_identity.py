@@ -19,6 +19,7 @@ from memwatch.faces import (
     IdentityConfig,
     calibrate_threshold,
     cluster_identities,
+    documented_threshold,
     gallery_from_embeddings,
     identity_from_embeddings,
     match_faces,
@@ -197,7 +198,7 @@ def test_probe_metrics_and_items(world: dict) -> None:
     assert m["identity_pairs_interpolated"] == 1
     assert m["identity_leak_baseline"] == pytest.approx(0.1)
     assert m["identity_leak_excess"] == pytest.approx(3 / 7 - 0.1)
-    assert m["threshold_calibrated"] == 0.0 and m["identity_threshold"] == config.documented_threshold == 0.45
+    assert m["threshold_calibrated"] == 0.0 and m["identity_threshold"] == documented_threshold(config) == 0.45
     assert m["gallery_identities"] == 8 and m["gallery_faces"] == 32
     items = result.items
     assert [it["seed"] for it in items] == seeds and [it["sample"] for it in items] == [str(s) for s in seeds]
@@ -240,7 +241,7 @@ def test_too_few_impostor_pairs_fall_back_and_say_so() -> None:
     scores = 0.1 * torch.randn(500, generator=torch.Generator().manual_seed(0))
     cal = calibrate_threshold(scores, IdentityConfig(matcher="vggface2"))  # 500 < 1 / 1e-4 pairs
     assert not cal.calibrated and cal.source == "fallback"
-    assert cal.threshold == IdentityConfig(matcher="vggface2").documented_threshold == 0.45
+    assert cal.threshold == documented_threshold(IdentityConfig(matcher="vggface2")) == 0.45
     assert "500 impostor pairs" in cal.reason
     assert cal.metrics()["threshold_calibrated"] == 0.0
     fixed = calibrate_threshold(scores, IdentityConfig(matcher="vggface2", threshold=0.6))

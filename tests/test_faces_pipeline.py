@@ -19,12 +19,12 @@ from safetensors.torch import save_file
 from skimage import data
 from support.faces import face_state_dict, resize_square, rgb_tensor
 
-from memwatch.embed_cache import EmbeddingCache
+from memwatch.data.embed_cache import EmbeddingCache
+from memwatch.data.images import load_image, tensor_to_pil
+from memwatch.data.refset import load_reference_set
 from memwatch.errors import MemwatchError
 from memwatch.faces import FaceMatcher, IdentityConfig, build_gallery, identity_probe, load_face_pipeline
 from memwatch.faces.embed import weights_file_name
-from memwatch.images import load_image, tensor_to_pil
-from memwatch.refset import load_reference_set
 
 pytest.importorskip("facenet_pytorch", reason="the identity probe needs facenet-pytorch (memwatch[faces])")
 

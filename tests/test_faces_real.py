@@ -120,7 +120,7 @@ def test_score_names_copies_blends_and_strangers(faces, tmp_path: Path, capsys) 
 
 def test_the_faces_demo_runs_its_recipe_with_the_identity_probe(tmp_path: Path) -> None:
     """`memwatch demo --faces`, cut to 100 steps (one probe): the crops, labels, gallery and identity metrics."""
-    from memwatch.demo import FACES_CROPS, people_leaked, run_demo
+    from memwatch.demo.run import FACES_CROPS, people_leaked, run_demo
     from memwatch.store import Store
 
     out = tmp_path / "demo-faces"

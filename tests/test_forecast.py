@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memwatch.cadence import Cadence, CadenceSettings
+from memwatch.core.cadence import Cadence, CadenceSettings
 from memwatch.errors import MemwatchError
-from memwatch.forecast import fit_line, forecast_onset
 from memwatch.probes.membership import loss_turn
-from memwatch.rules import RuleEngine, parse_rules
+from memwatch.signals.forecast import fit_line, forecast_onset
+from memwatch.signals.rules import RuleEngine, parse_rules
 
 FORECAST_RULE = {
     "name": "onset-forecast",
@@ -185,11 +185,11 @@ def test_cadence_keeps_probing_within_its_budget(budget: float) -> None:
 
 
 def test_a_snapshot_with_only_a_forecast_warning_is_at_risk_not_clean(tmp_path: Path) -> None:
-    from memwatch.config import load_config
-    from memwatch.probes.base import ProbeResult
-    from memwatch.report.build import build_report
-    from memwatch.rules import Event
+    from memwatch.core.config import load_config
+    from memwatch.core.probe import ProbeResult
+    from memwatch.signals.rules import Event
     from memwatch.store import STORE_NAME, Store
+    from memwatch.views.report.build import build_report
 
     config = load_config(None).raw  # the default rules, onset-forecast among them
     forecast_rule = next(r for r in config["rules"] if r["type"] == "forecast")
@@ -217,7 +217,7 @@ def test_a_snapshot_with_only_a_forecast_warning_is_at_risk_not_clean(tmp_path: 
 
 
 def test_the_default_warning_names_the_training_images_the_samples_come_closest_to() -> None:
-    from memwatch.probes.base import ProbeResult
+    from memwatch.core.probe import ProbeResult
     from memwatch.probes.forecast import ForecastProbe
 
     probe = ForecastProbe()

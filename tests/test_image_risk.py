@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from memwatch.image_risk import image_trajectories, rank_images
+from memwatch.signals.image_risk import image_trajectories, rank_images
 
 STEPS = list(range(100, 700, 100))
 

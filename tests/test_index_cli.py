@@ -12,10 +12,10 @@ from support.images import write_images
 from support.models import accelerate_launch
 
 from memwatch.cli import main
-from memwatch.embed_cache import EmbeddingCache, embed_items
+from memwatch.data.embed_cache import EmbeddingCache, embed_items
+from memwatch.data.reference_index import ReferenceIndex
+from memwatch.data.refset import load_reference_set
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.neighbours import ReferenceIndex
-from memwatch.refset import load_reference_set
 
 
 @pytest.fixture

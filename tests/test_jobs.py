@@ -15,8 +15,8 @@ from support.images import write_images
 from support.models import train_unconditional_like
 
 from memwatch.cli import main
-from memwatch.config import load_config
-from memwatch.jobs import discover_snapshots, probe_run_dir, run_lock, watch_run_dir
+from memwatch.core.config import load_config
+from memwatch.frontends.jobs import discover_snapshots, probe_run_dir, run_lock, watch_run_dir
 from memwatch.store import Store
 
 

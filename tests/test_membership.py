@@ -19,7 +19,7 @@ from memwatch.probes.membership import (
     membership_probe,
     noise_seed_for,
 )
-from memwatch.stats import roc_auc, tpr_at_fpr
+from memwatch.signals.stats import roc_auc, tpr_at_fpr
 
 TIMESTEPS = [50, 150, 300, 500]
 # Overfitting run for the end-to-end check: ~1-2 s on 2 idle cores; 100 Adam steps on 4 random

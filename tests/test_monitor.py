@@ -15,9 +15,10 @@ from diffusers.training_utils import EMAModel
 from support.models import FAST_MONITOR as FAST
 from support.models import accelerate_launch, tiny_unet, train
 
-from memwatch.monitor import MemorizationMonitor
-from memwatch.report.build import build_report
+from memwatch.core.outputs import Output
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.store import Store
+from memwatch.views.report.build import build_report
 
 
 class ListTracker(GeneralTracker):
@@ -259,3 +260,39 @@ def test_two_processes_give_the_same_metrics_as_one(train_holdout, tmp_path: Pat
     for key in m1:
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6, nan_ok=True), key
     assert nn1 == nn2
+
+
+class Pager(Output):
+    """An output of a user's own: it pages on warnings and counts the probed steps; its second page fails."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.pages: list[str] = []
+
+    def metrics(self, values: dict, step: int) -> None:
+        self.steps.append(step)
+
+    def event(self, event) -> None:
+        if event.severity != "info":
+            self.pages.append(f"{event.rule}@{event.step}")
+            if len(self.pages) > 1:
+                raise ConnectionError("the pager service is down")
+
+
+def test_an_output_of_yours_hears_every_step_and_event(train_holdout, tmp_path: Path, caplog) -> None:
+    train_dir, _ = train_holdout
+    acc = Accelerator(cpu=True)
+    pager = Pager()
+    rules = [
+        {"name": "sampled", "type": "first", "metric": "regurgitation/num_samples", "op": ">", "value": 0,
+         "severity": "warning", "message": "step {step}: sampled"},
+        {"name": "still-sampled", "type": "threshold", "metric": "regurgitation/num_samples", "op": ">", "value": 0,
+         "for": 2, "severity": "critical", "message": "step {step}: sampled again"},
+    ]  # fmt: skip
+    with MemorizationMonitor(acc, {**FAST, "rules": rules}, reference=train_dir, output_dir=tmp_path / "mw",
+                             outputs=[pager]) as monitor:  # fmt: skip
+        train(acc, train_dir, 9, monitor=monitor)
+    assert pager.steps == [4, 8, 9]  # every probed step (the fixed cadence every 4, and the last at close)
+    assert pager.pages == ["sampled@4", "still-sampled@8"]  # the failing second page did not stop training
+    assert "output Pager raised ConnectionError: the pager service is down" in caplog.text
+    assert [e.rule for e in monitor.events] == ["sampled", "still-sampled"]  # the store and the others had them

@@ -1,7 +1,7 @@
 import torch
 
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.neighbours import knn
+from memwatch.search.exact import knn
 
 
 def brute_force(q: torch.Tensor, r: torch.Tensor, k: int, dist) -> tuple[torch.Tensor, torch.Tensor]:

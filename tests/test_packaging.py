@@ -17,15 +17,15 @@ def test_the_wheel_carries_the_demo_and_an_installed_package_finds_it(tmp_path: 
     (wheel,) = (tmp_path / "dist").glob("memwatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {
-        Path(n).relative_to("memwatch/demo_assets").as_posix() for n in names if n.startswith("memwatch/demo_assets/")
+        Path(n).relative_to("memwatch/demo/assets").as_posix() for n in names if n.startswith("memwatch/demo/assets/")
     }
     in_checkout = {
         p.relative_to(ROOT / "assets" / "demo").as_posix() for p in (ROOT / "assets" / "demo").rglob("*") if p.is_file()
     }
     assert shipped == in_checkout  # every image and the licence
-    portraits = {n.removeprefix("memwatch/demo_portraits/") for n in names if n.startswith("memwatch/demo_portraits/")}
+    portraits = {n.removeprefix("memwatch/demo/portraits/") for n in names if n.startswith("memwatch/demo/portraits/")}
     assert portraits == {p.name for p in (ROOT / "assets" / "faces").iterdir()}  # photos, licence, manifest
-    assert {"memwatch/demo_train.py", "memwatch/configs/demo.yaml", "memwatch/configs/demo_faces.yaml"} <= names
+    assert {"memwatch/demo/train_ddpm.py", "memwatch/configs/demo.yaml", "memwatch/configs/demo_faces.yaml"} <= names
 
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True,
@@ -33,16 +33,17 @@ def test_the_wheel_carries_the_demo_and_an_installed_package_finds_it(tmp_path: 
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
     probe = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from memwatch.demo import demo_files; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+        "from memwatch.demo.run import demo_files; "
         "f = demo_files(Path.cwd()); print(f.assets, f.script, f.runs, f.faces, f.faces_config, sep='\\n')"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=elsewhere, check=True, capture_output=True,
                          text=True, timeout=120).stdout.split()  # fmt: skip
     assert out == [
-        str(site / "memwatch" / "demo_assets"),
-        str(site / "memwatch" / "demo_train.py"),
+        str(site / "memwatch" / "demo" / "assets"),
+        str(site / "memwatch" / "demo" / "train_ddpm.py"),
         str(elsewhere / "runs"),
-        str(site / "memwatch" / "demo_portraits"),
+        str(site / "memwatch" / "demo" / "portraits"),
         str(site / "memwatch" / "configs" / "demo_faces.yaml"),
     ]
-    assert len(list((site / "memwatch" / "demo_assets" / "train").glob("*.png"))) == 8
+    assert len(list((site / "memwatch" / "demo" / "assets" / "train").glob("*.png"))) == 8

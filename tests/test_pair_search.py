@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from memwatch.embedders.base import Embedder
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.pair_search import _exact_all_pairs, similar_pairs
+from memwatch.search.pairs import _exact_all_pairs, similar_pairs
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:

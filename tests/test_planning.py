@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from memwatch.cli import main
+from memwatch.core.probe import ProbeResult
 from memwatch.errors import MemwatchError
-from memwatch.planning import fit_onset_law, pilot_from_store
-from memwatch.probes.base import ProbeResult
 from memwatch.store import STORE_NAME, Store
+from memwatch.views.planning import fit_onset_law, pilot_from_store
 
 
 def pilot(

@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 from support.images import smooth_image, write_images
 
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
-from memwatch.images import load_image
-from memwatch.refset import load_reference_set
 
 
 def test_folder_is_recursive_sorted_and_hashed(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ import torch
 from support.images import write_images
 
 from memwatch.cli import main
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
 from memwatch.hashing import sha256_bytes
-from memwatch.images import load_image
-from memwatch.refset import load_reference_set
 
 pa = pytest.importorskip("pyarrow", reason="the parquet and arrow forms need pyarrow (memwatch[data])")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -161,7 +161,7 @@ def test_score_and_probe_run_on_a_saved_dataset_and_on_shards(folder: Path, tmp_
         by_sample = {m["sample"]: m for m in json.loads(out.read_text())["matches"]}
         assert by_sample["img001.png"]["memorized"] and by_sample["img004.png"]["memorized"]
         assert not by_sample["img070.png"]["memorized"]
-    from memwatch.report import build_report
+    from memwatch.views.report import build_report
 
     trained = tmp_path / "trained"
     train_unconditional_like(trained, folder, steps=2, every=2)

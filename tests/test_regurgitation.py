@@ -6,16 +6,16 @@ import torch
 from PIL import Image
 from support.images import smooth_image, write_images
 
-from memwatch.embed_cache import EmbeddingCache
+from memwatch.data.embed_cache import EmbeddingCache
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.images import load_image
 from memwatch.probes.regurgitation import (
     ReferenceIndex,
     RegurgitationConfig,
     memorized_evidence,
     regurgitation_probe,
 )
-from memwatch.refset import load_reference_set
 
 
 @pytest.fixture

@@ -33,17 +33,17 @@ from support.images import smooth_image, write_images
 from support.models import FAST_MONITOR, accelerate_launch, tiny_unet, train, train_unconditional_like
 
 from memwatch.cli import main
-from memwatch.config import load_config
+from memwatch.core.config import load_config
+from memwatch.core.probe import Probe, ProbeResult
+from memwatch.core.session import ProbeSession
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
 from memwatch.errors import MemwatchError
-from memwatch.history import find_store, load_history
-from memwatch.images import load_image
-from memwatch.jobs import probe_run_dir, run_lock
-from memwatch.monitor import MemorizationMonitor
-from memwatch.probes.base import Probe, ProbeResult
-from memwatch.refset import load_reference_set
-from memwatch.report import build_report
-from memwatch.session import ProbeSession
+from memwatch.frontends.jobs import probe_run_dir, run_lock
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.store import SCHEMA_VERSION, Store
+from memwatch.store.history import find_store, load_history
+from memwatch.views.report import build_report
 
 MEMBERSHIP_ONLY = {"probes": {**FAST_MONITOR["probes"], "regurgitation": {"every": 0}}}
 
@@ -268,7 +268,7 @@ def test_a_full_disk_does_not_stop_training_and_says_so(train_holdout, tmp_path:
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from accelerate import Accelerator\n"
         "from support.models import FAST_MONITOR, train\n"
-        "from memwatch.monitor import MemorizationMonitor\n"
+        "from memwatch.frontends.monitor import MemorizationMonitor\n"
         "acc = Accelerator(cpu=True)\n"
         "ref, hold, out = sys.argv[1:4]\n"
         "m = MemorizationMonitor(acc, FAST_MONITOR, reference=ref, holdout=hold, output_dir=out)\n"
@@ -297,8 +297,8 @@ def test_failures_on_one_process_reach_all_without_a_hang(train_holdout, tmp_pat
         "from accelerate import Accelerator\n"
         "from diffusers import DDPMScheduler\n"
         "from support.models import tiny_unet\n"
-        "from memwatch.monitor import MemorizationMonitor\n"
-        "from memwatch.probes.base import Probe, ProbeResult\n"
+        "from memwatch.frontends.monitor import MemorizationMonitor\n"
+        "from memwatch.core.probe import Probe, ProbeResult\n"
         "class RankOne(Probe):\n"
         "    name, metrics = 'rank_one', ('x',)\n"
         "    def compute(self, ctx):\n"
@@ -422,7 +422,7 @@ def test_a_checkpoint_deleted_before_hashing_is_counted_not_failed(
 ) -> None:
     import shutil
 
-    import memwatch.jobs as jobs
+    import memwatch.frontends.jobs.prober as jobs
 
     real = jobs.snapshot_sha256
 
@@ -711,7 +711,7 @@ def test_hostile_names_are_escaped_in_the_report(tmp_path: Path) -> None:
     session = ProbeSession(config, load_reference_set(folder), None, tmp_path / "out")
     session.probe(1, tiny_unet(), DDPMScheduler())
     session.close()
-    from memwatch.report import render_html
+    from memwatch.views.report import render_html
 
     report = build_report(tmp_path / "out")
     page = render_html(report)

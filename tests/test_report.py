@@ -1,4 +1,4 @@
-"""Tests for memwatch.report: the audit report built from a run's store.
+"""Tests for memwatch.views.report: the audit report built from a run's store.
 
 Two kinds of runs:
 
@@ -30,13 +30,13 @@ from support.demo_run import DEMO_CONFIG, MEMORIZING_STEPS, PLANTED_ID, SIZE, TR
 from support.images import smooth_image, write_images
 from support.schema import schema_errors
 
+from memwatch.core.probe import ProbeResult
+from memwatch.data.images import load_image
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
-from memwatch.images import load_image
-from memwatch.probes.base import ProbeResult
-from memwatch.report import build_report, render_html, report_json, report_schema, sources, write_report
-from memwatch.report.build import VERDICT_DEFINITION, wilson_interval
 from memwatch.store import STORE_NAME, Store
+from memwatch.views.report import build_report, render_html, report_json, report_schema, sources, write_report
+from memwatch.views.report.build import VERDICT_DEFINITION, wilson_interval
 
 DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
 
@@ -92,7 +92,7 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
     later = snaps[(MEMORIZING_STEPS[1], "live")]["reasons"]
     assert [(r["source"], r["rule"], r["step"]) for r in later] == [("event", "mem-fraction-high", MEMORIZING_STEPS[1])]
     mf = first["mem_fraction"]
-    assert mf["memorized"] == mf["num_samples"] == DEMO_CONFIG["probes"]["regurgitation"]["num_samples"]
+    assert mf["memorized"] == mf["num_samples"] == DEMO_CONFIG["sampling"]["num_samples"]
     assert mf["ci95"] == list(wilson_interval(mf["memorized"], mf["num_samples"]))
     # every snapshot is identified by its weights: the checkpoint by its file, live ones by their tensors
     hashes = [w["weights_sha256"] for w in report["provenance"]["weights"]]
@@ -217,7 +217,9 @@ A_SEED, B_SEED = 1, 2  # a.png is smooth_image(1); b.png (not in the reference f
 
 def _hand_run(root: Path) -> Path:
     """A store written the way the front-ends write it, with known steps, matches, events and failures."""
-    from memwatch.evidence import identity_pairs, regurgitation_pairs, save_evidence_grid
+    from memwatch.core.evidence import save_evidence_grid
+    from memwatch.probes.identity import identity_pairs
+    from memwatch.probes.regurgitation import regurgitation_pairs
 
     refs, elsewhere, out = root / "refs", root / "elsewhere", root / "out" / "memwatch"
     write_images(refs, [A_SEED], size=SIZE, prefix="a")  # a001.png
@@ -549,7 +551,7 @@ def test_write_report_defaults_and_bad_input(hand_run: Path, tmp_path: Path) -> 
 
 
 def test_grid_rows_that_do_not_match_the_store_are_not_used(hand_run: Path) -> None:
-    from memwatch.evidence import CELL, LABEL_H
+    from memwatch.core.evidence import CELL, LABEL_H
 
     grid_path = hand_run / "memwatch" / "evidence" / "reg-300.png"
     grid = Image.open(grid_path).convert("RGB")

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from support.demo_run import PLANTED_ID
 
-from memwatch.report import write_pdf, write_report
-from memwatch.report.pdf import browser_flags
+from memwatch.views.report import write_pdf, write_report
+from memwatch.views.report.pdf import browser_flags
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

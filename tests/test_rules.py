@@ -1,4 +1,4 @@
-"""Tests for memwatch.rules: rule parsing, the three rule types, state round trip."""
+"""Tests for memwatch.signals.rules: rule parsing, the three rule types, state round trip."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from memwatch import rules as rules_mod
 from memwatch.errors import MemwatchError
-from memwatch.rules import (
+from memwatch.signals import rules as rules_mod
+from memwatch.signals.rules import (
     Event,
     RuleEngine,
     forecast_crossing,

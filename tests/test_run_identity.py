@@ -21,13 +21,13 @@ from support.images import write_images
 from support.models import stage_unconditional_saves, tiny_unet
 
 from memwatch.cli import main
-from memwatch.config import load_config
+from memwatch.core.config import load_config
+from memwatch.frontends.jobs import probe_run_dir, watch_run_dir
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.hashing import sha256_file
-from memwatch.history import find_store, load_history
-from memwatch.jobs import probe_run_dir, watch_run_dir
-from memwatch.monitor import MemorizationMonitor
-from memwatch.report import build_report
 from memwatch.store import Store
+from memwatch.store.history import find_store, load_history
+from memwatch.views.report import build_report
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -220,7 +220,7 @@ def test_rotation_while_loading_is_skipped_not_failed(data: dict, staged: Path, 
     run_dir = tmp_path / "ddpm"
     copy_save(staged, run_dir, "checkpoint-5")()
     copy_save(staged, run_dir, "checkpoint-10")()
-    import memwatch.jobs as jobs
+    import memwatch.frontends.jobs.prober as jobs
 
     real = jobs.load_snapshot
 

@@ -7,9 +7,10 @@ import torch
 from diffusers import DDPMScheduler
 from support.models import tiny_unet
 
+from memwatch.core.workers import split_for_process
 from memwatch.errors import MemwatchError
-from memwatch.modes import eval_mode, unwrap_model
-from memwatch.sampling import generate_samples, seed_noise, split_for_process
+from memwatch.models.modes import eval_mode, unwrap_model
+from memwatch.sampling.ddim import generate_samples, seed_noise
 
 STEPS = 10  # DDIM steps in these tests: enough to exercise the loop, cheap on 2 cores
 

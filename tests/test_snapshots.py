@@ -19,7 +19,6 @@ from support.layouts import (
 )
 from support.models import tiny_cond_unet, tiny_unet
 
-from memwatch.checkpoints import list_checkpoints
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
 from memwatch.snapshots import (
@@ -30,6 +29,7 @@ from memwatch.snapshots import (
     snapshot_complete,
     snapshot_sha256,
 )
+from memwatch.snapshots.checkpoints import list_checkpoints
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memwatch.core.probe import ProbeResult
 from memwatch.errors import MemwatchError
 from memwatch.hashing import config_hash
-from memwatch.probes.base import ProbeResult
 from memwatch.store import SCHEMA_VERSION, Store
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -81,7 +81,7 @@ def test_creates_parent_folder_and_sets_pragmas(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    assert int(version) == SCHEMA_VERSION == 2
+    assert int(version) == SCHEMA_VERSION == 3
     conn.close()
 
 
@@ -124,9 +124,12 @@ def test_ensure_run_round_trip_and_idempotence(store: Store) -> None:
     reference = {"n": 10, "skipped": 1, "manifest_sha256": "ab" * 32, "root": "/data/train"}
     holdout = {"n": 5, "skipped": 0, "manifest_sha256": "cd" * 32, "root": "/data/holdout"}
     info = {"versions": {"torch": "2.15.0"}, "host": "box"}
-    run = store.ensure_run("run-a", config=config, reference=reference, holdout=holdout, info=info, created_at=123.5)
-    # Same name again: same id, nothing updated even though the config differs.
-    assert store.ensure_run("run-a", config={"other": True}) == run
+    run = store.ensure_run(
+        "run-a", config=config, identity="i1", reference=reference, holdout=holdout, info=info, created_at=123.5
+    )
+    assert store.ensure_run("run-a", config=config) == run and store.run_config(run) == config  # nothing new
+    # Same name again: the same run, its row unchanged; the new config is added to the configs it was probed with.
+    assert store.ensure_run("run-a", config={"other": True}, identity="i2", reference={"n": 1}) == run
     other = store.ensure_run("run-b", config={})
     assert other != run
     runs = store.runs()
@@ -135,12 +138,16 @@ def test_ensure_run_round_trip_and_idempotence(store: Store) -> None:
         "id": run,
         "name": "run-a",
         "created_at": 123.5,
-        "config": config,
-        "config_hash": config_hash(config),
+        "identity": "i1",
+        "config": {"other": True},
+        "config_hash": config_hash({"other": True}),
+        "first_config_hash": config_hash(config),
         "reference": reference,
         "holdout": holdout,
         "info": info,
     }
+    assert store.run_config(run, first=True) == config and store.run_config(run) == {"other": True}
+    assert store.run_with_identity("i1") == "run-a" and store.run_with_identity("i2") is None
     assert runs[1]["reference"] is None and runs[1]["holdout"] is None and runs[1]["info"] is None
     assert store.run_id("run-b") == other
     assert store.run_id("nope") is None
@@ -420,7 +427,7 @@ def test_two_stores_one_writing_one_reading(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
-    from memwatch.probes.base import ProbeResult
+    from memwatch.core.probe import ProbeResult
     from memwatch.store import Store
 
     store = Store(sys.argv[1])

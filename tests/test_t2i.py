@@ -9,10 +9,10 @@ import torch
 from support.models import TOKENS, text_to_image_parts, tiny_clip_text_encoder, tiny_clip_tokenizer
 
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts
-from memwatch.sampling import seed_noise
+from memwatch.models.parts import ModelParts
+from memwatch.sampling.ddim import seed_noise
+from memwatch.sampling.text_to_image import encode_prompts, generate_text_to_image_samples, initial_latents
 from memwatch.snapshots import Snapshot
-from memwatch.text_to_image import encode_prompts, generate_text_to_image_samples, initial_latents
 
 STEPS = 3  # few DDIM steps keep the tests fast; every property below holds for any number
 

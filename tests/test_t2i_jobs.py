@@ -29,19 +29,19 @@ from support.layouts import (
 from support.models import text_to_image_parts, tiny_unet
 
 from memwatch.cli import main
-from memwatch.config import load_config
+from memwatch.core.config import load_config
+from memwatch.core.session import ProbeSession
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
 from memwatch.errors import MemwatchError
-from memwatch.images import load_image
-from memwatch.jobs import probe_run_dir, watch_run_dir
-from memwatch.model_parts import ModelParts
+from memwatch.frontends.jobs import probe_run_dir, watch_run_dir
+from memwatch.models.parts import ModelParts
 from memwatch.probes.condnoise import condnoise_scores
 from memwatch.probes.membership import denoising_losses, noise_seed_for
-from memwatch.refset import load_reference_set
-from memwatch.session import ProbeSession
+from memwatch.sampling.text_to_image import encode_images, encode_prompts
+from memwatch.signals.stats import roc_auc
 from memwatch.snapshots import load_snapshot
-from memwatch.stats import roc_auc
 from memwatch.store import Store
-from memwatch.text_to_image import encode_images, encode_prompts
 
 TRAIN_CAPTIONS = {"img000.png": "a red fox", "img001.png": "a red fox", "img002.png": "a blue car"}  # img003: none
 HOLDOUT_CAPTIONS = {"img040.png": "a green boat", "img041.png": "a red fox"}  # a training caption: not held out

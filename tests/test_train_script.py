@@ -10,7 +10,7 @@ import yaml
 from support.images import write_images
 from support.models import accelerate_launch
 
-from memwatch.checkpoints import list_checkpoints
+from memwatch.snapshots.checkpoints import list_checkpoints
 from memwatch.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

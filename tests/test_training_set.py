@@ -9,12 +9,12 @@ from PIL import Image, ImageEnhance
 from support.schema import schema_errors
 
 from memwatch.cli import main
+from memwatch.data.refset import load_reference_set
+from memwatch.data.training_set import analyse_training_set
 from memwatch.embedders.pixel import PixelEmbedder
-from memwatch.monitor import MemorizationMonitor
-from memwatch.refset import load_reference_set
-from memwatch.report import build_report, render_html
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.store import Store
-from memwatch.training_set import analyse_training_set
+from memwatch.views.report import build_report, render_html
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((ROOT / "assets" / "demo" / "control").glob("*.png"))[::8]  # 48 distinct public-domain crops
@@ -161,12 +161,12 @@ def test_the_monitor_analyses_the_training_set_once_and_the_report_shows_it(dupl
 
 
 def test_a_failed_analysis_is_recorded_and_probing_goes_on(duplicated, tmp_path: Path, monkeypatch) -> None:
-    import memwatch.training_set
+    import memwatch.data.training_set
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk vanished")
 
-    monkeypatch.setattr(memwatch.training_set, "analyse_training_set", broken)  # a fault inside the analysis
+    monkeypatch.setattr(memwatch.data.training_set, "analyse_training_set", broken)  # a fault inside the analysis
     train, holdout = duplicated
     out = tmp_path / "mw"
     summary = _monitor_run(train, holdout, out)

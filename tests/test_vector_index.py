@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from memwatch.embedders.pixel import PixelEmbedder
 from memwatch.errors import MemwatchError
-from memwatch.neighbours import knn
-from memwatch.vector_index import EXACT_LIMIT, Search, build_search
+from memwatch.search.exact import knn
+from memwatch.search.index import EXACT_LIMIT, Search, build_search
 
 faiss = pytest.importorskip("faiss", reason="the FAISS searches need faiss-cpu (memwatch[search])")
 

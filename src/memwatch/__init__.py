@@ -9,14 +9,15 @@ Example:
 
 from typing import Any
 
-__version__ = "0.1.0"
+from memwatch.version import __version__
+
 __all__ = ["MemorizationMonitor", "MemwatchError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy attributes keep `import memwatch` free of torch/diffusers until something is used.
     if name == "MemorizationMonitor":
-        from memwatch.monitor import MemorizationMonitor
+        from memwatch.frontends.monitor import MemorizationMonitor
 
         return MemorizationMonitor
     if name == "MemwatchError":

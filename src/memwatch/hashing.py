@@ -44,6 +44,18 @@ def config_hash(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode())[:16]
 
 
+def run_identity_hash(folder: str, reference: str | None, holdout: str | None) -> str:
+    """The identity of a training run: its folder's name and its data's manifests, nothing of its settings
+    (see :mod:`memwatch.core.run_identity`).
+
+    Example:
+        >>> a = run_identity_hash("ddpm", "a", None)
+        >>> a == run_identity_hash("ddpm", "a", None) != run_identity_hash("ddpm", "b", None)
+        True
+    """
+    return config_hash({"folder": folder, "reference": reference, "holdout": holdout})
+
+
 def state_sha256(module: Any) -> str:
     """Hex sha256 of a live module's weights: every tensor of its ``state_dict``, with name, dtype and shape.
 

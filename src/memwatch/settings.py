@@ -5,9 +5,9 @@ A settings *section* is a dataclass derived from :class:`Settings` whose fields 
 
 * validation, with one error format (``"<source>: setting '<path>' must be ..., got ..."``), when a
   section is built from a config file (:func:`build_section`) or constructed in Python;
-* the merged config (:mod:`memwatch.config` builds every section from its declaration);
+* the merged config (:mod:`memwatch.core.config` builds every section from its declaration);
 * the report's table of thresholds and their sources (settings declared with ``threshold=True``);
-* ``configs/default.yaml``, written by :func:`memwatch.config.defaults_yaml` and checked against the
+* ``configs/default.yaml``, written by :func:`memwatch.core.config.defaults_yaml` and checked against the
   declarations by a test.
 
 Example:

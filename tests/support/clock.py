@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class ScriptedClock:
-    """``clock()`` and ``sleep()`` for :func:`memwatch.jobs.watch_run_dir`.
+    """``clock()`` and ``sleep()`` for :func:`memwatch.frontends.jobs.watch_run_dir`.
 
     Args:
         actions: ``(time, action)`` pairs; each action runs once the clock has reached its time.

@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from PIL import Image
 
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
+from memwatch.frontends.monitor import MemorizationMonitor
 from memwatch.hashing import sha256_file
-from memwatch.images import load_image
-from memwatch.monitor import MemorizationMonitor
-from memwatch.refset import load_reference_set
 from support.images import smooth_image, write_images
 from support.models import train
 
@@ -30,10 +30,9 @@ SIZE = 16
 
 DEMO_CONFIG = {
     "run_name": "demo-<b>report</b>",
+    "sampling": {"every": 4, "num_samples": 8, "inference_steps": 4, "batch_size": 8},
     "probes": {
         "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
-        "regurgitation": {"every": 4, "num_samples": 8, "inference_steps": 4, "batch_size": 8},
-        "forecast": {"every": 4},
     },
     "cadence": {"adaptive": False},
 }

@@ -21,18 +21,17 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from memwatch.images import load_image
-from memwatch.model_parts import ModelParts
-from memwatch.refset import load_reference_set
+from memwatch.data.images import load_image
+from memwatch.data.refset import load_reference_set
+from memwatch.models.parts import ModelParts
 
 CROSS_DIM = 32
 TOKENS = 16  # tokenizer model_max_length (CLIP's is 77; short prompts fit in 16)
 #: probe settings for fast monitor runs on the tiny models
 FAST_MONITOR = {
+    "sampling": {"every": 4, "num_samples": 6, "inference_steps": 4, "batch_size": 4},
     "probes": {
         "membership": {"every": 3, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400], "batch_size": 8},
-        "regurgitation": {"every": 4, "num_samples": 6, "inference_steps": 4, "batch_size": 4},
-        "forecast": {"every": 4},
     },
     "cadence": {"adaptive": False},  # the fixed cadence: tests of the adaptive one pass a fake clock
 }

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `sup
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from memwatch.monitor import MemorizationMonitor
+from memwatch.frontends.monitor import MemorizationMonitor
 from support.models import FAST_MONITOR as FAST
 from support.models import tiny_unet
 

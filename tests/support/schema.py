@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memwatch.report.schema import report_schema
+from memwatch.views.report.schema import report_schema
 
 
 def schema_errors(report: Any) -> list[str]:

@@ -25,9 +25,9 @@ def monitor(train: str, holdout: str, out: str) -> int:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from memwatch.images import load_image
-    from memwatch.monitor import MemorizationMonitor
-    from memwatch.refset import load_reference_set
+    from memwatch.data.images import load_image
+    from memwatch.data.refset import load_reference_set
+    from memwatch.frontends.monitor import MemorizationMonitor
 
     torch.manual_seed(0)
     model = UNet2DModel(
@@ -44,11 +44,8 @@ def monitor(train: str, holdout: str, out: str) -> int:
     acc = Accelerator(cpu=True)
     model, optimizer = acc.prepare(model, optimizer)
     config = {
-        "probes": {
-            "membership": {"every": 4, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400]},
-            "regurgitation": {"every": 4, "num_samples": 4, "inference_steps": 3},
-            "forecast": {"every": 4},
-        },
+        "sampling": {"every": 4, "num_samples": 4, "inference_steps": 3},
+        "probes": {"membership": {"every": 4, "num_members": 8, "num_holdout": 8, "timesteps": [100, 400]}},
         "cadence": {"adaptive": False},
     }
     with MemorizationMonitor(acc, config, reference=train, holdout=holdout, output_dir=out) as m:

@@ -13,9 +13,9 @@ import argparse
 import logging
 import sys
 
-from memwatch import __version__
 from memwatch.cli import canaries, config, curves, data, demo, forecast, index, probe, report, score, watch
 from memwatch.errors import MemwatchError
+from memwatch.version import __version__
 
 #: The commands, in the order ``--help`` lists them.
 COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, index, canaries, config)

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.canaries import check_canaries, default_manifest, plant_canaries
+    from memwatch.frontends.canaries import check_canaries, default_manifest, plant_canaries
 
     if args.action == "plant":
         doc = plant_canaries(

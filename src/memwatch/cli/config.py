@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from memwatch.config import defaults_yaml, load_config
+    from memwatch.core.config import defaults_yaml, load_config
     from memwatch.errors import MemwatchError
 
     if args.defaults:

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.curves import format_written, write_curves
+    from memwatch.views.curves import format_written, write_curves
 
     print(format_written(write_curves(args.run_dir, args.out, run=args.run)))
     return 0

@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.refset import load_reference_set
-    from memwatch.training_set import analyse_training_set, format_analysis
+    from memwatch.data.refset import load_reference_set
+    from memwatch.data.training_set import analyse_training_set, format_analysis
 
     if args.top < 0:
         raise MemwatchError(f"--top {args.top}: give a number of groups >= 0")

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.demo import format_demo_summary, run_demo
+    from memwatch.demo.run import format_demo_summary, run_demo
 
     summary = run_demo(control=args.control, faces=args.faces, steps=args.steps, output_dir=args.output_dir)
     print(format_demo_summary(summary))

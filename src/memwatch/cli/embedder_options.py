@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from memwatch.errors import MemwatchError
 
 if TYPE_CHECKING:  # torch comes with them: imported when a command runs, so --help stays fast
-    from memwatch.embed_cache import EmbeddingCache
+    from memwatch.data.embed_cache import EmbeddingCache
     from memwatch.embedders.base import Embedder
 
 
@@ -47,7 +47,7 @@ def add_reference_options(p: argparse.ArgumentParser) -> None:
 
 
 def columns_from_args(args: argparse.Namespace) -> dict[str, str]:
-    """The column settings given, as :func:`memwatch.refset.load_reference_set` keywords."""
+    """The column settings given, as :func:`memwatch.data.refset.load_reference_set` keywords."""
     return {k: v for k in ("image_column", "caption_column") if (v := getattr(args, k, None))}
 
 
@@ -74,6 +74,6 @@ def embedder_from_args(args: argparse.Namespace) -> Embedder:
 
 def cache_from_args(args: argparse.Namespace) -> EmbeddingCache | None:
     """The embedding cache the options ask for, or None with ``--no-cache``."""
-    from memwatch.embed_cache import EmbeddingCache
+    from memwatch.data.embed_cache import EmbeddingCache
 
     return None if args.no_cache else EmbeddingCache(args.cache_dir)

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from memwatch.errors import MemwatchError
     from memwatch.output import write_output
-    from memwatch.planning import ONSET_FRACTION, forecast_from_stores
+    from memwatch.views.planning import ONSET_FRACTION, forecast_from_stores
 
     fraction = ONSET_FRACTION if args.onset_fraction is None else args.onset_fraction
     if not 0 < fraction <= 1:

@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
 
-    from memwatch.embed_cache import embed_items
-    from memwatch.neighbours import ReferenceIndex
-    from memwatch.refset import load_reference_set
-    from memwatch.sampling import split_for_process
+    from memwatch.core.workers import split_for_process
+    from memwatch.data.embed_cache import embed_items
+    from memwatch.data.reference_index import ReferenceIndex
+    from memwatch.data.refset import load_reference_set
 
     if args.no_cache:
         raise MemwatchError("--no-cache: memwatch index writes the cache; drop --no-cache (or set --cache-dir)")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and state.num_processes == 1:
         raise MemwatchError("the launcher started several processes but accelerate sees one: check the launch")
-    from memwatch.embed_cache import EmbeddingCache
+    from memwatch.data.embed_cache import EmbeddingCache
 
     cache = EmbeddingCache(args.cache_dir)
     embedder = embedder_from_args(args)

@@ -32,7 +32,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 
 def load_job_configs(paths: list[str], runs: int) -> list[Any]:
     """One validated config per run: the single ``--config`` for all, or one ``--config`` per RUN_DIR."""
-    from memwatch.config import load_config
+    from memwatch.core.config import load_config
 
     if len(paths) not in (1, runs):
         raise MemwatchError(
@@ -61,7 +61,7 @@ def launched_workers() -> Iterator[Any]:
     """
     import os
 
-    from memwatch.workers import Workers
+    from memwatch.core.workers import Workers
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         yield Workers()
@@ -77,7 +77,7 @@ def launched_workers() -> Iterator[Any]:
 
 def finish(reports: list, args: argparse.Namespace) -> int:
     """Print one line per run (and its failures), write ``--json``, and give the exit code."""
-    from memwatch.jobs import fails
+    from memwatch.frontends.jobs import fails
 
     for r in reports:
         if r.locked:

@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.jobs import probe_run_dir
+    from memwatch.frontends.jobs import probe_run_dir
 
     configs = load_job_configs(args.config, len(args.run_dirs))
     with launched_workers() as workers:

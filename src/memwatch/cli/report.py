@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.report import report_schema, write_report
+    from memwatch.views.report import report_schema, write_report
 
     if args.schema:
         print(json.dumps(report_schema(), indent=2, sort_keys=True))

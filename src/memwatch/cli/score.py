@@ -67,8 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memwatch.frontends.score import format_summary, score_folders
     from memwatch.probes.regurgitation import RegurgitationConfig
-    from memwatch.score import format_summary, score_folders
 
     if args.top < 0:
         raise MemwatchError(f"--top {args.top}: give a number of matches >= 0")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(doc, top=args.top))
     if args.identity:
         from memwatch.faces import IdentityConfig
-        from memwatch.score import score_identities
+        from memwatch.frontends.score import score_identities
 
         faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights)
         doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache, columns=columns)

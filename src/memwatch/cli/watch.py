@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memwatch.jobs import watch_run_dir
+    from memwatch.frontends.jobs import watch_run_dir
 
     (config,) = load_job_configs(args.config, 1)
     for name in ("quiet_period", "poll", "idle_timeout", "end_quiet"):

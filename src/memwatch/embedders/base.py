@@ -82,6 +82,6 @@ class Embedder(ABC):
         """A lower bound on :meth:`pairwise_distance`, given a lower bound on the plain euclidean distance
         between the embeddings (``dim``: their length); None when the embedder knows none.
 
-        It lets :mod:`memwatch.pair_search` skip pairs that cannot be close without changing its result.
+        It lets :mod:`memwatch.search.pairs` skip pairs that cannot be close without changing its result.
         """
         return None

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
-from memwatch.weights import read_state_dict
+from memwatch.models.weights import read_state_dict
 
 # Cosine similarity at or above which a sample counts as a copy of its nearest training image.
 # This is a configurable heuristic, not a calibrated value: Somepalli et al. 2023 calibrated a copy

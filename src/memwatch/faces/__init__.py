@@ -17,7 +17,14 @@ Example:
 
 from memwatch.faces.config import MATCHERS, IdentityConfig
 from memwatch.faces.detect import Detection, FaceCrops, FaceDetector
-from memwatch.faces.embed import FaceEmbeddings, FaceMatcher, FacePipeline, load_face_pipeline, resolve_weights
+from memwatch.faces.embed import (
+    FaceEmbeddings,
+    FaceMatcher,
+    FacePipeline,
+    documented_threshold,
+    load_face_pipeline,
+    resolve_weights,
+)
 from memwatch.faces.gallery import (
     Calibration,
     FaceGallery,
@@ -44,6 +51,7 @@ __all__ = [
     "build_gallery",
     "calibrate_threshold",
     "cluster_identities",
+    "documented_threshold",
     "gallery_from_embeddings",
     "identity_from_embeddings",
     "identity_probe",

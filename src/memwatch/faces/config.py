@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memwatch.probes.base import ProbeSettings
+from memwatch.core.probe import ProbeSettings
 from memwatch.settings import setting
 
 #: Face matchers. ``dlib``: dlib's ResNet descriptor (installed with ``memwatch[faces]``, offline;
@@ -28,9 +28,10 @@ class IdentityConfig(ProbeSettings):
     """Settings of the face pipeline and the identity probe (each declared with its source below)."""
 
     section = "probes.identity"
-    every: int = setting(
+    every: int | None = setting(
         0,
-        "run every this many training steps (0: off); reuses the regurgitation probe's samples (same seeds)",
+        "run every this many training steps (0: off; null: whenever the shared samples are drawn, sampling.every); "
+        "it reads the shared samples (same seeds as the regurgitation probe)",
         min=0,
         unit="steps",
         source="off unless asked for: the probe needs face-matcher weights",
@@ -183,15 +184,6 @@ class IdentityConfig(ProbeSettings):
         if self.weights and not Path(self.weights).expanduser().is_dir():
             return "vggface2"
         return "dlib" if dlib_available() else "vggface2"
-
-    @property
-    def documented_threshold(self) -> float:
-        """``fallback_threshold``, or the matcher's documented threshold (cosine) when it is null."""
-        if self.fallback_threshold is not None:
-            return float(self.fallback_threshold)
-        from memwatch.faces.embed import matcher_class
-
-        return float(matcher_class(self.resolved_matcher).threshold)
 
     @property
     def required_impostor_pairs(self) -> int:

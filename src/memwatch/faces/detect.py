@@ -22,13 +22,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from memwatch.errors import MemwatchError
-from memwatch.faces.config import IdentityConfig
+
+if TYPE_CHECKING:
+    from memwatch.faces.config import IdentityConfig
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ class DlibMatcher:
 
     Attributes:
         threshold: dlib's documented same-person threshold as a cosine (see the module docs), the
-            fallback when the gallery cannot calibrate one (``IdentityConfig.documented_threshold``).
+            fallback when the gallery cannot calibrate one (:func:`memwatch.faces.embed.documented_threshold`).
 
     Example:
         >>> from memwatch.faces import Detection, IdentityConfig

@@ -43,7 +43,7 @@ from memwatch.faces.detect import (
     pick_device,
 )
 from memwatch.hashing import config_hash, sha256_file
-from memwatch.weights import read_state_dict as read_weights
+from memwatch.models.weights import read_state_dict as read_weights
 
 #: facenet-pytorch's release files (models/inception_resnet_v1.py, ``load_weights``).
 WEIGHTS_URLS = {
@@ -153,7 +153,7 @@ class FaceMatcher:
 
     dim = EMBEDDING_DIM
     #: FaceNet (Schroff et al. 2015): squared L2 1.1 between unit embeddings, i.e. cosine 0.45; the fallback
-    #: when the gallery cannot calibrate a threshold (``IdentityConfig.documented_threshold``)
+    #: when the gallery cannot calibrate a threshold (:func:`documented_threshold`)
     threshold = 0.45
 
     def __init__(self, config: IdentityConfig):
@@ -318,6 +318,18 @@ def matcher_class(name: str) -> type:
 
         return DlibMatcher
     return FaceMatcher
+
+
+def documented_threshold(config: IdentityConfig) -> float:
+    """``fallback_threshold``, or the matcher's documented threshold (cosine) when it is null.
+
+    Example:
+        >>> documented_threshold(IdentityConfig(matcher="vggface2"))
+        0.45
+    """
+    if config.fallback_threshold is not None:
+        return float(config.fallback_threshold)
+    return float(matcher_class(config.resolved_matcher).threshold)
 
 
 def load_face_pipeline(config: IdentityConfig | None = None) -> FacePipeline:

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from memwatch.embed_cache import EmbeddingCache
+from memwatch.data.embed_cache import EmbeddingCache
+from memwatch.data.images import load_image, pil_to_tensor, to_rgb
+from memwatch.data.refset import ReferenceItem, ReferenceSet
 from memwatch.errors import MemwatchError
 from memwatch.faces.config import IdentityConfig
-from memwatch.faces.embed import FacePipeline
+from memwatch.faces.embed import FacePipeline, documented_threshold
 from memwatch.hashing import config_hash
-from memwatch.images import load_image, pil_to_tensor, to_rgb
-from memwatch.refset import ReferenceItem, ReferenceSet
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def calibrate_threshold(
         threshold, calibrated, src = float(config.threshold), False, "config"
         reason = "identity.threshold is set"
     elif n < need:
-        threshold, calibrated, src = config.documented_threshold, False, "fallback"
+        threshold, calibrated, src = documented_threshold(config), False, "fallback"
         reason = f"{n} impostor pairs, {need} needed for FMR {config.target_fmr:g}"
     else:
         threshold, _ = threshold_at_fmr(impostor_scores, n, config.target_fmr)
@@ -467,7 +467,7 @@ def embed_reference_faces(
     """Detect and embed the face of every item, reusing and filling the cache.
 
     Items whose pixels cannot be decoded are recorded in ``refs.skipped`` and removed from
-    ``refs.items`` (as :func:`memwatch.embed_cache.embed_reference` does).
+    ``refs.items`` (as :func:`memwatch.data.embed_cache.embed_reference` does).
     """
     key = config_hash({"faces": pipeline.spec(), "reference_resolution": config.reference_resolution})
     have = cache.get(key, [it.sha256 for it in refs.items]) if cache is not None else {}

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from memwatch.core.probe import ProbeResult
 from memwatch.faces.config import IdentityConfig
 from memwatch.faces.gallery import FaceGallery
-from memwatch.probes.base import ProbeResult
 
 PROBE = "identity"
 #: Identities passing the threshold that are paired up per face (the most similar ones). A bound on
@@ -337,7 +337,7 @@ LEAK_MAX_EXTRAPOLATION = 2.0
 def closest_approaches(items: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Each training person's closest approach at one probe: the highest similarity among the generated
     faces whose best match they are (a person no face matches best has no value then), as
-    :mod:`memwatch.image_risk` does for training images.
+    :mod:`memwatch.signals.image_risk` does for training images.
 
     Example:
         >>> closest_approaches([{"identity": "ann", "similarity": 0.8}, {"identity": "ann", "similarity": 0.9},
@@ -358,7 +358,7 @@ def leak_forecast(
     """Forecast the first identity leak from the people's closest approaches, as the copy forecast does.
 
     Each person's cosine distance ``1 - similarity`` falls towards ``1 - threshold`` as generated faces
-    come to resemble them; :func:`memwatch.forecast.forecast_onset` fits the smallest distance over the
+    come to resemble them; :func:`memwatch.signals.forecast.forecast_onset` fits the smallest distance over the
     people (the person closest to leaking) and says when it reaches the threshold.
 
     Args:
@@ -376,7 +376,7 @@ def leak_forecast(
         >>> 400 < out["metrics"]["leak_onset"] < 700
         True
     """
-    from memwatch.forecast import forecast_onset
+    from memwatch.signals.forecast import forecast_onset
 
     distances = [(step, {p: 1.0 - s for p, s in people.items()}) for step, people in trajectory]
     f = forecast_onset(

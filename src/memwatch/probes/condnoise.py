@@ -36,14 +36,13 @@ from typing import Any
 
 import torch
 
+from memwatch.core.probe import Metric, Probe, ProbeContext, ProbeRecord, ProbeResult, ProbeSettings
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts
-from memwatch.modes import eval_mode, unwrap_model
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
-from memwatch.sampling import ddim_from
-from memwatch.settings import setting
-from memwatch.stats import TPR_FPR, roc_auc, tpr_at_fpr
-from memwatch.text_to_image import (
+from memwatch.models.modes import eval_mode, unwrap_model
+from memwatch.models.parts import ModelParts
+from memwatch.probes.membership import few_items
+from memwatch.sampling.ddim import ddim_from
+from memwatch.sampling.text_to_image import (
     encode_prompts,
     guided_eps,
     initial_latents,
@@ -51,6 +50,8 @@ from memwatch.text_to_image import (
     prompt_sets,
     uncaptioned_counts,
 )
+from memwatch.settings import setting
+from memwatch.signals.stats import TPR_FPR, roc_auc, tpr_at_fpr
 
 _WEN = "Wen et al. ICLR 2024"
 
@@ -271,9 +272,12 @@ class CondNoiseProbe(Probe):
 
     name = "condnoise"
     Settings = CondNoiseConfig
+    order = 50
     text_to_image_only = True
     metrics = ("num_member_prompts", "num_holdout_prompts", "condnoise_member", "condnoise_holdout", "condnoise_gap",
-               "condnoise_auc", "condnoise_tpr_at_1fpr", "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
+               Metric("condnoise_auc", role="separability", label="conditional-noise AUC (training vs other prompts)",
+                      threshold=0.5),
+               "condnoise_tpr_at_1fpr", "uncaptioned_member", "uncaptioned_holdout")  # fmt: skip
     default_rules = (
         {
             "name": "condnoise-separable",
@@ -317,3 +321,7 @@ class CondNoiseProbe(Probe):
 
     def evidence(self, result: ProbeResult) -> dict[str, Any]:
         return condnoise_evidence(result, self.settings.top_k)
+
+    @classmethod
+    def limitations(cls, record: ProbeRecord) -> list[tuple[str, str]]:
+        return few_items(cls.name, record, "num_member_prompts", "num_holdout_prompts")

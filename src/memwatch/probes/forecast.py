@@ -1,10 +1,11 @@
 """Onset forecast probe: when will the first generated sample copy a training image?
 
-On the shared fixed-seed samples it measures each seed's ratio d1/d2 (as the regurgitation probe
-does) and, with the same seeds' ratios at the run's earlier probes (from the store), forecasts the
-step at which a low quantile of the ratios reaches the memorization threshold
-(:func:`memwatch.forecast.forecast_onset`). It needs no holdout set and no captions beyond what
-sampling needs, so it works on every run the regurgitation probe works on.
+On the shared fixed-seed samples it reads each seed's ratio d1/d2 (from the nearest training images the
+samples share with the regurgitation probe: embedded and searched once per step) and, with the same
+seeds' ratios at the run's earlier probes (from the store), forecasts the step at which a low quantile of
+the ratios reaches the memorization threshold (:func:`memwatch.signals.forecast.forecast_onset`). It needs
+no holdout set and no captions beyond what sampling needs, so it works on every run the regurgitation
+probe works on.
 
 Metrics (``forecast/...``): ``onset`` (NaN while no significant approach is seen), ``onset_low`` and
 ``onset_high`` (the band), ``steps_to_onset``, ``precursor`` (the quantile's value now),
@@ -19,11 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from memwatch.evidence import nan_last
-from memwatch.forecast import forecast_onset
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
-from memwatch.probes.regurgitation import MEM_RATIO, MEM_RATIO_SOURCE
+from memwatch.core.evidence import nan_last
+from memwatch.core.probe import Metric, Probe, ProbeContext, ProbeResult, ProbeSettings
+from memwatch.probes.regurgitation import MEM_RATIO, MEM_RATIO_SOURCE, d1_d2
 from memwatch.settings import setting
+from memwatch.signals.forecast import forecast_onset
 
 PROBE = "forecast"
 #: Where the defaults below come from: tuned on scripts/bench_warnings.py's tuning seeds (100, 101), reported
@@ -38,13 +39,11 @@ class ForecastSettings(ProbeSettings):
     """Settings of the onset forecast."""
 
     section = "probes.forecast"
-    every: int = setting(
-        100,
-        "run every this many training steps (0: off); keep it equal to the regurgitation probe's: they share "
-        "the samples",
+    every: int | None = setting(
+        None,
+        "run every this many training steps (0: off; null: whenever the shared samples are drawn, sampling.every)",
         min=0,
         unit="steps",
-        source="the regurgitation probe's cadence",
     )
     threshold: float = setting(MEM_RATIO, "the d1/d2 at which a sample counts as a copy (the onset forecast)",
                                min=0.0, max=1.0, exclusive=True, threshold=True, source=MEM_RATIO_SOURCE)  # fmt: skip
@@ -64,8 +63,12 @@ class ForecastProbe(Probe):
 
     name = PROBE
     Settings = ForecastSettings
+    order = 20
     needs_samples = True
-    metrics = ("onset", "onset_low", "onset_high", "steps_to_onset", "precursor", "slope_t", "seeds_approaching")
+    uses_embedder = True
+    metrics = (Metric("onset", role="forecast", label="onset forecast"), "onset_low", "onset_high", "steps_to_onset",
+               Metric("precursor", role="precursor", label="precursor: closest seeds' d1/d2", threshold="threshold"),
+               "slope_t", "seeds_approaching")  # fmt: skip
     default_rules = (
         {
             "name": "onset-forecast",
@@ -80,14 +83,16 @@ class ForecastProbe(Probe):
     )
 
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
-        from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_probe
-
         assert ctx.samples is not None
         plan = ctx.samples.plan
-        config = RegurgitationConfig(mem_ratio=self.settings.threshold)
-        measured = regurgitation_probe(ctx.samples.images, ctx.reference_index(), config, names=plan.names,
-                                       seeds=plan.seeds)  # fmt: skip
-        now = {m["sample"]: m["ratio"] for m in measured.matches}
+        index = ctx.reference_index()
+        found = ctx.samples.neighbours(index, 2)
+        _, _, ratio = d1_d2(found.distances)
+        measured = [
+            {"sample": name, "seed": seed, "ratio": float(r), "nn1": index.ids[int(i)]}
+            for name, seed, r, i in zip(plan.names, plan.seeds, ratio, found.indices[:, 0], strict=True)
+        ]
+        now = {m["sample"]: m["ratio"] for m in measured}
         past = [
             (e["step"], {it["item"]: _float(it.get("ratio")) for it in e["items"]})
             for e in ctx.earlier(self.name, self.settings.window - 1)
@@ -102,7 +107,7 @@ class ForecastProbe(Probe):
         items = [
             {"item": m["sample"], "seed": m["seed"], "ratio": m["ratio"], "nn1": m["nn1"],
              "crossing": forecast.per_seed.get(m["sample"], math.nan)}
-            for m in measured.matches
+            for m in measured
         ]  # fmt: skip
         return ProbeResult(PROBE, forecast.metrics(), items=items)
 

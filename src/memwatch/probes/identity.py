@@ -9,11 +9,28 @@ gallery itself (``identity_gallery``: identities, faces, calibration) as a compa
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from memwatch.evidence import EvidencePair, identity_pairs
+from memwatch.core.evidence import EvidencePair
+from memwatch.core.probe import Metric, Probe, ProbeContext, ProbeRecord, ProbeResult
 from memwatch.faces.config import IdentityConfig
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult
+
+
+def identity_pairs(items: Sequence[dict[str, Any]]) -> list[EvidencePair]:
+    """Faces that leak a training identity or blend two, beside the matched training face."""
+    pairs = []
+    for i, it in enumerate(items):
+        if (it.get("leak") or it.get("interpolation")) and it.get("identity_item"):
+            # a blend names both parents (the training face shown is the closer one's)
+            who = f"blend {it['parent_a']}+{it['parent_b']}" if it.get("interpolation") else f"leak {it['identity']}"
+            label = f"seed {it['seed']} {who} s={float(it['similarity']):.2f}"
+            pairs.append(EvidencePair(i, it["identity_item"], 1.0 - float(it["similarity"]), label, True))
+    return pairs
+
+
+#: The memorization chart's panel of faces.
+FACES = "faces"
 
 
 class IdentityProbe(Probe):
@@ -21,15 +38,25 @@ class IdentityProbe(Probe):
 
     name = "identity"
     Settings = IdentityConfig
+    order = 30
     needs_samples = True
     companions = ("identity_gallery",)
-    metrics = ("num_samples", "faces_found", "face_detection_rate", "face_detect_errors", "identity_leak_rate",
-               "identities_leaked", "identity_interpolation_rate", "identity_interpolations",
-               "identity_pairs_interpolated", "identity_sim_p50", "identity_sim_p95", "identity_sim_max",
+    metrics = ("num_samples", "faces_found", "face_detection_rate", "face_detect_errors",
+               Metric("identity_leak_rate", role="share", panel=FACES, out_of="faces_found",
+                      label="identity leak rate: faces that are a training person"),
+               Metric("identities_leaked", role="count", panel=FACES, label="people leaked",
+                      onset="first identity leak"),
+               Metric("identity_interpolation_rate", role="share", panel=FACES,
+                      label="identity interpolation rate: faces that blend two people"),
+               "identity_interpolations", "identity_pairs_interpolated", "identity_sim_p50", "identity_sim_p95",
+               Metric("identity_sim_max", role="precursor", panel=FACES, threshold="identity_threshold",
+                      label="precursor: closest approach of any face to a training person"),
                "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated",
                "threshold_target_fmr", "threshold_fmr", "threshold_fnmr", "threshold_impostor_pairs",
-               "identity_leak_baseline", "identity_leak_excess", "leak_onset", "leak_onset_low", "leak_onset_high",
-               "leak_steps_to_onset", "leak_slope_t", "people_approaching")  # fmt: skip
+               "identity_leak_baseline", "identity_leak_excess",
+               Metric("leak_onset", role="forecast", panel=FACES, label="identity leak forecast"), "leak_onset_low",
+               "leak_onset_high", "leak_steps_to_onset", "leak_slope_t", "people_approaching")  # fmt: skip
+    unmeasured = "no identity probe result: faces were not checked for leaked training identities"
     default_rules = (
         {
             "name": "first-identity-leak",
@@ -83,7 +110,7 @@ class IdentityProbe(Probe):
         self._gallery: Any = None
 
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> list[ProbeResult]:
-        from memwatch.embed_cache import EmbeddingCache
+        from memwatch.data.embed_cache import EmbeddingCache
         from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
         from memwatch.faces.probe import LEAK_WINDOW, closest_approaches, leak_forecast
 
@@ -124,5 +151,31 @@ class IdentityProbe(Probe):
 
         return identity_evidence(result)
 
-    def evidence_pairs(self, result: ProbeResult) -> list[EvidencePair]:
+    @classmethod
+    def evidence_pairs(cls, result: ProbeResult) -> list[EvidencePair]:
         return identity_pairs(result.items)
+
+    @classmethod
+    def limitations(cls, record: ProbeRecord) -> list[tuple[str, str]]:
+        out = super().limitations(record)
+        if not record.results:
+            return out
+        latest = {m["metric"]: m["value"] for m in record.metrics}  # rows come by step: the last one wins
+        if latest.get("threshold_calibrated") == 0.0:
+            out.append(
+                (
+                    "face-threshold-uncalibrated",
+                    "the face verification threshold was not calibrated on this data: identity leaks rest on a "
+                    "generic threshold",
+                )
+            )
+        rows = [r for r in record.items if r.get("probe") == cls.name]
+        if not rows or any(not r.get("matcher_weights_sha256") for r in rows):  # rows of older versions name none
+            out.append(
+                (
+                    "face-weights-unverified",
+                    "the face matcher's weights sha256 is not recorded in the store: their provenance cannot be "
+                    "checked from this report",
+                )
+            )
+        return out

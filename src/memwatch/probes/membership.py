@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from memwatch.core.probe import Metric, Probe, ProbeContext, ProbeRecord, ProbeResult, ProbeSettings
+from memwatch.data.refset import ReferenceSet
 from memwatch.errors import MemwatchError, ProbeUnavailable
 from memwatch.hashing import sha256_bytes
-from memwatch.modes import eval_mode, unwrap_model
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult, ProbeSettings
-from memwatch.refset import ReferenceSet
+from memwatch.models.modes import eval_mode, unwrap_model
+from memwatch.sampling.text_to_image import caption_of, encode_images, encode_prompts, no_captions
 from memwatch.settings import setting
-from memwatch.stats import TPR_FPR, roc_auc, tpr_at_fpr
-from memwatch.text_to_image import caption_of, encode_images, encode_prompts, no_captions
+from memwatch.signals.stats import MIN_AUC_GROUP, TPR_FPR, roc_auc, tpr_at_fpr
 
 # manual_seed takes 64-bit seeds; masking keeps huge user seeds valid (no effect on hashed ids).
 _SEED_MASK = (1 << 64) - 1
@@ -112,7 +112,7 @@ def denoising_losses(
     noise, t_k)``, and the loss is the mean squared error between ``unet(x_t, t_k)`` (with
     ``encoder_hidden_states=conditioning[i]`` for text-to-image UNets) and the training target
     (noise, velocity or x0 per ``prediction_type``). The result is the mean over timesteps. Runs in
-    :func:`~memwatch.modes.eval_mode`; the global RNG is not used.
+    :func:`~memwatch.models.modes.eval_mode`; the global RNG is not used.
 
     Args:
         unet: the diffusers UNet being trained (possibly wrapped); it is not moved.
@@ -127,7 +127,7 @@ def denoising_losses(
             passed as ``encoder_hidden_states``; None for unconditional UNets.
         encode: maps a batch of images in [0, 1] (float32, on ``device``) to the model's clean
             input ``x0``; default ``2 * image - 1`` (pixel-space models). Latent models pass
-            :func:`memwatch.text_to_image.encode_images` with their VAE.
+            :func:`memwatch.sampling.text_to_image.encode_images` with their VAE.
 
     Returns:
         float32 CPU tensor ``(N,)``.
@@ -288,7 +288,7 @@ def loss_turn(earlier: Sequence[dict[str, Any]], step: int, now: dict[str, float
         >>> loss_turn(past, 300, {"loss_holdout": 0.32, "loss_member": 0.26})["holdout_turn"]
         1.0
     """
-    from memwatch.forecast import fit_line, t95
+    from memwatch.signals.forecast import fit_line, t95
 
     points = [(e["step"], e["metrics"]) for e in earlier][-(TURN_WINDOW - 1) :] + [(step, now)]
     out: dict[str, float] = {}
@@ -391,10 +391,12 @@ class MembershipProbe(Probe):
 
     name = "membership"
     Settings = MembershipConfig
+    order = 40
     needs_holdout = True
-    metrics = ("num_members", "num_holdout", "loss_member", "loss_holdout", "loss_gap", "loss_gap_se", "mia_auc",
-               "tpr_at_1fpr", "uncaptioned_member", "uncaptioned_holdout", "holdout_slope", "holdout_slope_t",
-               "member_slope", "member_slope_t", "holdout_turn")  # fmt: skip
+    metrics = ("num_members", "num_holdout", "loss_member", "loss_holdout", "loss_gap", "loss_gap_se",
+               Metric("mia_auc", role="separability", label="membership AUC", threshold=0.5), "tpr_at_1fpr",
+               "uncaptioned_member", "uncaptioned_holdout", "holdout_slope", "holdout_slope_t", "member_slope",
+               "member_slope_t", "holdout_turn")  # fmt: skip
     default_rules = (
         {
             "name": "membership-separable",
@@ -482,6 +484,10 @@ class MembershipProbe(Probe):
             result.metrics.update({f"uncaptioned_{group}": float(s.uncaptioned) for group, s in data.items()})
         return result
 
+    @classmethod
+    def limitations(cls, record: ProbeRecord) -> list[tuple[str, str]]:
+        return few_items(cls.name, record, "num_members", "num_holdout")
+
     def _data(self, ctx: ProbeContext) -> dict[str, _Subset]:
         resolution, text_to_image = ctx.parts.image_resolution, ctx.parts.text_to_image
         key = (resolution, text_to_image)
@@ -492,3 +498,27 @@ class MembershipProbe(Probe):
                 "holdout": _load_subset(ctx.data.holdout, cfg.num_holdout, resolution, captioned=text_to_image),
             }
         return self._subsets[key]
+
+
+def few_items(probe: str, record: ProbeRecord, members: str, holdout: str) -> list[tuple[str, str]]:
+    """The report's note when an AUC of ``probe`` compared fewer than :data:`~memwatch.signals.stats.MIN_AUC_GROUP`
+    items per group (``members``, ``holdout``: the metrics that count them).
+
+    Example:
+        >>> rows = [{"metric": "num_members", "snapshot_id": 1, "value": 4.0},
+        ...         {"metric": "num_holdout", "snapshot_id": 1, "value": 4.0}]
+        >>> few_items("membership", ProbeRecord(metrics=rows), "num_members", "num_holdout")[0][0]
+        'membership-few-items'
+    """
+    sizes = {(m["metric"], m["snapshot_id"]): m["value"] for m in record.metrics}
+    counts = {(int(n), int(sizes.get((holdout, sid), 0))) for (k, sid), n in sizes.items() if k == members}
+    small = sorted((a, b) for a, b in counts if min(a, b) < MIN_AUC_GROUP)
+    if not small:
+        return []
+    return [
+        (
+            f"{probe}-few-items",
+            f"the {probe} AUC compares as few as {small[0][0]} members with {small[0][1]} held-out items: below "
+            f"{MIN_AUC_GROUP} per group it says little (its standard error at 0.5 is above 0.1, Hanley & McNeil 1982)",
+        )
+    ]

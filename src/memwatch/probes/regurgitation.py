@@ -16,24 +16,22 @@ and the metrics ``mem_fraction``, ``extracted_fraction``, ``copy_fraction``, ``s
 ``sim_p95``, ``sim_max``, ``distinct_memorized`` and ``num_samples``, and the precursors
 ``ratio_min``, ``ratio_p10`` and ``ratio_p50`` (quantiles of d1/d2 over the samples).
 
-With every result it returns the onset forecast (:mod:`memwatch.forecast`) as a companion result
-``forecast``: from the fixed seeds' d1/d2 at this and the earlier probes of the run.
+The samples are the shared fixed-seed samples (section ``sampling``), embedded and searched once for every
+probe that reads them (:meth:`memwatch.sampling.plan.Samples.neighbours`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memwatch.core.evidence import EvidencePair, nan_last
+from memwatch.core.probe import Metric, Probe, ProbeContext, ProbeRecord, ProbeResult, ProbeSettings
+from memwatch.data.reference_index import ReferenceIndex
 from memwatch.errors import MemwatchError
-from memwatch.evidence import EvidencePair, regurgitation_pairs
-from memwatch.neighbours import ReferenceIndex
-from memwatch.probes.base import Probe, ProbeContext, ProbeResult
-from memwatch.samples import SamplingSettings
 from memwatch.settings import setting
 
 PROBE = "regurgitation"
@@ -42,22 +40,15 @@ MEM_RATIO, MEM_RATIO_SOURCE = 1 / 3, "d1/d2 < 1/3: Gu et al. 2023 (mem_ratio.py)
 
 
 @dataclass
-class RegurgitationConfig(SamplingSettings):
-    """Settings of the regurgitation probe, and of the samples every sample probe shares.
-
-    ``num_samples`` applies to unconditional models; text-to-image models draw
-    ``samples_per_prompt`` samples for each of up to ``max_prompts + max_holdout_prompts`` prompts.
-    """
+class RegurgitationConfig(ProbeSettings):
+    """Settings of the regurgitation probe (the samples it reads are the ``sampling`` section's)."""
 
     section = "probes.regurgitation"
-    every: int = setting(
-        100,
-        "run every this many training steps (0: off); the adaptive cadence stretches it under its time budget",
+    every: int | None = setting(
+        None,
+        "run every this many training steps (0: off; null: whenever the shared samples are drawn, sampling.every)",
         min=0,
         unit="steps",
-        source="costly (num_samples x inference_steps UNet passes), but the onset forecast needs several probes "
-        "before onset: scripts/tune_forecast.py on bench_warnings.py seeds 100-101 (every 200 left runs of 8-16 "
-        "images without lead)",
     )
     mem_ratio: float = setting(
         MEM_RATIO,
@@ -111,11 +102,12 @@ def regurgitation_probe(
         >>> sorted(r.metrics)[:3]  # doctest: +SKIP
         ['copy_fraction', 'distinct_memorized', 'extracted_fraction']
     """
-    t0 = time.perf_counter()
-    query = index.embedder.embed(samples)
-    t1 = time.perf_counter()
-    result = regurgitation_from_embeddings(query, index, config, names=names, seeds=seeds)
-    result.timings = {"embedding": t1 - t0, "search": time.perf_counter() - t1}
+    from memwatch.sampling.plan import SamplePlan, Samples
+
+    shared = Samples(samples, SamplePlan(list(seeds) if seeds is not None else list(range(samples.shape[0]))))
+    found = shared.neighbours(index, neighbours_needed(config), chunk_size=config.chunk_size)
+    result = regurgitation_from_neighbours(found.distances, found.indices, index, config, names=names, seeds=seeds)
+    result.timings = dict(shared.timings)
     return result
 
 
@@ -127,19 +119,49 @@ def regurgitation_from_embeddings(
     names: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
 ) -> ProbeResult:
-    """The probe's arithmetic on already embedded samples (see :func:`regurgitation_probe`)."""
-    n = query.shape[0]
+    """:func:`regurgitation_probe` on samples already embedded (``memwatch score`` embeds a folder through the
+    embedding cache)."""
+    dist, idx = index.search(query, neighbours_needed(config), chunk_size=config.chunk_size)
+    return regurgitation_from_neighbours(dist, idx, index, config, names=names, seeds=seeds)
+
+
+def neighbours_needed(config: RegurgitationConfig) -> int:
+    """Neighbours per sample: two for d1/d2, Carlini's n for extraction."""
+    return max(2, config.extraction_n)
+
+
+def d1_d2(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d1, d2, d1/d2)`` from each sample's sorted distances to the nearest distinct training images.
+
+    The ratio is NaN with a single distinct training image (no second neighbour), and 0 when d2 is 0 (two
+    distinct files decode to the same pixels; then d1 is 0 too and the sample is a copy).
+
+    Example:
+        >>> [round(float(v), 2) for v in d1_d2(torch.tensor([[1.0, 4.0]]))[2]]
+        [0.25]
+    """
+    d1 = dist[:, 0]
+    d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(d1, float("nan"))
+    ratio = torch.where(d2 > 0, d1 / d2.clamp_min(1e-12), torch.zeros_like(d1))
+    return d1, d2, torch.where(torch.isnan(d2), d2, ratio)
+
+
+def regurgitation_from_neighbours(
+    dist: torch.Tensor,
+    idx: torch.Tensor,
+    index: ReferenceIndex,
+    config: RegurgitationConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> ProbeResult:
+    """The probe's arithmetic on the samples' nearest training images (``(N, k)`` distances and index rows,
+    nearest first, k at least :func:`neighbours_needed`; see :func:`regurgitation_probe`)."""
+    n = dist.shape[0]
     if names is None:
         names = [str(s) for s in seeds] if seeds is not None else [str(i) for i in range(n)]
     embedder = index.embedder
-    k = max(2, config.extraction_n)
-    dist, idx = index.search(query, k, chunk_size=config.chunk_size)
-    d1 = dist[:, 0]
-    # With a single distinct training image there is no second neighbour: the ratio is undefined (NaN).
-    d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(d1, float("nan"))
-    # d2 == 0 only if two distinct files decode to the same pixels; then d1 == 0 too and the sample is a copy.
-    ratio = torch.where(d2 > 0, d1 / d2.clamp_min(1e-12), torch.zeros_like(d1))
-    ratio = torch.where(torch.isnan(d2), d2, ratio)
+    d1, d2, ratio = d1_d2(dist)
     if len(index) >= config.extraction_n:
         near = dist[:, : config.extraction_n]
         extraction = d1 / (config.extraction_alpha * near.mean(dim=1)).clamp_min(1e-12)
@@ -285,17 +307,31 @@ def memorized_evidence(result: ProbeResult) -> dict:
     return evidence
 
 
+def regurgitation_pairs(matches: Sequence[dict[str, Any]]) -> list[EvidencePair]:
+    """Every sample with its nearest training image, ranked by d1/d2 ratio."""
+    return [
+        EvidencePair(i, m["nn1"], nan_last(m["ratio"]), f"seed {m['seed']} r={m['ratio']:.2f}", bool(m["memorized"]))
+        for i, m in enumerate(matches)
+    ]
+
+
 class RegurgitationProbe(Probe):
     """Do the shared fixed-seed samples copy training images? (Gu et al.'s d1/d2, Carlini's extraction)."""
 
     name = PROBE
     Settings = RegurgitationConfig
+    order = 10
     needs_samples = True
-    metrics = ("mem_fraction", "extracted_fraction", "copy_fraction", "sim_p50", "sim_p95", "sim_max",
-               "distinct_memorized", "num_samples", "num_prompts", "prompts_memorized", "mem_fraction_member",
+    uses_embedder = True
+    metrics = (Metric("mem_fraction", role="share", label="copying: share of samples with d1/d2 < 1/3",
+                      out_of="num_samples"),
+               "extracted_fraction", "copy_fraction", "sim_p50", "sim_p95", "sim_max",
+               Metric("distinct_memorized", onset="first copy", label="training images regurgitated"),
+               "num_samples", "num_prompts", "prompts_memorized", "mem_fraction_member",
                "mem_fraction_holdout", "uncaptioned_member", "uncaptioned_holdout", "ratio_min", "ratio_p10",
                "ratio_p50")  # fmt: skip
-    onset_metric = "distinct_memorized"
+    unmeasured = "no regurgitation probe result: no generated sample was compared with training"
+    matches_threshold = "mem_ratio"
     default_rules = (
         {
             "name": "first-regurgitation",
@@ -339,18 +375,34 @@ class RegurgitationProbe(Probe):
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> ProbeResult:
         assert ctx.samples is not None
         plan = ctx.samples.plan
-        result = regurgitation_probe(
-            ctx.samples.images, ctx.reference_index(), self.settings, names=plan.names, seeds=plan.seeds
+        index = ctx.reference_index()
+        found = ctx.samples.neighbours(index, neighbours_needed(self.settings), chunk_size=self.settings.chunk_size)
+        result = regurgitation_from_neighbours(
+            found.distances, found.indices, index, self.settings, names=plan.names, seeds=plan.seeds
         )
         if plan.prompts is not None and plan.groups is not None:
             add_prompts(result, plan.prompts, plan.groups)
             result.metrics.update(plan.counts)
-        for phase in ("embedding", "search"):
-            ctx.add_time(phase, result.timings[phase])
         return result
 
     def evidence(self, result: ProbeResult) -> dict[str, Any]:
         return memorized_evidence(result)
 
-    def evidence_pairs(self, result: ProbeResult) -> list[EvidencePair]:
+    @classmethod
+    def evidence_pairs(cls, result: ProbeResult) -> list[EvidencePair]:
         return regurgitation_pairs(result.matches)
+
+    @classmethod
+    def limitations(cls, record: ProbeRecord) -> list[tuple[str, str]]:
+        out = super().limitations(record)
+        if any(m.get("extraction") is None or m["extraction"] != m["extraction"] for m in record.matches):
+            n_ref = (record.reference or {}).get("n")
+            n = record.settings.get("extraction_n", RegurgitationConfig().extraction_n)
+            out.append(
+                (
+                    "extraction-undefined",
+                    f"Carlini et al.'s extraction statistic is undefined (null): the reference set has {n_ref} images, "
+                    f"fewer than its n = {n} nearest neighbours; 'extracted' is never set",
+                )
+            )
+        return out

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from memwatch.checkpoints import CHECKPOINT_RE
 from memwatch.errors import MemwatchError
 from memwatch.hashing import sha256_file
-from memwatch.model_parts import ModelParts, is_text_conditioned
+from memwatch.models.parts import ModelParts, is_text_conditioned
 from memwatch.snapshots.checkpoint import RNG_STATE_FILE, CheckpointLayout
+from memwatch.snapshots.checkpoints import CHECKPOINT_RE
 from memwatch.snapshots.components import DEFAULT_NUM_TRAIN_TIMESTEPS, default_scheduler, scheduler_from
 from memwatch.snapshots.files import MODEL_STEM, check_safetensors, combined_sha256, model_weight_files
 from memwatch.snapshots.layout import Layout, LoadOptions
@@ -62,7 +62,7 @@ class Snapshot:
         step: training step from a ``checkpoint-<step>`` folder name, else None.
         path: the folder loaded.
         layout: ``"pipeline"``, ``"model"``, ``"checkpoint"`` or ``"lora"``.
-        parts: the model (:class:`~memwatch.model_parts.ModelParts`), in eval mode.
+        parts: the model (:class:`~memwatch.models.parts.ModelParts`), in eval mode.
         weights_sha256: sha256 of the weights probed: the file's own hash when one file was read,
             else the sha256 of ``"<sha256>  <label>\\n"`` lines sorted by label (the layout of
             ``sha256sum`` output) over :attr:`weights_files`.

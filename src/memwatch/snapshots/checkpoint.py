@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts, is_text_conditioned
+from memwatch.models.parts import ModelParts, is_text_conditioned
 from memwatch.snapshots.components import base_pipeline, load_unet
 from memwatch.snapshots.files import check_weight_files, model_folder_complete, model_weight_files, read_json
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, listing, text_parts_from

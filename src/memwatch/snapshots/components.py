@@ -124,7 +124,7 @@ def load_text_parts(
 
     Returns:
         ``{"tokenizer", "text_encoder", "vae"}`` (``vae`` None for pixel-space pipelines), the
-        :class:`~memwatch.model_parts.ModelParts` fields.
+        :class:`~memwatch.models.parts.ModelParts` fields.
     """
     tok_spec, enc_spec = component_spec(index, "tokenizer"), component_spec(index, "text_encoder")
     if tok_spec is None or enc_spec is None:

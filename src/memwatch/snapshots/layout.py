@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from memwatch.model_parts import ModelParts
+from memwatch.models.parts import ModelParts
 
 
 @dataclass

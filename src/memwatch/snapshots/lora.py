@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts
+from memwatch.models.parts import ModelParts
 from memwatch.snapshots.components import base_pipeline, load_unet
 from memwatch.snapshots.files import check_safetensors, check_weight_files, combined_sha256, model_weight_files
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions, text_parts_from

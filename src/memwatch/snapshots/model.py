@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memwatch.model_parts import ModelParts
+from memwatch.models.parts import ModelParts
 from memwatch.snapshots.checkpoint import from_base
 from memwatch.snapshots.components import load_unet
 from memwatch.snapshots.files import check_weight_files, model_folder_complete, model_weight_files, read_json

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from memwatch.errors import MemwatchError
-from memwatch.model_parts import ModelParts, is_text_conditioned
+from memwatch.models.parts import ModelParts, is_text_conditioned
 from memwatch.snapshots.components import UNET_CLASSES, component_spec, load_text_parts, load_unet
 from memwatch.snapshots.files import check_weight_files, model_weight_files, read_json, transformers_weight_files
 from memwatch.snapshots.layout import Layout, Loaded, LoadOptions

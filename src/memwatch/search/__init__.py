@@ -1,0 +1,1 @@
+"""Nearest-neighbour search over embeddings: exact in chunks, FAISS indexes for large sets, and all-pairs search."""
