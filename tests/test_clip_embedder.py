@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support.tolerance import ONE_PASS
 
 from memwatch.errors import MemwatchError
 
@@ -88,7 +89,7 @@ def test_safetensors_weights_are_loaded_and_embed_like_open_clip(tmp_path: Path)
     assert feats.shape == (4, 16) and feats.dtype == torch.float32
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(4))
     # The model's own preprocessing: a tiny model without tags gets open_clip's OpenAI constants.
-    torch.testing.assert_close(feats, reference_features(state, x, OPENAI_MEAN, OPENAI_STD), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, reference_features(state, x, OPENAI_MEAN, OPENAI_STD), **ONE_PASS)
 
     sim = emb.similarity(emb.pairwise_distance(feats, feats))
     torch.testing.assert_close(sim.diagonal(), torch.ones(4), rtol=0, atol=1e-5)
@@ -102,7 +103,7 @@ def test_other_sizes_are_resized_and_batching_does_not_change_results(tmp_path: 
     whole = ClipEmbedder(TINY, str(path), device="cpu", batch_size=32).embed(x)
     in_pairs = ClipEmbedder(TINY, str(path), device="cpu", batch_size=2).embed(x)
     assert whole.shape == (5, 16)
-    torch.testing.assert_close(in_pairs, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_pairs, whole, **ONE_PASS)
     assert ClipEmbedder(TINY, str(path), device="cpu").embed(x[:0]).shape == (0, 16)
 
 
@@ -214,7 +215,7 @@ def test_tag_resolves_from_the_hub_cache_with_its_own_preprocessing(tmp_path: Pa
     expected = reference_features(
         state, x, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1), quick_gelu=True
     )
-    torch.testing.assert_close(emb.embed(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb.embed(x), expected, **ONE_PASS)
 
 
 def test_unknown_architecture_is_named() -> None:

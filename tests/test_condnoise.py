@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support.tolerance import ONE_PASS
 
 from memwatch.errors import MemwatchError
 from memwatch.models.parts import ModelParts
@@ -42,7 +43,7 @@ def test_first_step_score_is_the_norm_of_the_prediction_difference(snap: ModelPa
                 - snap.unet(x, t, encoder_hidden_states=empty.expand(2, -1, -1)).sample
             )
             expected += diff.flatten(1).norm(dim=1) / FAST["num_generations"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, **ONE_PASS)
 
 
 def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: ModelParts) -> None:
@@ -52,7 +53,7 @@ def test_empty_prompt_scores_zero_and_scores_do_not_depend_on_the_batch(snap: Mo
     # (they sit in different rows of a batched CPU convolution, which may round differently).
     assert together[1] < 1e-4 and (together[[0, 2, 3]] > 1e-2).all()
     alone = condnoise_scores(snap, prompts[2:3], num_steps=2, batch_size=1, **FAST)
-    torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[2:3], alone, **ONE_PASS)
     assert torch.equal(condnoise_scores(snap, prompts, num_steps=2, batch_size=3, **FAST), together)
 
 

@@ -9,36 +9,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from support.clock import ScriptedClock, copy_save, delete
-from support.images import write_images
 from support.models import train_unconditional_like
+from support.watching import job_config, staged_run, watch
 
 from memwatch.cli import main
 from memwatch.core.config import load_config
-from memwatch.frontends.jobs import discover_snapshots, probe_run_dir, run_lock, watch_run_dir
+from memwatch.frontends.jobs import discover_snapshots, probe_run_dir, run_lock
 from memwatch.store import Store
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> dict:
-    write_images(tmp_path / "train", list(range(6)), size=16)
-    write_images(tmp_path / "holdout", list(range(40, 46)), size=16)
-    cfg = tmp_path / "memwatch.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "reference": "train",
-                "holdout": "holdout",
-                "run_name": "audit",
-                "probes": {
-                    "membership": {"every": 1, "num_members": 6, "num_holdout": 6, "timesteps": [100, 400]},
-                    "regurgitation": {"every": 1, "num_samples": 4, "inference_steps": 3, "batch_size": 4},
-                },
-            }
-        )
-    )
-    return {"train": tmp_path / "train", "config": cfg}
+    return job_config(tmp_path)
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -56,18 +39,10 @@ def _ok_results(run_dir: Path) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A run trained once (checkpoints every 2 steps to 8, then the final pipeline), copied into watched
-    folders by the scripted saves of each watch test."""
-    root = tmp_path_factory.mktemp("staged")
-    write_images(root / "train", list(range(6)), size=16)
-    train_unconditional_like(root / "run", root / "train", steps=8, every=2)
-    return {"run": root / "run", "train": root / "train"}
+    return staged_run(tmp_path_factory.mktemp("staged"))
 
 
-def _watch(run_dir: Path, config, clock: ScriptedClock, **kw):
-    report = watch_run_dir(run_dir, config, clock=clock.clock, sleep=clock.sleep, **kw)
-    assert clock.done, "the watch ended before training did"
-    return report
+_watch = watch
 
 
 def test_probe_twice_and_watch_give_the_same_metrics(data, staged, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 from sklearn.metrics import roc_auc_score, roc_curve
 from support.models import tiny_unet
+from support.tolerance import ONE_PASS
 
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import (
@@ -117,7 +118,7 @@ def test_loss_matches_its_definition(unet, prediction_type):
                 }[prediction_type]
                 per_t.append(float((pred - target).pow(2).mean()))
             expected.append(sum(per_t) / 2)
-    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, torch.tensor(expected), **ONE_PASS)
 
 
 def test_losses_deterministic_batch_and_order_independent(unet):
@@ -128,10 +129,10 @@ def test_losses_deterministic_batch_and_order_independent(unet):
     b = denoising_losses(unet, sched, x, timesteps=TIMESTEPS, noise_seeds=seeds, batch_size=5)
     assert torch.equal(a, b)
     c = denoising_losses(unet, sched, x, timesteps=TIMESTEPS, noise_seeds=seeds, batch_size=2)
-    torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, a, **ONE_PASS)
     perm = [3, 0, 4, 1, 2]
     d = denoising_losses(unet, sched, x[perm], timesteps=TIMESTEPS, noise_seeds=[seeds[i] for i in perm])
-    torch.testing.assert_close(d, a[perm], atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, a[perm], **ONE_PASS)
     other = denoising_losses(unet, sched, x, timesteps=TIMESTEPS, noise_seeds=[s + 1 for s in seeds])
     assert not torch.allclose(other, a)
 

@@ -123,7 +123,7 @@ def test_cached_vectors_live_in_shards_and_a_lost_shard_is_embedded_again(
     # a pickled .npy in its place is refused, not unpickled; its vectors are embedded again
     np.save(shard, np.array([{"x": 1}] * 12, dtype=object), allow_pickle=True)
     again = ReferenceIndex(load_reference_set(train_dir), embedder, EmbeddingCache(tmp_path / "cache"))
-    assert (again.computed, again.cached) == (12, 0) and "cannot be read" in caplog.text
+    assert (again.computed, again.cached) == (12, 0) and "cannot be used" in caplog.text
     assert torch.equal(first.embeddings, again.embeddings)
     shard.unlink()  # a removed shard: its rows now point at the newer one
     third = ReferenceIndex(load_reference_set(train_dir), embedder, EmbeddingCache(tmp_path / "cache"))

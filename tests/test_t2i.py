@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.models import TOKENS, text_to_image_parts, tiny_clip_text_encoder, tiny_clip_tokenizer
+from support.tolerance import SAMPLING
 
 from memwatch.errors import MemwatchError
 from memwatch.models.parts import ModelParts
@@ -28,7 +29,7 @@ def test_a_seed_gives_the_same_image_in_any_batch(snap: ModelParts) -> None:
     prompts, seeds = ["a red fox", "a blue car", "a red fox"], [5, 6, 7]
     together = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=STEPS, batch_size=2)
     alone = generate_text_to_image_samples(snap, prompts[1:2], seeds[1:2], num_inference_steps=STEPS, batch_size=1)
-    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1:2], alone, **SAMPLING)
     # same prompt, other seed: another image; same seed, other prompt: another image
     assert not torch.allclose(together[0], together[2], atol=1e-3)
     again = generate_text_to_image_samples(snap, ["a blue car"], [5], num_inference_steps=STEPS)
@@ -55,9 +56,9 @@ def test_guidance_combines_conditional_and_empty_prompt(snap: ModelParts) -> Non
         return generate_text_to_image_samples(snap, [prompt], [0], guidance_scale=scale, num_inference_steps=STEPS)
 
     # w = 0 is the unconditional (empty-prompt) prediction alone, whatever the prompt
-    torch.testing.assert_close(run("a red fox", 0.0), run("", 1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run("a red fox", 0.0), run("", 1.0), **SAMPLING)
     # w = 1 is the conditional prediction alone (the shortcut path agrees with the guided formula)
-    torch.testing.assert_close(run("a red fox", 1.0), run("a red fox", 1.0 + 1e-7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run("a red fox", 1.0), run("a red fox", 1.0 + 1e-7), **SAMPLING)
     assert not torch.allclose(run("a red fox", 7.5), run("a red fox", 1.0), atol=1e-3)
 
 

@@ -33,7 +33,8 @@ def write_output(path: str | Path, content: str | bytes, option: str = "the outp
     path = Path(path)
     if path.is_dir():
         raise MemwatchError(f"{option} {path} is a folder: pass a file path")
-    data = content.encode("utf-8") if isinstance(content, str) else content
+    # names with bytes that are not UTF-8 (surrogate escapes) are written with those bytes as \\xNN
+    data = content.encode("utf-8", "backslashreplace") if isinstance(content, str) else content
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,12 @@ def load_class(spec: str, builtins: Mapping[str, str], base: type, what: str) ->
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise MemwatchError(f"{what} {spec!r}: cannot import {module_name} ({e}); check the import path") from None
+    except Exception as e:  # a SyntaxError, or an error raised by the module's own code while it is imported
+        where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise MemwatchError(
+            f"{what} {spec!r}: importing {module_name} failed: {type(e).__name__}{where}: {first}; fix that module"
+        ) from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise MemwatchError(f"{what} {spec!r}: {module_name} has no {base.__name__} subclass {attr!r}")

@@ -79,15 +79,35 @@ def run(args: argparse.Namespace) -> int:
     new = embed_items(refs, mine, embedder, cache, batch_size=args.batch_size, progress=state.is_main_process)
     print(f"process {state.process_index}: embedded {len(new)} of {len(todo)} to do ({len(have)} were cached)")
     state.wait_for_everyone()
+    problem = None
     if state.is_main_process:
-        index = ReferenceIndex(refs, embedder, cache, search=args.search)  # all cached now: no embedding
-        search = index.prepare_search()
-        kept = getattr(search, "loaded", None)
-        state_note = {None: "nothing to build", True: "loaded (already built)", False: "built and kept"}
-        print(
-            f"{len(refs)} images ({len(index)} distinct) embedded with {embedder.name} in {cache.path}; "
-            f"search {search.describe()['kind']}: {state_note[kept]}"
-        )
+        # storing is this command's job: check the cache holds every vector before saying it does
+        stored = EmbeddingCache(args.cache_dir)
+        have_now = stored.get(embedder.key, [it.sha256 for it in distinct])
+        usable = {it.id for it in refs.items}  # images found undecodable while embedding were skipped (and named)
+        missing = [it for it in distinct if it.sha256 not in have_now and it.id in usable]
+        if stored.db is None or missing:
+            problem = (
+                f"the embedding cache {cache.path} could not store {len(missing) or 'the'} vectors (see the warning "
+                "above): nothing is kept for probes to reuse; set --cache-dir to a writable folder with free space"
+            )
+        else:
+            index = ReferenceIndex(refs, embedder, stored, search=args.search)  # all cached now: no embedding
+            search = index.prepare_search()
+            if getattr(search, "kept", True) is False:
+                problem = (
+                    f"the {search.kind} search index could not be kept beside the cache in {stored.dir} (see the "
+                    "warning above): set --cache-dir to a writable folder with free space"
+                )
+            else:
+                kept = getattr(search, "loaded", None)
+                state_note = {None: "nothing to build", True: "loaded (already built)", False: "built and kept"}
+                print(
+                    f"{len(refs)} images ({len(index)} distinct) embedded with {embedder.name} in {stored.path}; "
+                    f"search {search.describe()['kind']}: {state_note[kept]}"
+                )
     state.wait_for_everyone()
     state.destroy_process_group()  # as accelerator.end_training() does: no rank exits with gloo's threads running
+    if problem is not None:
+        raise MemwatchError(problem)
     return 0

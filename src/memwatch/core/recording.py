@@ -104,7 +104,7 @@ class Recorder:
         *,
         key: Callable[[Probe], str],
         key_of: Mapping[str, str],
-    ) -> bool:
+    ) -> str | None:
         """Store the snapshot, its results and failures and the events, in one transaction.
 
         Args:
@@ -116,7 +116,7 @@ class Recorder:
             key_of: probe name -> result key, for the failures.
 
         Returns:
-            Whether it was stored (False: logged, and nothing of it is in the store).
+            None when it was stored; else why not (logged; nothing of it is in the store).
         """
         host = socket.gethostname()
         try:
@@ -136,11 +136,12 @@ class Recorder:
                         )
                 for event in events:
                     self.store.add_event(self.run_id, {**event.to_dict(), "snapshot_id": snap})
-            return True
+            return None
         except Exception as e:
             # The training goes on; the warnings still reach the log and the outputs.
-            log.error("memwatch: step %d could not be recorded: %s", snapshot["step"], failure_reason(e))
-            return False
+            reason = failure_reason(e)
+            log.error("memwatch: step %d could not be recorded: %s", snapshot["step"], reason)
+            return reason
 
     def write_failures(self, step: int, failures: Mapping[str, tuple[str, str]]) -> None:
         """A live snapshot at ``step`` on which probes could not run: probe name -> (result key, reason)."""

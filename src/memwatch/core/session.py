@@ -648,10 +648,13 @@ class ProbeSession:
         for name, reason in failures.items():
             self.failures.append({"step": step, "probe": name, "error": reason})
         by_name = {p.name: p for p in self.probes}
-        self.recorder.write(
+        lost = self.recorder.write(
             snapshot, outcomes, failures, events, key=self.probe_hash,
             key_of={name: self.probe_hash(by_name[name]) for name in failures},
         )  # fmt: skip
+        if lost is not None:  # measured but not on the record: the front-ends count it as failed
+            for outcome in outcomes:
+                self.failures.append({"step": step, "probe": outcome.probe.name, "error": f"not recorded: {lost}"})
         self._add_time("store", time.perf_counter() - t0)
         self.latest.update(flat)
         self.outputs.metrics(flat, step)

@@ -15,6 +15,13 @@ file's) and reads one back later by its *locator*, without extracting anything:
   caption column holds strings. Locator: ``("parquet", row group, row in group)`` or
   ``("arrow", row)``.
 
+One bad item never costs its file: an empty image cell, a member cut off by a truncated shard, a caption
+that is not UTF-8 JSON are each named in :attr:`Listing.skipped` (the image is not used) or
+:attr:`Listing.notes` (the image is used, its caption is not), and the rest of the file is read. Samples are
+grouped as webdataset groups them: consecutive members with the same key, a repeated suffix starting a new
+sample, so two images under one key are two samples (the second named ``<name>#2``). Names that are not
+UTF-8 are kept with their bytes escaped (``\\xff``), so they can be stored and shown.
+
 Example:
     >>> import io, tarfile, tempfile
     >>> from pathlib import Path
@@ -27,9 +34,9 @@ Example:
     ...         info = tarfile.TarInfo(name)
     ...         info.size = len(data.getvalue())
     ...         tar.addfile(info, io.BytesIO(data.getvalue()))
-    >>> [(m.name, m.caption) for m in list_members(shard)]
+    >>> [(m.name, m.caption) for m in list_members(shard).members]
     [('0001.png', 'a red square')]
-    >>> read_member(shard, list_members(shard)[0].locator) == png_bytes.getvalue()
+    >>> read_member(shard, list_members(shard).members[0].locator) == png_bytes.getvalue()
     True
 """
 
@@ -38,8 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +78,42 @@ class Member:
     locator: tuple
 
 
+@dataclass
+class Listing:
+    """What one container file holds.
+
+    Attributes:
+        members: the images, in the container's order.
+        skipped: ``(name, reason)`` of every item whose image could not be read (not used).
+        notes: ``(name, reason)`` of items used without something (a caption that could not be read).
+    """
+
+    members: list[Member] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ColumnError(MemwatchError):
+    """A table has no column of the name the settings give: a setting to fix, not a file to skip."""
+
+
+def safe_name(name: str) -> str:
+    """``name`` with bytes that are not UTF-8 (read as surrogate escapes) written as ``\\xNN``.
+
+    Example:
+        >>> safe_name(b"caf\\xe9.png".decode("utf-8", "surrogateescape"))
+        'caf\\\\xe9.png'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_container(path: Path) -> bool:
     """True for a file whose members are images (``.tar``, ``.parquet``, ``.arrow``)."""
     return path.suffix.lower() in CONTAINER_SUFFIXES
 
 
-def list_members(path: Path, image_column: str | None = None, caption_column: str | None = None) -> list[Member]:
-    """Every image of one container file, in the container's order.
+def list_members(path: Path, image_column: str | None = None, caption_column: str | None = None) -> Listing:
+    """Every image of one container file, in the container's order, and what could not be read in it.
 
     Args:
         path: a ``.tar`` shard, a ``.parquet`` file or an ``.arrow`` file.
@@ -86,19 +121,25 @@ def list_members(path: Path, image_column: str | None = None, caption_column: st
         caption_column: the column (or tar suffix) holding captions; default ``text``, then ``caption``.
 
     Raises:
-        MemwatchError: the file cannot be read, or a table has no such image column.
+        ColumnError: a table has no such image (or caption) column.
+        MemwatchError: the file as a whole cannot be read (empty, not a container, unreadable).
     """
     suffix = path.suffix.lower()
+    listing = Listing()
     try:
+        if path.stat().st_size == 0:
+            raise MemwatchError(f"{path}: an empty file (0 bytes), not a {suffix[1:]} file")
         if suffix == ".tar":
-            return list(_tar_members(path, image_column, caption_column))
-        return list(_table_members(path, image_column or DEFAULT_IMAGE_COLUMN, caption_column))
+            _tar_members(path, image_column, caption_column, listing)
+        else:
+            _table_members(path, image_column or DEFAULT_IMAGE_COLUMN, caption_column, listing)
     except MemwatchError:
         raise
     except (OSError, tarfile.TarError) as e:
         raise MemwatchError(f"{path}: cannot read ({e}): check the file") from None
     except Exception as e:  # pyarrow's errors for a damaged file: name the file
         raise MemwatchError(f"{path}: cannot read ({type(e).__name__}: {e}): check the file") from None
+    return listing
 
 
 def read_member(path: Path, locator: tuple) -> bytes:
@@ -120,33 +161,55 @@ def read_member(path: Path, locator: tuple) -> bytes:
 # ---------------------------------------------------------------------------------------------- tar
 
 
-def _tar_members(path: Path, image_column: str | None, caption_column: str | None) -> Iterator[Member]:
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
-    with tarfile.open(path, "r:") as tar:  # uncompressed: members are read back by seeking to them
-        for info in tar:
+def _tar_members(path: Path, image_column: str | None, caption_column: str | None, listing: Listing) -> None:
+    samples: list[dict[str, tarfile.TarInfo]] = []
+    keys: list[str] = []
+    damaged = None
+    # names as bytes that are not UTF-8 come back as surrogate escapes, written out by safe_name()
+    with tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape") as tar:  # read back by seeking
+        while True:
+            try:
+                info = tar.next()
+            except tarfile.TarError as e:  # a shard cut off or damaged: what came before it is still good
+                if not samples:
+                    raise
+                damaged = str(e)
+                break
+            if info is None:
+                break
             if not info.isfile():
                 continue
             folder, _, base = info.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             if not dot:
                 continue
-            key = f"{folder}/{stem}" if folder else stem
-            if key not in groups:
-                groups[key] = {}
-                order.append(key)
-            groups[key][ext.lower()] = info
+            key, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
+            # webdataset's grouping: a new sample when the key changes or a suffix repeats within one
+            if not samples or keys[-1] != key or ext in samples[-1]:
+                samples.append({})
+                keys.append(key)
+            samples[-1][ext] = info
+        size = path.stat().st_size
+        seen: dict[str, int] = {}
         with open(path, "rb") as f:
-            for key in order:
-                members = groups[key]
+            for members in samples:
                 image = _pick_image(members, image_column)
                 if image is None:
                     continue
+                name = safe_name(image.name)
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    name = f"{name}#{seen[name]}"  # a second sample under the same name: both were trained on
+                if image.offset_data + image.size > size:
+                    listing.skipped.append((name, "cut off: the shard ends inside this member"))
+                    damaged = None  # said
+                    continue
                 f.seek(image.offset_data)
                 data = f.read(image.size)
-                yield Member(
-                    image.name, data, _tar_caption(tar, members, caption_column), ("tar", image.offset_data, image.size)
-                )
+                caption = _tar_caption(tar, members, caption_column, name, listing)
+                listing.members.append(Member(name, data, caption, ("tar", image.offset_data, image.size)))
+        if damaged is not None:
+            listing.skipped.append((f"after {safe_name(keys[-1])}", f"the shard ends in a damaged member ({damaged})"))
 
 
 def _pick_image(members: dict[str, tarfile.TarInfo], image_column: str | None) -> tarfile.TarInfo | None:
@@ -155,20 +218,24 @@ def _pick_image(members: dict[str, tarfile.TarInfo], image_column: str | None) -
     return next((info for ext, info in members.items() if f".{ext.rsplit('.', 1)[-1]}" in IMAGE_SUFFIXES), None)
 
 
-def _tar_caption(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], caption_column: str | None) -> str | None:
-    for ext in ([caption_column.lower()] if caption_column else []) + ["txt"]:
-        if ext in members and ext != "json":
-            f = tar.extractfile(members[ext])
-            return f.read().decode("utf-8", errors="replace").strip() if f else None
-    if "json" in members:
-        f = tar.extractfile(members["json"])
-        try:
-            meta = json.loads(f.read()) if f else {}
-        except json.JSONDecodeError:
-            return None
-        for column in ([caption_column] if caption_column else []) + list(CAPTION_FALLBACKS):
-            if isinstance(meta, dict) and isinstance(meta.get(column), str):
-                return meta[column]
+def _tar_caption(
+    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], caption_column: str | None, name: str, listing: Listing
+) -> str | None:
+    """A sample's caption: the caption suffix's text, else a ``.json`` member's caption field; a caption that
+    cannot be read is noted, and the image is used without it."""
+    try:
+        for ext in ([caption_column.lower()] if caption_column else []) + ["txt"]:
+            if ext in members and ext != "json":
+                f = tar.extractfile(members[ext])
+                return f.read().decode("utf-8", errors="replace").strip() if f else None
+        if "json" in members:
+            f = tar.extractfile(members["json"])
+            meta = json.loads(f.read().decode("utf-8")) if f else {}
+            for column in ([caption_column] if caption_column else []) + list(CAPTION_FALLBACKS):
+                if isinstance(meta, dict) and isinstance(meta.get(column), str):
+                    return meta[column]
+    except (ValueError, OSError, tarfile.TarError) as e:  # not UTF-8, not JSON, cut off
+        listing.notes.append((name, f"caption not read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"))
     return None
 
 
@@ -187,7 +254,7 @@ def pyarrow() -> Any:
     return pyarrow
 
 
-def _table_members(path: Path, image_column: str, caption_column: str | None) -> Iterator[Member]:
+def _table_members(path: Path, image_column: str, caption_column: str | None, listing: Listing) -> None:
     pyarrow()
     if path.suffix.lower() == ".parquet":
         pf = _parquet_file(str(path))
@@ -197,11 +264,9 @@ def _table_members(path: Path, image_column: str, caption_column: str | None) ->
         row0 = 0
         for group in range(pf.num_row_groups):
             table = pf.read_row_group(group, columns=[image_column] + ([caption] if caption else []))
-            for row, value in enumerate(table.column(image_column).to_pylist()):
-                text = table.column(caption)[row].as_py() if caption else None
-                yield Member(
-                    f"{row0 + row:06d}", _image_bytes(value, path), text, ("parquet", group, row, image_column)
-                )
+            texts = table.column(caption).to_pylist() if caption else [None] * table.num_rows
+            for row, (value, text) in enumerate(zip(table.column(image_column).to_pylist(), texts, strict=True)):
+                _add_row(listing, f"{row0 + row:06d}", value, text, path, ("parquet", group, row, image_column))
             row0 += table.num_rows
         return
     table = _arrow_table(str(path))
@@ -215,12 +280,25 @@ def _table_members(path: Path, image_column: str, caption_column: str | None) ->
         captions = texts.slice(start, BATCH_ROWS).to_pylist() if texts is not None else [None] * len(values)
         for k, (value, text) in enumerate(zip(values, captions, strict=True)):
             row = start + k
-            yield Member(f"{row:06d}", _image_bytes(value, path), text, ("arrow", row, image_column))
+            _add_row(listing, f"{row:06d}", value, text, path, ("arrow", row, image_column))
+
+
+def _add_row(listing: Listing, name: str, value: Any, text: Any, path: Path, locator: tuple) -> None:
+    """One table row: its image (or why it is skipped) and its caption (a non-string caption is noted)."""
+    try:
+        data = _image_bytes(value, path)
+    except (ValueError, OSError) as e:
+        listing.skipped.append((name, f"no image in this row ({e})"))
+        return
+    if text is not None and not isinstance(text, str):
+        listing.notes.append((name, f"caption is a {type(text).__name__}, not text: not used"))
+        text = None
+    listing.members.append(Member(name, data, text, locator))
 
 
 def _check_column(column: str, names: list[str], path: Path) -> None:
     if column not in names:
-        raise MemwatchError(
+        raise ColumnError(
             f"{path}: no image column {column!r} (columns: {', '.join(names)}): set image_column "
             "(--image-column), as the training script's --image_column"
         )
@@ -229,7 +307,7 @@ def _check_column(column: str, names: list[str], path: Path) -> None:
 def _caption_column(names: list[str], caption_column: str | None, path: Path) -> str | None:
     if caption_column:
         if caption_column not in names:
-            raise MemwatchError(
+            raise ColumnError(
                 f"{path}: no caption column {caption_column!r} (columns: {', '.join(names)}): set caption_column "
                 "(--caption-column), as the training script's --caption_column"
             )
@@ -248,7 +326,9 @@ def _image_bytes(value: Any, path: Path) -> bytes:
     if isinstance(value, str) and value:
         p = Path(value)
         return (p if p.is_absolute() else path.parent / p).read_bytes()
-    raise ValueError(f"an empty image cell in {path}")
+    raise ValueError(
+        "an empty image cell" if value in (None, b"", "") else f"an image cell of type {type(value).__name__}"
+    )
 
 
 @functools.lru_cache(maxsize=8)

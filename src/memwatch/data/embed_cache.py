@@ -7,6 +7,13 @@ WAL mode, so concurrent jobs share it safely) maps each (embedder, sha256) to it
 Reading a million vectors is then a few large sequential reads instead of a million database rows,
 and nothing is unpickled: ``.npy`` files are opened with ``allow_pickle=False``.
 
+Integrity: a shard is written to a temporary file of its own, flushed to disk, renamed into place, and only
+then recorded, with its sha256, row count and width (table ``shards``). A shard is checked against that
+record when it is first read by a process: a shard that was removed, cut, rewritten, or whose rows were
+damaged under an intact header is not served; its vectors are embedded again, with a warning. Shards of
+caches written before checksums existed are checked for shape and finite values, then their checksum is
+recorded (they are trusted from then on).
+
 The default folder is ``$MEMWATCH_CACHE_DIR`` or ``~/.cache/memwatch`` (:mod:`memwatch.data.sqlite_cache`).
 """
 
@@ -29,6 +36,7 @@ from memwatch.data.refset import ReferenceItem, ReferenceSet
 from memwatch.data.sqlite_cache import SqliteCache, default_cache_dir
 from memwatch.embedders.base import Embedder
 from memwatch.errors import MemwatchError
+from memwatch.hashing import sha256_file
 
 log = logging.getLogger("memwatch")
 
@@ -53,11 +61,17 @@ class EmbeddingCache(SqliteCache):
         super().__init__(
             "embedding cache",
             self.dir / "embeddings.sqlite",
-            "CREATE TABLE IF NOT EXISTS vectors (key TEXT, sha256 TEXT, shard TEXT, row INTEGER,"
-            " PRIMARY KEY (key, sha256))",
+            (
+                "CREATE TABLE IF NOT EXISTS vectors (key TEXT, sha256 TEXT, shard TEXT, row INTEGER,"
+                " PRIMARY KEY (key, sha256))",
+                "CREATE TABLE IF NOT EXISTS shards (key TEXT, shard TEXT, sha256 TEXT NOT NULL, rows INTEGER NOT NULL,"
+                " dim INTEGER NOT NULL, PRIMARY KEY (key, shard))",
+            ),
             "embedding without it; set cache_dir or $MEMWATCH_CACHE_DIR to a writable folder, or delete a corrupt "
             "cache file",
         )
+        #: shard path -> (size, mtime_ns) at which it was checked in this process
+        self._checked: dict[Path, tuple[int, int]] = {}
 
     def shard_dir(self, key: str) -> Path:
         """The folder of one embedder's shards (named by a hash of its key, which may be long)."""
@@ -86,13 +100,14 @@ class EmbeddingCache(SqliteCache):
         for shard, wanted in where.items():
             path = self.shard_dir(key) / shard
             try:
+                self._check(key, shard, path)
                 data = np.load(path, mmap_mode="r", allow_pickle=False)
                 rows = np.sort([r for _, r in wanted])  # sorted: sequential reads of the map
                 block = np.array(data[rows], dtype=np.float32)
                 del data  # the map is released here: no file stays open between calls
-            except (OSError, ValueError, IndexError) as e:
+            except (OSError, ValueError, IndexError, sqlite3.Error) as e:
                 log.warning(
-                    "embedding cache shard %s cannot be read (%s): its %d vectors are embedded again",
+                    "embedding cache shard %s cannot be used (%s): its %d vectors are embedded again",
                     path,
                     e,
                     len(wanted),
@@ -102,6 +117,33 @@ class EmbeddingCache(SqliteCache):
             for sha, r in wanted:
                 found[sha] = torch.from_numpy(block[position[r]])
         return found
+
+    def _check(self, key: str, shard: str, path: Path) -> None:
+        """Raise ValueError unless the shard file is the one recorded (its sha256, rows and width); a shard of an
+        older cache, without a record, is checked for shape and finite values and then recorded."""
+        st = path.stat()
+        if self._checked.get(path) == (st.st_size, st.st_mtime_ns):
+            return
+        assert self.db is not None
+        row = self.db.execute(
+            "SELECT sha256, rows, dim FROM shards WHERE key = ? AND shard = ?", (key, shard)
+        ).fetchone()
+        digest = sha256_file(path)
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        shape, dtype = data.shape, data.dtype
+        if len(shape) != 2 or dtype != np.float32:
+            raise ValueError(f"holds a {dtype} array of shape {shape}, not float32 vectors")
+        if row is None:
+            if not np.isfinite(np.asarray(data)).all():
+                raise ValueError("holds values that are not finite")
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)", (key, shard, digest, *shape))
+        elif row[0] != digest:
+            raise ValueError("its content is not what was written (sha256 mismatch)")
+        elif tuple(row[1:]) != tuple(shape):
+            raise ValueError(f"holds {shape[0]} x {shape[1]}, not the {row[1]} x {row[2]} written")
+        del data
+        self._checked[path] = (st.st_size, st.st_mtime_ns)
 
     def put(self, key: str, vectors: dict[str, torch.Tensor]) -> None:
         """Write vectors as new shards (one per vector length) and record them in one transaction; a
@@ -114,19 +156,38 @@ class EmbeddingCache(SqliteCache):
         folder = self.shard_dir(key)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            rows = []
+            rows, shards = [], []
             for shas in by_size.values():
                 block = torch.stack([vectors[s].detach().float().cpu().reshape(-1) for s in shas]).numpy()
                 name = f"{uuid.uuid4().hex}.npy"  # unique: concurrent writers never share a file
                 tmp = folder / f".{name}.tmp"
                 with open(tmp, "wb") as f:
                     np.save(f, block, allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before any row points at it
+                shards.append((key, name, sha256_file(tmp), *block.shape))
                 os.replace(tmp, folder / name)  # a shard appears whole or not at all
                 rows += [(key, s, name, i) for i, s in enumerate(shas)]
+            _fsync_folder(folder)  # the rename too
             with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)", shards)
                 self.db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)", rows)
         except (OSError, sqlite3.Error) as e:
             self.disable(e)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -215,6 +276,7 @@ def embed_reference(
     """
     key = embedder.key
     have = cache.get(key, [it.sha256 for it in refs.items]) if cache is not None else {}
+    have = _of_one_width(have, refs, embedder)
     todo = [it for it in refs.items if it.sha256 not in have]
     new = embed_items(refs, todo, embedder, cache, batch_size=batch_size)
     if not refs.items:
@@ -222,3 +284,20 @@ def embed_reference(
     have.update(new)
     emb = torch.stack([have[it.sha256] for it in refs.items])
     return EmbeddedSet(embeddings=emb, computed=len(new), cached=sum(it.sha256 not in new for it in refs.items))
+
+
+def _of_one_width(have: dict[str, torch.Tensor], refs: ReferenceSet, embedder: Embedder) -> dict[str, torch.Tensor]:
+    """Cached vectors of the embedder's width only: when they disagree (a cache damaged by hand, or by another
+    program), one image is embedded to learn the width, and the others are embedded again."""
+    widths = {v.numel() for v in have.values()}
+    if len(widths) <= 1:
+        return have
+    probe = refs.items[0]
+    images, kept = refs.load([probe], embedder.resolution)
+    if not kept:
+        return {}
+    width = embedder.embed(images)[0].numel()
+    wrong = [sha for sha, v in have.items() if v.numel() != width]
+    log.warning("embedding cache: %d vectors are not %d wide, as %s's are: they are embedded again", len(wrong),
+                width, embedder.name)  # fmt: skip
+    return {sha: v for sha, v in have.items() if v.numel() == width}

@@ -35,6 +35,11 @@ from memwatch.hashing import sha256_file
 RACY_S = 2.0
 
 
+def _path_key(p: Path) -> str:
+    """The cache's key of a file: its resolved path, bytes that are not UTF-8 written as ``\\xNN`` (SQLite text)."""
+    return str(p.resolve()).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _key(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
@@ -64,7 +69,7 @@ class FileHashCache(SqliteCache):
         stats: dict[str, tuple[Path, tuple[int, int, int]]] = {}
         for p in paths:
             try:
-                stats[str(p.resolve())] = (p, _key(p.stat()))
+                stats[_path_key(p)] = (p, _key(p.stat()))
             except OSError:
                 continue  # gone or unreadable: the caller reads it and records why
         found: dict[Path, str] = {}
@@ -97,7 +102,7 @@ class FileHashCache(SqliteCache):
             except OSError:
                 continue
             if now - st.st_mtime_ns / 1e9 >= RACY_S:
-                rows.append((str(p.resolve()), *_key(st), sha))
+                rows.append((_path_key(p), *_key(st), sha))
         try:
             with self.db:
                 self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)

@@ -9,14 +9,18 @@ These forms are accepted, told apart by inspecting the path:
 * a plain image folder, searched recursively;
 * images inside files (:mod:`memwatch.data.containers`), as the training scripts read them: a Hugging Face
   dataset by name from the local cache (``hf:NAME`` or ``hf:NAME:CONFIG``, split ``train``), a
-  ``save_to_disk`` folder, parquet files, or webdataset tar shards (one file, or a folder of them with
-  no loose images), with ``image_column`` / ``caption_column`` named like the scripts' flags.
+  ``save_to_disk`` folder, parquet files, or webdataset tar shards (one file, or a folder of them, such as
+  img2dataset writes: its ``.parquet`` files beside each ``.tar``, of the same name, are the shards'
+  metadata, not images), with ``image_column`` / ``caption_column`` named like the scripts' flags. A
+  folder that holds both loose images and containers is read whole: every image in it is a reference.
 
 Every item gets a stable id (its path relative to the set's root, unless the manifest gives one; for
 an image inside a file, that file's path and the image's name or row in it, e.g.
 ``shard-000.tar/0001.jpg`` or ``train.parquet/000017``) and the sha256 of its bytes; the set gets a
-manifest hash over ``(id, sha256, caption, identity)``. Files that cannot be read or decoded are kept
-in :attr:`ReferenceSet.skipped` with the reason, counted and reported, never dropped silently.
+manifest hash over ``(id, sha256, caption, identity)``. Files, and images inside files, that cannot be
+read or decoded are kept in :attr:`ReferenceSet.skipped` with the reason, counted and reported, never
+dropped silently; an image used without its caption (unreadable) is named in
+:attr:`ReferenceSet.caption_notes`. Names that are not UTF-8 become ids with their bytes escaped (``\\xff``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from memwatch.data.containers import safe_name
 from memwatch.data.file_hashes import FileHashCache
 from memwatch.data.images import is_image_path, load_image
 from memwatch.errors import MemwatchError
@@ -87,6 +92,8 @@ class ReferenceSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: files in the folder that are not images (a README, metadata.jsonl...): counted, not used
     not_images: int = 0
+    #: ``(id, reason)`` of images used without their caption (it could not be read)
+    caption_notes: list[tuple[str, str]] = field(default_factory=list)
     #: the image_column / caption_column settings it was read with (only those set)
     columns: dict[str, str] = field(default_factory=dict)
 
@@ -105,17 +112,19 @@ class ReferenceSet:
 
     def skip(self, path: str | Path, reason: str) -> None:
         """Record an unusable file (logged as a warning, and reported by every front-end)."""
-        log.warning("skipping %s: %s", path, reason)
-        self.skipped.append((str(path), reason))
+        name = safe_name(str(path))
+        log.warning("skipping %s: %s", name, reason)
+        self.skipped.append((name, reason))
 
     def summary(self) -> dict:
         """Counts and hash, for stores and reports."""
         return {
-            "root": str(self.root),
+            "root": safe_name(str(self.root)),
             "n": len(self.items),
             "skipped": len(self.skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped[:20]],
             "not_images": self.not_images,
+            "captions_unreadable": len(self.caption_notes),
             "manifest_sha256": self.manifest_sha256,
             **({"columns": dict(self.columns)} if self.columns else {}),
         }
@@ -229,7 +238,7 @@ def load_reference_set(
             sha = sha256_bytes(data)
             if "data" not in entry:
                 hashed[p] = sha
-        item_id = entry.get("id") or (p.relative_to(base).as_posix() if _is_under(p, base) else str(p))
+        item_id = safe_name(entry.get("id") or (p.relative_to(base).as_posix() if _is_under(p, base) else str(p)))
         if item_id in seen:
             raise MemwatchError(
                 f"{what} {root}: id {item_id!r} is used by both {seen[item_id]} and {p}; ids must be unique"
@@ -281,10 +290,9 @@ def _read_folder(root: Path, refs: ReferenceSet, image_column: str | None, capti
 
     meta: dict[Path, dict] = {}
     files, metadata = _walk(root, refs)
-    containers = [p for p in files if is_container(p)]
-    if containers and not any(is_image_path(p) for p in files):
-        refs.not_images += len(files) - len(containers) + len(metadata)
-        return _read_containers(containers, root, refs, image_column, caption_column)
+    containers = _image_containers([p for p in files if is_container(p)])
+    entries = _read_containers(containers, root, refs, image_column, caption_column) if containers else []
+    files = [p for p in files if not is_container(p) or p not in containers]
     for mfile in metadata:
         for row in _jsonl_rows(mfile):
             name = row.get("file_name")
@@ -292,14 +300,23 @@ def _read_folder(root: Path, refs: ReferenceSet, image_column: str | None, capti
                 raise MemwatchError(f"{mfile}: every line needs a 'file_name' (diffusers imagefolder format)")
             caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
             meta[(mfile.parent / name).resolve()] = {"caption": caption, "identity": row.get("identity")}
-    entries = []
     for p in files:
         if is_image_path(p):
             extra = meta.get(p.resolve(), {})
             entries.append({"path": p, **{k: v for k, v in extra.items() if v is not None}})
         else:
             refs.not_images += 1
+    if not containers:
+        return entries
+    refs.not_images += len(metadata)
     return entries
+
+
+def _image_containers(containers: list[Path]) -> list[Path]:
+    """The containers that hold images: beside tar shards, a table named like a shard (img2dataset's
+    ``00000.parquet`` beside ``00000.tar``) is that shard's metadata, not images."""
+    shards = {p.with_suffix("") for p in containers if p.suffix.lower() == ".tar"}
+    return [p for p in containers if p.suffix.lower() == ".tar" or p.with_suffix("") not in shards]
 
 
 def _walk(root: Path, refs: ReferenceSet) -> tuple[list[Path], list[Path]]:
@@ -342,19 +359,24 @@ def _read_containers(
     files: list[Path], base: Path | None, refs: ReferenceSet, image_column: str | None, caption_column: str | None
 ) -> list[dict]:
     """Entries for the images inside container files; ids are ``<file relative to base>/<member>``."""
-    from memwatch.data.containers import list_members
+    from memwatch.data.containers import ColumnError, list_members
 
     entries = []
     for f in files:
-        prefix = f.relative_to(base).as_posix() if base is not None and _is_under(f, base) else f.name
+        prefix = safe_name(f.relative_to(base).as_posix() if base is not None and _is_under(f, base) else f.name)
         try:
-            members = list_members(f, image_column, caption_column)
+            listing = list_members(f, image_column, caption_column)
+        except ColumnError:
+            raise  # a wrong column name is a setting to fix, not a file to skip
         except MemwatchError as e:
-            if "column" in str(e):
-                raise  # a wrong column name is a setting to fix, not a file to skip
             refs.skip(f, str(e))
             continue
-        for m in members:
+        for name, reason in listing.skipped:
+            refs.skip(f"{prefix}/{name}", reason)
+        for name, reason in listing.notes:
+            log.warning("%s/%s: %s", prefix, name, reason)
+            refs.caption_notes.append((f"{prefix}/{name}", reason))
+        for m in listing.members:
             entry: dict = {"path": f, "id": f"{prefix}/{m.name}", "data": m.data, "locator": m.locator}
             if m.caption is not None:
                 entry["caption"] = m.caption
@@ -366,7 +388,7 @@ def _saved_dataset_files(folder: Path) -> list[Path] | None:
     """The arrow files of a ``datasets`` ``save_to_disk`` folder (a DatasetDict: its ``train`` split), or
     None if the folder is not one."""
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _json_file(folder / "dataset_dict.json").get("splits", [])
         if "train" not in splits:
             raise MemwatchError(
                 f"{folder}: a DatasetDict without a 'train' split (splits: {splits}): pass a split folder"
@@ -375,8 +397,26 @@ def _saved_dataset_files(folder: Path) -> list[Path] | None:
     state = folder / "state.json"
     if not state.is_file() or not (folder / "dataset_info.json").is_file():
         return None
-    files = json.loads(state.read_text()).get("_data_files", [])
+    files = _json_file(state).get("_data_files", [])
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files
+    ):
+        raise MemwatchError(f"{state}: '_data_files' is not a list of files: the folder is not a whole save_to_disk")
     return [folder / f["filename"] for f in files]
+
+
+def _json_file(path: Path) -> dict:
+    """A ``datasets`` folder's JSON file as a dict, or one line naming it when it is damaged."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, cut off
+        raise MemwatchError(
+            f"{path} cannot be read as JSON ({type(e).__name__}: {str(e).splitlines()[0]}): the dataset folder is "
+            "damaged; save it again with save_to_disk"
+        ) from None
+    if not isinstance(doc, dict):
+        raise MemwatchError(f"{path} is not a JSON object: the dataset folder is damaged; save it again")
+    return doc
 
 
 def _hub_dataset_files(spec: str, what: str) -> tuple[list[Path], Path | None]:

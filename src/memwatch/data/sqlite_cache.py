@@ -27,8 +27,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMWATCH_CACHE_DIR") or Path.home() / ".cache" / "memwatch")
 
 
-def connect_wal(path: Path, schema: str) -> sqlite3.Connection:
-    """A connection to a cache file shared by concurrent processes (WAL mode), with ``schema`` created.
+def connect_wal(path: Path, schema: str | tuple[str, ...]) -> sqlite3.Connection:
+    """A connection to a cache file shared by concurrent processes (WAL mode), with ``schema`` (one statement or
+    several) created.
 
     Switching to WAL needs a moment of exclusive access, which SQLite does not wait for: when several
     processes open the file at once (``accelerate launch``), the losers are told "database is locked"
@@ -38,7 +39,8 @@ def connect_wal(path: Path, schema: str) -> sqlite3.Connection:
         db = sqlite3.connect(path, timeout=60)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(schema)
+            for statement in (schema,) if isinstance(schema, str) else schema:
+                db.execute(statement)
             db.commit()
             return db
         except sqlite3.OperationalError as e:
@@ -55,11 +57,11 @@ class SqliteCache:
     Args:
         name: what the warning calls it (``"embedding cache"``).
         path: the SQLite file (its folder is created).
-        schema: the ``CREATE TABLE IF NOT EXISTS`` statement of its table.
+        schema: the ``CREATE TABLE IF NOT EXISTS`` statement(s) of its table(s).
         unusable: the warning's text after "<path> cannot be used (<reason>): ", saying what happens instead.
     """
 
-    def __init__(self, name: str, path: Path, schema: str, unusable: str):
+    def __init__(self, name: str, path: Path, schema: str | tuple[str, ...], unusable: str):
         self.name = name
         self.path = path
         self.unusable = unusable

@@ -17,6 +17,12 @@ distance out), three ways behind it, chosen by :func:`build_search`:
 
 FAISS (``memwatch[search]``) uses a GPU when its GPU build is installed and one is visible.
 
+A kept index (``memwatch index`` writes one beside the embedding cache) is written to a temporary file of
+the writer's own (concurrent builders never share one), flushed and renamed into place, with its sha256 in
+``<index>.sha256`` beside it. A kept index that is cut, damaged, of another shape or whose checksum does not
+match is built again, with a warning; an index that cannot be kept (a read-only or full disk) is used from
+memory, and :attr:`FaissSearch.kept` says so.
+
 Example:
     >>> from memwatch.embedders.pixel import PixelEmbedder
     >>> ref = torch.rand(500, 48, generator=torch.Generator().manual_seed(0))
@@ -28,14 +34,20 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memwatch.errors import MemwatchError
+from memwatch.hashing import sha256_file
 from memwatch.search.exact import knn
+
+log = logging.getLogger("memwatch")
 
 if TYPE_CHECKING:
     from memwatch.embedders.base import Embedder
@@ -116,19 +128,17 @@ class FaissSearch(Search):
         r, d = reference.shape
         x = reference.float().contiguous().numpy()
         self.loaded = False
+        #: whether the index is kept at ``path`` (False: it could not be written; it is used from memory)
+        self.kept = False
         if compressed:
             self.nlist = nlist or max(1, round(math.sqrt(r)))
             self.m = m or _largest_divisor_at_most(d, max(1, d // 8))
             self.nprobe = nprobe or max(1, round(NPROBE_SHARE * self.nlist))
-        if path is not None and path.is_file():
-            index = faiss.read_index(str(path))
-            if index.ntotal != r or index.d != d:
-                raise MemwatchError(
-                    f"saved search index {path} holds {index.ntotal} x {index.d}, not {r} x {d}: delete it"
-                )
+        index = _read_kept(faiss, path, r, d) if path is not None else None
+        if index is not None:
             if compressed:
                 index.nprobe = self.nprobe
-            self.loaded = True
+            self.loaded = self.kept = True
         elif compressed:
             index = faiss.index_factory(d, f"IVF{self.nlist},PQ{self.m}", faiss.METRIC_L2)
             index.cp.seed = seed
@@ -143,10 +153,7 @@ class FaissSearch(Search):
             index = faiss.IndexFlatL2(d)
             index.add(x)
         if path is not None and not self.loaded:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            faiss.write_index(index, str(tmp))
-            tmp.replace(path)  # whole or absent: a reader never sees half an index
+            self.kept = _keep(faiss, index, path)
         if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:  # the GPU build, with a GPU visible
             index = faiss.index_cpu_to_all_gpus(index)
         self.index = index
@@ -185,6 +192,56 @@ class FaissSearch(Search):
             d, i = knn(query[idx], self.reference, k, self.embedder.pairwise_distance, chunk_size=self.chunk_size)
             out_d[idx], out_i[idx] = d, i
         return out_d, out_i
+
+
+def _read_kept(faiss: Any, path: Path, rows: int, dim: int) -> Any:
+    """The index kept at ``path`` if it is whole and fits ``rows`` x ``dim``; None (with a warning) otherwise."""
+    if not path.is_file():
+        return None
+    checksum = path.with_name(path.name + ".sha256")
+    try:
+        recorded = checksum.read_text().strip() if checksum.is_file() else None
+        if recorded is not None and recorded != sha256_file(path):
+            raise ValueError("its content is not what was written (sha256 mismatch)")
+        index = faiss.read_index(str(path))
+        if index.ntotal != rows or index.d != dim:
+            raise ValueError(f"it holds {index.ntotal} x {index.d}, not {rows} x {dim}")
+    except (OSError, RuntimeError, ValueError) as e:  # faiss raises RuntimeError for a cut or damaged file
+        log.warning("saved search index %s cannot be used (%s): it is built again", path, str(e).splitlines()[0])
+        return None
+    if recorded is None:  # kept by an older memwatch: whole and of the right shape, so record its checksum now
+        _write_checksum(path)
+    return index
+
+
+def _keep(faiss: Any, index: Any, path: Path) -> bool:
+    """Write ``index`` to ``path`` (a temporary file of this writer's, flushed, renamed) with its checksum; False
+    (with a warning) when it cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)  # whole or absent: a reader never sees half an index
+        _write_checksum(path)
+        return True
+    except (OSError, RuntimeError) as e:
+        log.warning("search index %s not kept (%s): it is used from memory", path, str(e).splitlines()[0])
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def _write_checksum(path: Path) -> None:
+    """``<path>.sha256`` beside a kept index (best effort: without it the index is checked for shape only)."""
+    checksum = path.with_name(path.name + ".sha256")
+    tmp = checksum.with_name(f".{checksum.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(sha256_file(path) + "\n")
+        tmp.replace(checksum)
+    except OSError as e:
+        log.warning("checksum of the search index %s not written (%s)", path, e)
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_kind(rows: int, kind: str = "auto") -> str:

@@ -450,7 +450,7 @@ class Store:
         if kind not in KINDS:
             raise ValueError(f"add_snapshot: kind {kind!r} is unknown; use one of {KINDS}")
         step = _int(step, "snapshot step")
-        where = "" if path is None else str(path)
+        where = "" if path is None else _text(str(path), "path")
         now = _now(created_at)
         with self._transaction("record the snapshot") as conn:
             if weights_sha256 is not None:
@@ -586,7 +586,7 @@ class Store:
                     snapshot_id,
                     probe,
                     config_hash,
-                    str(error),
+                    _text(str(error), "error"),
                     started_at,
                     finished,
                     duration,
@@ -640,7 +640,7 @@ class Store:
             _real(event.get("value"), "event value"),
             _real(event.get("threshold"), "event threshold"),
             _int(event.get("forecast_step"), "event forecast_step"),
-            str(event.get("message") or ""),
+            _text(str(event.get("message") or ""), "event message"),
             _dumps(event.get("evidence") or {}),
             _now(event.get("created_at")),
         )
@@ -931,10 +931,14 @@ def _int(v: Any, what: str) -> int | None:
 
 def _text(v: Any, what: str) -> str | None:
     v = _unwrap(v)
-    if v is None or isinstance(v, str):
+    if v is None:
         return v
+    if isinstance(v, str):
+        # a name read from a file system or archive with bytes that are not UTF-8 (surrogate escapes):
+        # stored with those bytes written out (\\xNN), as SQLite text must be UTF-8
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if isinstance(v, int | Path) and not isinstance(v, bool):
-        return str(v)
+        return _text(str(v), what)
     raise TypeError(f"{what}: expected a string, got {type(v).__name__} {v!r}")
 
 

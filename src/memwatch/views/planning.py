@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from memwatch.core.declared import Declarations
 from memwatch.core.probe import MAIN_PANEL
 from memwatch.errors import MemwatchError
 from memwatch.signals.forecast import fit_line, t95
+
+log = logging.getLogger("memwatch")
 
 #: mem_fraction at which a pilot counts as memorizing: the warning benchmark's onset definition.
 ONSET_FRACTION = 0.05
@@ -45,6 +48,7 @@ class Pilot:
         n: training images.
         onset_step: the onset step, or None.
         source: ``"measured"``, ``"forecast"`` or ``"none"``.
+        created_at: when the run was created (with its name, what identifies it, also in a copied store).
     """
 
     store: str
@@ -52,6 +56,7 @@ class Pilot:
     n: int
     onset_step: float | None
     source: str
+    created_at: float | None = None
 
 
 @dataclass
@@ -100,24 +105,30 @@ def pilot_from_store(path: str | Path, *, run: str | None = None, onset_fraction
     n = (history.info.get("reference") or {}).get("n")
     if not isinstance(n, int) or n < 1:
         raise MemwatchError(f"{store_path}: run {history.run!r} records no training-set size: not a memwatch pilot")
+    created = history.info.get("created_at")
     declared = Declarations.of_config(history.config)
     shares, onsets = (declared.keys(role=role, panel=MAIN_PANEL) for role in ("share", "forecast"))
     fractions = history.metrics.get(shares[0], {}) if shares else {}
     measured = [step for step, v in sorted(fractions.items()) if math.isfinite(v) and v >= onset_fraction]
     if measured:
-        return Pilot(str(store_path), history.run, n, float(measured[0]), "measured")
+        return Pilot(str(store_path), history.run, n, float(measured[0]), "measured", created)
     onset = history.metrics.get(onsets[0], {}) if onsets else {}
     forecasts = [v for _, v in sorted(onset.items()) if math.isfinite(v)]
     if forecasts:
-        return Pilot(str(store_path), history.run, n, forecasts[-1], "forecast")
-    return Pilot(str(store_path), history.run, n, None, "none")
+        return Pilot(str(store_path), history.run, n, forecasts[-1], "forecast", created)
+    return Pilot(str(store_path), history.run, n, None, "none", created)
 
 
 def fit_onset_law(pilots: Sequence[Pilot], *, target_n: int) -> OnsetPlan:
     """Fit ``onset = intercept + slope * n`` to the pilots and predict the onset at ``target_n``.
 
+    The fit is a forecast only when it says what the law says: onset later for more images. Pilots whose
+    onset does not grow with n (a slope not above zero within its 90% interval) give no forecast, as do too
+    few pilots or sizes, and a prediction before step 0.
+
     Raises:
-        MemwatchError: fewer than 3 pilots with an onset, or fewer than 2 sizes among them.
+        MemwatchError: fewer than 3 pilots with an onset, fewer than 2 sizes among them, an onset that does not
+            grow with n, or a predicted onset below 0 (each said in one line).
     """
     used = [p for p in pilots if p.onset_step is not None]
     sizes = {p.n for p in used}
@@ -128,7 +139,19 @@ def fit_onset_law(pilots: Sequence[Pilot], *, target_n: int) -> OnsetPlan:
         )
     fit = fit_line([p.n for p in used], [float(p.onset_step) for p in used])  # type: ignore[arg-type]
     assert fit is not None
+    slope_half = t95(fit.n - 2) * fit.sigma / math.sqrt(fit.sxx) if fit.n > 2 else math.inf
+    if not fit.slope - slope_half > 0:
+        raise MemwatchError(
+            f"the pilots' onsets do not grow with the training-set size (slope {fit.slope:.2f} +- {slope_half:.2f} "
+            "steps per image, 90%): no forecast can be made from them; check that each pilot is a subset of the "
+            "same data trained the same way, or add pilots of other sizes"
+        )
     onset = fit.intercept + fit.slope * (target_n - fit.x_mean)
+    if onset <= 0:
+        raise MemwatchError(
+            f"the line through the pilots puts the onset for n={target_n} at step {onset:.0f}, before training "
+            "starts: no forecast can be made; add pilots closer to that size"
+        )
     half = t95(fit.n - 2) * fit.sigma * math.sqrt(1 + 1 / fit.n + (target_n - fit.x_mean) ** 2 / fit.sxx)
     ys = [float(p.onset_step) for p in used]  # type: ignore[arg-type]
     mean = sum(ys) / len(ys)
@@ -156,4 +179,11 @@ def forecast_from_stores(
     """
     if target_n < 1:
         raise MemwatchError(f"--n {target_n}: the full training set's size must be a positive number of images")
-    return fit_onset_law([pilot_from_store(p, onset_fraction=onset_fraction) for p in paths], target_n=target_n)
+    pilots: dict[tuple[str, str], Pilot] = {}
+    for path in paths:  # a run given twice (its folder and its store file, or a copy of its store) counts once
+        pilot = pilot_from_store(path, onset_fraction=onset_fraction)
+        key = (pilot.run, str(pilot.created_at))
+        if key in pilots:
+            log.warning("%s is the pilot %s given again (%s): counted once", path, pilot.run, pilots[key].store)
+        pilots.setdefault(key, pilot)
+    return fit_onset_law(list(pilots.values()), target_n=target_n)

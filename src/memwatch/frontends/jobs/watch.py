@@ -108,7 +108,9 @@ class _Watch:
         self.run_dir = run_dir
         self.quiet_period = quiet_period
         self.end_quiet = end_quiet
-        self.done: set[Path] = set()
+        #: folder -> the file signature it was handed to the prober with: a folder is probed again only when
+        #: its files change (a checkpoint probed while still being written failed, then was completed)
+        self.done: dict[Path, tuple] = {}
         self.refs: list[SnapshotRef] = []
         self.stable: dict[Path, tuple[tuple, float]] = {}  # folder -> (file signature, unchanged since)
         self.everything: tuple | None = None
@@ -132,8 +134,12 @@ class _Watch:
     def _quiet(self, ref: SnapshotRef, now: float) -> bool:
         return ref.path in self.stable and now - self.stable[ref.path][1] >= self.quiet_period
 
+    def _handled(self, ref: SnapshotRef) -> bool:
+        """Whether the folder was handed to the prober with the files it has now."""
+        return ref.path in self.stable and self.done.get(ref.path) == self.stable[ref.path][0]
+
     def ready_checkpoints(self, now: float) -> list[SnapshotRef]:
-        return [r for r in self.refs if r.kind == "checkpoint" and r.path not in self.done and self._quiet(r, now)]
+        return [r for r in self.refs if r.kind == "checkpoint" and not self._handled(r) and self._quiet(r, now)]
 
     def model(self, now: float) -> SnapshotRef | None:
         """The model saved in RUN_DIR, if it is complete and quiet."""
@@ -147,7 +153,7 @@ class _Watch:
         if final is None:
             return None
         checkpoints = [r for r in self.refs if r.kind == "checkpoint"]
-        if any(r.path not in self.done for r in checkpoints):
+        if not all(self._handled(r) for r in checkpoints):
             return None
         newest = max((self.stable.get(r.path, (None, -1.0))[1] for r in checkpoints), default=-1.0)
         return final if self.stable[final.path][1] >= newest else None
@@ -155,22 +161,30 @@ class _Watch:
     def next_probes(self, now: float, idle_timeout: float) -> tuple[list[SnapshotRef], bool]:
         """Look at RUN_DIR and say what to probe now, oldest first, and whether the watch then stops.
 
-        The checkpoints that are ready are counted as handled at once (a failed or rotated probe is
-        recorded by the prober, not retried). The model in RUN_DIR follows them when training has
-        ended; after ``idle_timeout`` seconds without any change the model in RUN_DIR is probed if it is
-        there, whatever else is unfinished, and the watch stops.
+        The checkpoints that are ready are counted as handled at once, with the files they have: one whose
+        probe failed (or that was rotated away) is not tried again unless its files change. The model in
+        RUN_DIR follows them when training has ended; after ``idle_timeout`` seconds without any change the
+        watch stops, whatever else is unfinished. Whenever it stops, it ends with the model in RUN_DIR if
+        there is a complete one it has not handled.
         """
         self.look(now)
         refs = self.ready_checkpoints(now)
-        self.done.update(r.path for r in refs)
+        self.done.update((r.path, self.stable[r.path][0]) for r in refs)
         final = self.final(now)
         if final is not None and self.ended(now):
-            return [*refs, final], True
+            return [*refs, *self._last_model()], True
         if now - self.last_change > idle_timeout:
             log.warning("%s: nothing changed for %gs (--idle-timeout); stopping", self.run_dir, idle_timeout)
-            model = self.model(now)
-            return refs + ([model] if model is not None else []), True
+            return [*refs, *self._last_model()], True
         return refs, False
+
+    def _last_model(self) -> list[SnapshotRef]:
+        """The model in RUN_DIR, once, if it is complete and not handled with the files it has now."""
+        model = next((r for r in self.refs if r.kind == "final" and r.path in self.stable), None)
+        if model is None or self._handled(model):
+            return []
+        self.done[model.path] = self.stable[model.path][0]
+        return [model]
 
     def ended(self, now: float) -> bool:
         """Nothing changed for long enough that the run's own pauses are over."""
