@@ -1,85 +1,153 @@
 #!/usr/bin/env python
-"""Benchmark: memwatch monitor overhead on the demo, and where a probe's time goes.
+"""Benchmark: what the monitor at default settings costs on the demo recipe, and where a probe's time goes.
 
-Trains the demo recipe three times in one run of this script, on the same data and seed: with
-memwatch's default settings (default probes, cadence adaptive under its 10% budget), with the demo's
-settings (configs/demo.yaml: adaptive cadence without a time budget), and with every probe disabled
-(the monitor is still called each step, so the difference is the probing itself). Prints Markdown tables for
-docs/benchmarks.md.
+Trains the demo recipe (``scripts/train_ddpm.py`` with :data:`memwatch.demo.run.DEMO_TRAINING_ARGS`, on the
+demo's images, same seed) with probes disabled and with memwatch's default settings, alternated — off,
+default, off, default, off — each run in its own Python process, so that warm-up, caches and machine drift
+favour neither arm. With probes disabled the monitor is still called every step, so the difference is the
+probing itself. Each default run is compared with the mean of the two disabled runs beside it (a linear
+drift cancels), and the overhead reported is the mean of those comparisons, beside the spread of the
+disabled runs (how far the machine itself drifted).
 
-    python scripts/bench_monitor.py [--steps N]
+It also prints the monitor's own measures (``probe_overhead``: probe time / training time on the wall clock;
+``probe_work_share``: probe work / training work in denoiser evaluations, what the cadence budgets), where the
+probe time goes, and whether the default runs probed the same steps and raised the same events: they must,
+as the cadence counts work, not time. Run it with the machine otherwise idle.
+
+    python scripts/bench_monitor.py [--steps N] [--pairs 2] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
-import yaml
-
-from memwatch.demo.run import DEMO_STEPS, DEMO_TRAINING_ARGS, _load_script, find_checkout
-
-
-def run(script, root: Path, out: Path, config: Path, steps: int) -> tuple[float, dict]:
-    argv = [
-        "--train-data",
-        str(root / "assets/demo/train"),
-        "--holdout-data",
-        str(root / "assets/demo/holdout"),
-        "--output-dir",
-        str(out),
-        "--memwatch-config",
-        str(config),
-        "--steps",
-        str(steps),
-        *[a for a in DEMO_TRAINING_ARGS],
-    ]
-    t0 = time.perf_counter()
-    summary = script.main(argv)
-    return time.perf_counter() - t0, summary
+ARMS = {
+    "off": {"run_name": "bench-off", "sampling": {"every": 0}, "probes": {"membership": {"every": 0}}},
+    "default": {"run_name": "bench-default"},
+}
+PHASES = ("sampling", "reference_embedding", "embedding", "search", "membership", "store")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    args = p.parse_args()
+def one_run(arm: str, out: Path, steps: int) -> dict[str, Any]:
+    """Train the demo recipe once with ``arm``'s config (in this process); its wall time, summary and record."""
+    import yaml
+
+    from memwatch.demo.run import DEMO_TRAINING_ARGS, _load_script, find_checkout
+    from memwatch.store import STORE_NAME, Store
+
     root = find_checkout()
     script = _load_script(root / "scripts" / "train_ddpm.py")
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "memwatch.yaml"
+    config.write_text(yaml.safe_dump(ARMS[arm]))
+    argv = ["--train-data", str(root / "assets/demo/train"), "--holdout-data", str(root / "assets/demo/holdout"),
+            "--output-dir", str(out / "run"), "--memwatch-config", str(config), "--steps", str(steps),
+            *DEMO_TRAINING_ARGS]  # fmt: skip
+    t0 = time.perf_counter()
+    summary = script.main(argv)
+    wall = time.perf_counter() - t0
+    probed: dict[str, list[int]] = {}
+    events: list[list[Any]] = []
+    store_path = out / "run" / "memwatch" / STORE_NAME
+    if store_path.is_file():
+        with Store(store_path, readonly=True) as store:
+            run_id = store.runs()[0]["id"]
+            for r in store.results(run_id):
+                if r["kind"] == "live":
+                    probed.setdefault(r["probe"], []).append(r["step"])
+            events = [[e["rule"], e["step"]] for e in store.events(run_id)]
+    keep = ("probe_overhead", "probe_work_share", "budget_unit", "timings", "onset_step", "at_risk_step",
+            "first_alarm_step", "last_clean_step")  # fmt: skip
+    return {"arm": arm, "wall_s": round(wall, 2), "summary": {k: summary.get(k) for k in keep},
+            "probed": {k: sorted(v) for k, v in sorted(probed.items())}, "events": events}  # fmt: skip
+
+
+def in_own_process(arm: str, out: Path, steps: int) -> dict[str, Any]:
+    """:func:`one_run` in a fresh Python process (nothing warm is shared between runs)."""
+    result = out / "result.json"
+    cmd = [sys.executable, __file__, "--one", arm, "--out", str(out), "--steps", str(steps)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(result.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from memwatch.demo.run import DEMO_STEPS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--pairs", type=int, default=2, help="default runs, each between two disabled runs")
+    p.add_argument("--json", default=None, help="write every run's record and the summary here")
+    p.add_argument("--one", choices=sorted(ARMS), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        record = one_run(args.one, Path(args.out), args.steps)
+        (Path(args.out) / "result.json").write_text(json.dumps(record))
+        return 0
+
+    order = ["off", *(["default", "off"] * args.pairs)]
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        off, defaults = tmp / "off.yaml", tmp / "defaults.yaml"
-        disabled = {"sampling": {"every": 0}, "probes": {"membership": {"every": 0}}}
-        off.write_text(yaml.safe_dump({"run_name": "bench-off", **disabled}))
-        defaults.write_text(yaml.safe_dump({"run_name": "bench-defaults"}))
-        default_s, default = run(script, root, tmp / "defaults", defaults, args.steps)
-        on_s, on = run(script, root, tmp / "on", root / "configs" / "demo.yaml", args.steps)
-        off_s, _ = run(script, root, tmp / "off", off, args.steps)
-    t = on["timings"]
-    probe_s = t.get("total", 0.0)
-    print(
-        f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, {args.steps} steps\n"
-    )
-    print("| run | wall time (s) | overhead | probe time / training time (the monitor's own measure) |")
-    print("|---|---|---|---|")
-    for label, secs, summary in (("default settings", default_s, default), ("demo settings", on_s, on)):
-        measured = summary.get("probe_overhead")
-        print(f"| {label} | {secs:.1f} | {secs - off_s:.1f} s = {100 * (secs - off_s) / off_s:.1f}% | "
-              f"{'-' if measured is None else f'{100 * measured:.1f}%'} |")  # fmt: skip
-    print(f"| probes disabled | {off_s:.1f} | - | - |\n")
-    print("Demo settings, where the probe time goes:\n")
-    print("| phase | seconds | share of probe time |\n|---|---|---|")
-    for phase in ("sampling", "reference_embedding", "embedding", "search", "membership", "store"):
-        print(f"| {phase} | {t.get(phase, 0.0):.2f} | {100 * t.get(phase, 0.0) / max(probe_s, 1e-9):.1f}% |")
-    print(f"| total inside probes | {probe_s:.2f} | 100% |")
-    for label, summary in (("defaults", default), ("demo", on)):
-        steps = {k: summary.get(k) for k in ("onset_step", "at_risk_step", "first_alarm_step", "last_clean_step")}
-        print(f"{label}: {steps}, events {summary['events']}, images at risk {summary.get('images_at_risk')}")
+        for i, arm in enumerate(order):
+            runs.append(in_own_process(arm, Path(tmp) / f"{i}-{arm}", args.steps))
+            print(f"run {i + 1}/{len(order)}: {arm}, {runs[-1]['wall_s']:.1f} s", flush=True)
+    offs = [r["wall_s"] for r in runs if r["arm"] == "off"]
+    overheads = [(runs[i]["wall_s"] - (runs[i - 1]["wall_s"] + runs[i + 1]["wall_s"]) / 2)
+                 / ((runs[i - 1]["wall_s"] + runs[i + 1]["wall_s"]) / 2)
+                 for i in range(1, len(runs) - 1, 2)]  # fmt: skip
+    defaults = [r for r in runs if r["arm"] == "default"]
+    reproduced = all(d["probed"] == defaults[0]["probed"] and d["events"] == defaults[0]["events"] for d in defaults)
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "steps": args.steps,
+        "overhead": round(statistics.fmean(overheads), 4),
+        "overheads": [round(o, 4) for o in overheads],
+        "off_spread": round((max(offs) - min(offs)) / statistics.fmean(offs), 4),
+        "probe_overhead": [d["summary"]["probe_overhead"] for d in defaults],
+        "probe_work_share": [d["summary"]["probe_work_share"] for d in defaults],
+        "reproduced": reproduced,
+    }
+    import torch
+
+    print(f"\n{summary['machine']}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{args.steps} steps, runs in this order:\n")  # fmt: skip
+    print("| run | arm | wall time (s) | overhead against the disabled runs beside it | probe time / training "
+          "time (monitor) | probe work / training work (monitor) |\n|---|---|---|---|---|---|")  # fmt: skip
+    for i, r in enumerate(runs):
+        s = r["summary"]
+        cost = f"{100 * overheads[(i - 1) // 2]:.1f}%" if r["arm"] == "default" else "-"
+        print(f"| {i + 1} | {r['arm']} | {r['wall_s']:.1f} | {cost} | {_pct(s['probe_overhead'])} | "
+              f"{_pct(s['probe_work_share'])} |")  # fmt: skip
+    print(f"\nmean overhead {100 * summary['overhead']:.2f}%; the disabled runs spread over "
+          f"{100 * summary['off_spread']:.1f}% of their mean; default runs probed the same steps and raised the same "
+          f"events: {'yes' if reproduced else 'NO'}\n")  # fmt: skip
+    t = defaults[0]["summary"]["timings"] or {}
+    total = t.get("total", 0.0)
+    print("Where the probe time goes (first default run):\n\n| phase | seconds | share of probe time |\n|---|---|---|")
+    for phase in PHASES:
+        print(f"| {phase} | {t.get(phase, 0.0):.2f} | {100 * t.get(phase, 0.0) / max(total, 1e-9):.1f}% |")
+    print(f"| total inside probes | {total:.2f} | 100% |\n")
+    d = defaults[0]
+    print(f"probed steps: {d['probed']}\nevents: {d['events']}")
+    print({k: d["summary"][k] for k in ("onset_step", "at_risk_step", "first_alarm_step", "last_clean_step")})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

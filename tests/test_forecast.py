@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memwatch.core.cadence import Cadence, CadenceSettings
+from memwatch.core.cadence import SAMPLING_FREE_SHARE, Cadence, CadenceSettings
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import loss_turn
 from memwatch.signals.forecast import fit_line, forecast_onset
@@ -156,32 +156,70 @@ def test_cadence_speeds_up_towards_the_forecast_and_slows_when_flat() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("budget", [0.02, 0.05, 0.2])
+@pytest.mark.parametrize("budget", [0.02, 0.05, 0.4])
 def test_cadence_keeps_probing_within_its_budget(budget: float) -> None:
-    """Training steps of 0.1 s; sample probes of 3 s (a forecast that keeps asking for the fastest cadence) and
-    a sampling-free probe of 0.5 s every 50 steps, which alone would take 10% of the training time."""
+    """Training steps of 100 denoiser evaluations; sample probes of 3,000 (a forecast that keeps asking for the
+    fastest cadence) and a sampling-free probe of 500 every 50 steps, which alone would be 10% of training."""
     clock = FakeClock()
     c = Cadence(CadenceSettings(budget=budget), clock)
     counts = {"regurgitation": 0, "membership": 0}
     for step in range(1, 40001):
-        c.tick()
-        clock.now += 0.1
+        c.tick(100 * step)
         probes = (("regurgitation", 200, True), ("membership", 50, False))
         due = {name: (every, sample) for name, every, sample in probes if c.due(name, step, every=every,
                                                                                 sample_probe=sample)}  # fmt: skip
         if due:
-            seconds = 3.0 * ("regurgitation" in due) + 0.5 * ("membership" in due)
-            clock.now += seconds
-            c.probed(seconds, sampled="regurgitation" in due)
+            work = 3000 * ("regurgitation" in due) + 500 * ("membership" in due)
+            c.probed(0.0, sampled="regurgitation" in due, work=work)
             c.schedule(step, due, low=float(step), receding=False)
             for name in due:
                 counts[name] += 1
-    assert c.overhead() <= budget * 1.1
-    assert c.overhead() >= budget * 0.6  # and it uses what it may
-    training = 40000 * 0.1
-    assert counts["regurgitation"] * 3.0 / training >= 0.4 * budget  # sampling keeps at least about half
-    # the sampling-free probe (10% of training alone) is stretched only when that is over half the budget
-    assert (counts["membership"] < 40000 / 50) == (budget < 0.2)
+    assert c.work_share() <= budget * 1.1
+    assert c.work_share() >= budget * 0.6  # and it uses what it may
+    training = 40000 * 100
+    share = SAMPLING_FREE_SHARE
+    most = 3000 / (200 * 100)  # the sample probe every 200 steps, its every: 15% of training
+    assert counts["regurgitation"] * 3000 / training >= 0.8 * min((1 - share) * budget, most)  # sampling: the rest
+    # the sampling-free probe (10% of training alone) is stretched only when that is over its share of the budget
+    assert (counts["membership"] < 40000 / 50) == (budget * share < 0.1)
+
+
+def test_the_cadence_follows_work_not_the_clock() -> None:
+    """The same work at every step, on a fast machine and on a loaded one: the same probed steps."""
+
+    def probed_steps(seconds_per_step: float) -> list[int]:
+        clock = FakeClock()
+        c = Cadence(CadenceSettings(budget=0.03), clock)
+        steps = []
+        for step in range(1, 5001):
+            clock.now += seconds_per_step
+            c.tick(96 * step)
+            if c.due("regurgitation", step, every=100, sample_probe=True):
+                clock.now += 50 * seconds_per_step  # the probe is slow too
+                c.probed(50 * seconds_per_step, sampled=True, work=800)
+                c.schedule(step, {"regurgitation": (100, True)}, low=float(step + 600), receding=False)
+                steps.append(step)
+        return steps
+
+    assert probed_steps(0.01) == probed_steps(1.7) and len(probed_steps(0.01)) > 10
+
+
+def test_without_counted_training_work_the_budget_falls_back_to_the_clock() -> None:
+    """A model handed to step() that does no forward pass (an EMA copy) gives no training work: the budget is
+    then kept on the wall clock, and the cadence says so (the summary's ``budget_unit``)."""
+    clock = FakeClock()
+    c = Cadence(CadenceSettings(budget=0.1), clock)
+    steps = []
+    for step in range(1, 2001):
+        clock.now += 1.0  # a second of training per step
+        c.tick(0)
+        if c.due("regurgitation", step, every=100, sample_probe=True):
+            clock.now += 50.0  # a probe takes 50 training steps' time: at 10%, one every 500 steps
+            c.probed(50.0, sampled=True, work=800)
+            c.schedule(step, {"regurgitation": (100, True)})
+            steps.append(step)
+    assert c.unit == "seconds" and math.isnan(c.work_share())
+    assert 3 <= len(steps) <= 5 and c.overhead() <= 0.1 + 50 / 1500
 
 
 def test_a_snapshot_with_only_a_forecast_warning_is_at_risk_not_clean(tmp_path: Path) -> None:

@@ -296,3 +296,103 @@ def test_an_output_of_yours_hears_every_step_and_event(train_holdout, tmp_path: 
     assert pager.pages == ["sampled@4", "still-sampled@8"]  # the failing second page did not stop training
     assert "output Pager raised ConnectionError: the pager service is down" in caplog.text
     assert [e.rule for e in monitor.events] == ["sampled", "still-sampled"]  # the store and the others had them
+
+
+class Ticking:
+    """A clock that moves by ``dt`` every time it is read: a machine ``dt`` times slower per reading."""
+
+    def __init__(self, dt: float):
+        self.dt, self.now = dt, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.dt
+        return self.now
+
+
+class SessionLoop:
+    """The monitor's in-loop surface over a ProbeSession with a clock of the test's."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def step(self, step, model, scheduler):
+        return self.session.step(step, model, scheduler)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.session.should_stop
+
+
+def test_the_same_seed_probes_the_same_steps_under_any_load(train_holdout, tmp_path: Path) -> None:
+    """The cadence budgets counted work, so neither a slower machine nor a slowed-down probe moves a probe."""
+    from memwatch.core.config import load_config
+    from memwatch.core.session import ProbeSession
+    from memwatch.data.refset import load_reference_set
+
+    train_dir, holdout_dir = train_holdout
+    config = {
+        **FAST,
+        "cadence": {"adaptive": True, "budget": 0.3},  # adaptive, under a budget (a generous one: more probes)
+        "rules": [
+            {
+                "name": "any",
+                "type": "threshold",
+                "metric": "regurgitation/num_samples",
+                "op": ">",
+                "value": 0,
+                "severity": "info",
+                "message": "m",
+            }
+        ],  # fmt: skip
+    }
+
+    def run(name: str, dt: float, probe_seconds: float = 0.0) -> tuple[list[int], list[tuple[str, int]], dict]:
+        clock = Ticking(dt)
+        session = ProbeSession(load_config(config), load_reference_set(train_dir), load_reference_set(holdout_dir),
+                               tmp_path / name, clock=clock)  # fmt: skip
+        probe = session.probe
+
+        def slowed(*args, **kwargs):  # the probe takes probe_seconds longer on the session's clock
+            clock.now += probe_seconds
+            return probe(*args, **kwargs)
+
+        session.probe = slowed
+        train(Accelerator(cpu=True), train_dir, 40, monitor=SessionLoop(session))
+        session.finish()
+        with Store(tmp_path / name / "memwatch.sqlite") as store:
+            run_id = store.runs()[0]["id"]
+            steps = sorted({r["step"] for r in store.results(run_id) if r["probe"] == "regurgitation"})
+            events = [(e["rule"], e["step"]) for e in store.events(run_id)]
+        summary = session.close()
+        return steps, events, summary
+
+    idle, loaded, slow = run("idle", 0.001), run("loaded", 3.0), run("slow-probe", 0.001, probe_seconds=50.0)
+    assert idle[:2] == loaded[:2] == slow[:2] and len(idle[0]) >= 3
+    # the wall clock still tells what it measured, and the budget is what the cadence kept
+    assert slow[2]["probe_overhead"] > 10 * idle[2]["probe_overhead"]
+    assert idle[2]["budget_unit"] == "work" and idle[2]["probe_work_share"] == slow[2]["probe_work_share"]
+
+
+def test_a_probed_step_samples_once_for_every_sample_probe(train_holdout, tmp_path: Path) -> None:
+    """Regurgitation and the forecast read one set of samples: the counted work of a probing is num_samples x
+    inference_steps denoiser evaluations (no membership in this config), not twice that."""
+    from memwatch.core.config import load_config
+    from memwatch.core.session import ProbeSession
+    from memwatch.data.refset import load_reference_set
+
+    train_dir, _ = train_holdout
+    config = load_config({**FAST, "cadence": {"adaptive": False}, "probes": {"membership": {"every": 0},
+                          "forecast": {"every": None}}})  # fmt: skip
+    session = ProbeSession(config, load_reference_set(train_dir), None, tmp_path / "once", clock=Ticking(0.01))
+    works = []
+    probed = session.cadence.probed
+    session.cadence.probed = lambda seconds, *, sampled, work=0.0: (works.append(work), probed(seconds, sampled=sampled,
+                                                                                            work=work))  # fmt: skip
+    train(Accelerator(cpu=True), train_dir, 10, monitor=SessionLoop(session))
+    session.finish()
+    with Store(tmp_path / "once" / "memwatch.sqlite") as store:
+        probes = {r["probe"] for r in store.results(store.runs()[0]["id"])}
+    session.close()
+    sampling = config.sampling
+    assert {"regurgitation", "forecast"} <= probes
+    assert works and all(w == sampling.num_samples * sampling.inference_steps for w in works)

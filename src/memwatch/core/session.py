@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from memwatch.core.cadence import Cadence
+from memwatch.core.cadence import Cadence, WorkMeter
 from memwatch.core.config import MonitorConfig, legacy_probe_hash
 from memwatch.core.declared import Declarations
 from memwatch.core.outputs import EVENTS_NAME, Output, standard_outputs
@@ -127,6 +127,8 @@ class ProbeSession:
         )  # fmt: skip
         self.engine = RuleEngine(check_rule_metrics(self.rules(), self.probes, config.source))
         self.cadence = Cadence(config.cadence, clock)
+        #: denoiser evaluations of training and of the probes: the cadence budgets work, not seconds
+        self.meter = WorkMeter()
         self.declarations = Declarations.of_probes(self.probes)
         self.state = RunState(
             onset_keys=self.declarations.onset_keys(),
@@ -321,7 +323,8 @@ class ProbeSession:
             self._repeat_warned = True
         self.last_step = step
         self._last_args = (model, scheduler, ema)
-        self.cadence.tick()
+        self.meter.watch(model)
+        self.cadence.tick(self.meter.training)
         try:
             due = self.due(step, text_to_image=ModelParts.of(model, scheduler).text_to_image)
         except MemwatchError as e:
@@ -365,16 +368,18 @@ class ProbeSession:
         return self._probe_live(self.last_step, model, scheduler, ema, pending) if pending else []
 
     def _probe_live(self, step: int, model: Any, scheduler: Any, ema: Any, probes: list[Probe]) -> list[Event]:
-        t0 = self.cadence.clock()
+        t0, work0 = self.cadence.clock(), self.meter.probing_work
         try:
-            with ema_weights(model, ema, self.config.weights) as unet:
+            with ema_weights(model, ema, self.config.weights) as unet, self.meter.probing():
+                self.meter.watch(unet)  # an EMA copy is another module
                 events = self.probe(step, unet, scheduler, [p.name for p in probes], weights=self.config.weights)
         except Exception as e:  # the last line of defence: nothing reaches the training loop
             self._fail_all(step, probes, failure_reason(e))
             events = []
         if self.workers.is_main:
             sampled = any(p.needs_samples for p in probes)
-            self.cadence.probed(self.cadence.clock() - t0, sampled=sampled)
+            work = self.meter.probing_work - work0
+            self.cadence.probed(self.cadence.clock() - t0, sampled=sampled, work=work)
             ran = {p.name: (p.every, p.needs_samples) for p in probes}
             self.cadence.schedule(step, ran, *self._forecast_now())
         self._sync()
@@ -720,8 +725,11 @@ class ProbeSession:
             "store": str(self.output_dir / STORE_NAME),
             "events_file": str(self.output_dir / EVENTS_NAME),
             "timings": {k: round(v, 3) for k, v in sorted(self.timings.items())},
-            # probe time / training time, as the cadence measured it (in-loop front-ends)
+            # probe time / training time on the wall clock, and probe work / training work in denoiser
+            # evaluations (what the cadence budgets), in-loop front-ends
             "probe_overhead": rounded(self.cadence.overhead(), 4),
+            "probe_work_share": rounded(self.cadence.work_share(), 4),
+            "budget_unit": self.cadence.unit,
         }
 
     def _images_at_risk(self, most: int = 5) -> list[dict[str, Any]]:
@@ -746,6 +754,7 @@ class ProbeSession:
         """Write ``summary.json`` and close the store (main process); returns the summary."""
         summary = self.summary()
         self.closed = True
+        self.meter.close()
         if self.store is not None:
             summary["images_at_risk"] = self._images_at_risk()
             self._final = summary
