@@ -145,6 +145,10 @@ def test_a_store_of_memwatch_0_1_opens_keeps_its_run_and_continues(tmp_path: Pat
     old_results = conn.execute("SELECT id, probe, config_hash FROM probe_results ORDER BY id").fetchall()
     conn.close()
 
+    # the forecast settings 0.1 ran with (its defaults then), as a user who keeps the config they ran with
+    pinned = yaml.safe_load((folder / "memwatch.yaml").read_text())
+    pinned["probes"]["forecast"].update(window=6, max_extrapolation=2.0)
+    (folder / "memwatch.yaml").write_text(yaml.safe_dump(pinned))
     config = str(folder / "memwatch.yaml")
     assert main(["probe", str(folder / "run"), "--config", config]) == 0
     out = capsys.readouterr().out
@@ -169,6 +173,21 @@ def test_a_store_of_memwatch_0_1_opens_keeps_its_run_and_continues(tmp_path: Pat
     conn.close()
     assert kept[: len(old_results)] == old_results  # history is added to, never rewritten
     assert build_report(folder / "run")["verdict"]["overall"]["verdict"] in ("clean", "at-risk", "warning")
+
+
+def test_defaults_changed_since_memwatch_0_1_measure_again_only_what_they_change(tmp_path: Path) -> None:
+    folder = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, folder)
+    store_path = folder / "run" / "memwatch" / "memwatch.sqlite"
+    with sqlite3.connect(store_path) as conn:
+        (last_old,) = conn.execute("SELECT MAX(id) FROM probe_results").fetchone()
+    # the fixture's config leaves the forecast's window and reach to the defaults, which changed after 0.1
+    assert main(["probe", str(folder / "run"), "--config", str(folder / "memwatch.yaml")]) == 0
+    with Store(store_path, readonly=True) as store:
+        run = store.runs()[0]
+        assert run["name"] == "run@661c4f7d4141"  # the same run, not a new one
+        added = {(r["probe"], r["step"]) for r in store.results(run["id"]) if r["id"] > last_old}
+    assert added == {("forecast", 2), ("forecast", 4)}  # regurgitation and membership of 0.1 still count
 
 
 def test_an_older_config_file_is_read_with_one_warning(tmp_path: Path, caplog) -> None:
