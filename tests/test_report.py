@@ -48,7 +48,7 @@ DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
 @pytest.fixture(scope="module")
 def demo_report(demo_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("demo-report")
-    paths = write_report(demo_run["run_dir"], out / "report.html", json_out=out / "report.json")
+    paths = write_report(demo_run["run_dir"], out / "report.html", json_out=out / "report.json").paths
     return {
         "paths": paths,
         "html": paths["html"].read_text(encoding="utf-8"),
@@ -77,7 +77,7 @@ def test_demo_run_verdicts_onset_and_last_clean_checkpoint(demo_run: dict[str, A
         == overall["last_clean_checkpoint_on_disk"]
         == {
             "step": TRAIN_STEPS,
-            "path": str(demo_run["checkpoint"]),
+            "path": demo_run["checkpoint"].relative_to(demo_run["run_dir"]).as_posix(),  # relative: portable
             "weights_sha256": demo_run["weights_sha256"],
             "exists": True,
         }
@@ -157,7 +157,7 @@ def test_demo_report_validates_and_rebuilds_byte_identically(demo_run: dict[str,
     assert schema_errors(demo_report["report"]) == []
     again = write_report(
         demo_run["run_dir"], demo_report["out"] / "again.html", json_out=demo_report["out"] / "again.json"
-    )
+    ).paths
     assert again["html"].read_bytes() == demo_report["paths"]["html"].read_bytes()
     assert again["json"].read_bytes() == demo_report["paths"]["json"].read_bytes()
 
@@ -539,7 +539,7 @@ def test_wilson_interval_brackets_the_fraction() -> None:
 
 
 def test_write_report_defaults_and_bad_input(hand_run: Path, tmp_path: Path) -> None:
-    paths = write_report(hand_run)
+    paths = write_report(hand_run).paths
     assert paths == {"html": hand_run / "memwatch" / "report.html"}
     assert paths["html"].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     with pytest.raises(MemwatchError, match="no run 'nope'"):

@@ -123,7 +123,7 @@ class DevTools:
 def report_files(demo_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = demo_run
     out = tmp_path_factory.mktemp("browser-report")
-    paths = write_report(run["run_dir"], out / "report.html", json_out=out / "report.json")
+    paths = write_report(run["run_dir"], out / "report.html", json_out=out / "report.json").paths
     return {**run, **paths, "out": out}
 
 

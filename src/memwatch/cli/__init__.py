@@ -13,12 +13,26 @@ import argparse
 import logging
 import sys
 
-from memwatch.cli import canaries, config, curves, data, demo, forecast, index, probe, report, score, watch
+from memwatch.cli import (
+    canaries,
+    config,
+    curves,
+    data,
+    demo,
+    forecast,
+    index,
+    keygen,
+    probe,
+    report,
+    score,
+    verify,
+    watch,
+)
 from memwatch.errors import MemwatchError
 from memwatch.version import __version__
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (score, demo, curves, probe, watch, report, forecast, data, index, canaries, config)
+COMMANDS = (score, demo, curves, probe, watch, report, verify, keygen, forecast, data, index, canaries, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

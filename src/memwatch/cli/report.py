@@ -26,11 +26,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pdf", default=None, help="also print the report to PDF through headless Chromium")
     p.add_argument("--redact", action="store_true", help="no training or generated pixels: evidence as ids and scores")
     p.add_argument("--run", default=None, help="run name in the store (default: the most recent)")
+    p.add_argument(
+        "--sign", metavar="KEY", default=None,
+        help="also write a signed in-toto attestation beside the HTML (<name>.intoto.jsonl: the audited weights, data "
+        "manifests and report files, with the verdicts and the store's chain head), signed with this Ed25519 key "
+        "(memwatch keygen; a passphrase comes from MEMWATCH_KEY_PASSPHRASE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--absolute-paths",
+        action="store_true",
+        help="keep paths as recorded (default: relative to the run folder; other absolute paths cut)",
+    )
     p.add_argument("--schema", action="store_true", help="print the JSON Schema of --json output and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from memwatch.attest.statement import sign_report
     from memwatch.views.report import report_schema, write_report
 
     if args.schema:
@@ -38,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise MemwatchError("memwatch report needs RUN_DIR (or --schema)")
-    paths = write_report(args.run_dir, args.output, args.json, args.pdf, redact=args.redact, run=args.run)
+    options = {"html_out": args.output, "json_out": args.json, "pdf_out": args.pdf, "redact": args.redact,
+               "run": args.run, "absolute_paths": args.absolute_paths}  # fmt: skip
+    if args.sign:
+        paths = sign_report(args.run_dir, args.sign, **options)
+    else:
+        paths = write_report(args.run_dir, **options).paths
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -127,7 +127,41 @@ def run_demo(
     summary["last_clean_checkpoint"] = str(ckpt) if ckpt else None
     if faces:
         summary["people"] = people_leaked(Path(summary["store"]))
+    summary.update(sign_demo_report(out, files.runs / DEMO_KEY))
     return summary
+
+
+#: The demo's signing key (made on first use, kept for the next demos), relative to the runs folder: outside
+#: every run folder, so no run carries a private key.
+DEMO_KEY = Path("demo-key") / "memwatch-demo.key"
+
+
+def sign_demo_report(out: Path, key: Path) -> dict[str, str]:
+    """Write the run's report (HTML and JSON) and its signed attestation, with the demo's own key pair; returns
+    their paths (``report``, ``report_json``, ``attestation``, ``public_key``).
+
+    A key is made for the demo: a real audit is signed with a key its team keeps (``memwatch keygen``).
+    Without ``cryptography`` (``memwatch[sign]``) the report is written unsigned.
+    """
+    from memwatch.attest.keys import NEEDS, generate_key_pair
+    from memwatch.attest.statement import sign_report
+    from memwatch.views.report import write_report
+
+    folder = out / OUTPUT_SUBDIR
+    public = key.with_name(key.name + ".pub")
+    files = {"html_out": folder / "report.html", "json_out": folder / "report.json"}
+    try:
+        if not (key.is_file() and public.is_file()):
+            generate_key_pair(key, force=True)
+        paths = sign_report(out, key, **files)
+    except MemwatchError as e:
+        if str(e) != NEEDS:
+            raise
+        paths = write_report(out, **files).paths
+    written = {"report": str(paths["html"]), "report_json": str(paths["json"])}
+    if "attestation" in paths:
+        written |= {"attestation": str(paths["attestation"]), "public_key": str(public)}
+    return written
 
 
 def people_leaked(store_path: Path) -> list[dict[str, Any]]:
@@ -200,6 +234,11 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
                   for p in summary["people"]]  # fmt: skip
         lines.insert(-2, f"  people reproduced:      {', '.join(people) or '-'}")
     lines += [f"  {name + ':':<24}{_rel(path)}" for name, path in summary.get("curves", {}).items()]
+    lines += [f"  {name + ':':<24}{_rel(summary[key])}" for name, key in
+              (("report", "report"), ("attestation (signed)", "attestation"), ("public key", "public_key"))
+              if summary.get(key)]  # fmt: skip
+    if summary.get("attestation"):
+        lines += ["", f"  check it: memwatch verify {_rel(summary['attestation'])} --key {_rel(summary['public_key'])}"]
     return "\n".join(lines)
 
 

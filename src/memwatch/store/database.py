@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash
+from memwatch.store import ledger
 from memwatch.store.schema import SCHEMA, SCHEMA_V2, SCHEMA_VERSION, upgrade
 
 if TYPE_CHECKING:
@@ -381,22 +382,28 @@ class Store:
         text, chash = canonical_json(config), config_hash(config)
         row = (name, now, text, chash, identity, _json_or_none(reference), _json_or_none(holdout), _json_or_none(info))
         with self._transaction("record the run") as conn:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO runs (name, created_at, config_json, config_hash, identity, reference_json, "
                 "holdout_json, info_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 row,
-            )
+            ).rowcount
             run_id = conn.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()[0]
-            if identity is not None:
-                conn.execute("UPDATE runs SET identity = ? WHERE id = ? AND identity IS NULL", (identity, run_id))
+            if created:
+                ledger.append(conn, "runs", run_id)
+            elif identity is not None:
+                if conn.execute(
+                    "UPDATE runs SET identity = ? WHERE id = ? AND identity IS NULL", (identity, run_id)
+                ).rowcount:
+                    ledger.append(conn, "runs", run_id, action="update")
             latest = conn.execute(
                 "SELECT config_hash FROM run_configs WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run_id,)
             ).fetchone()
             if latest is None or latest[0] != chash:
-                conn.execute(
+                cur = conn.execute(
                     "INSERT INTO run_configs (run_id, config_hash, config_json, first_used) VALUES (?, ?, ?, ?)",
                     (run_id, chash, text, now),
                 )
+                ledger.append(conn, "run_configs", cur.lastrowid)
             return run_id
 
     def run_with_identity(self, identity: str) -> str | None:
@@ -419,6 +426,7 @@ class Store:
                 "UPDATE runs SET reference_json = ?, holdout_json = ? WHERE id = ?",
                 (_json_or_none(reference), _json_or_none(holdout), run_id),
             )
+            ledger.append(conn, "runs", run_id, action="update")
 
     def add_snapshot(
         self,
@@ -469,16 +477,25 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, step, kind, where, weights_sha256, weights, _dumps(dict(info or {})), now),
                 ).lastrowid
+                ledger.append(conn, "snapshots", snap)
             else:
                 snap = row[0]
                 if info:
                     conn.execute("UPDATE snapshots SET info_json = ? WHERE id = ?", (_dumps(dict(info)), snap))
-            conn.execute(
-                "INSERT INTO sightings (snapshot_id, step, kind, path, first_seen, last_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (snapshot_id, step, kind, path) "
-                "DO UPDATE SET last_seen = excluded.last_seen",
-                (snap, step, kind, where, now, now),
-            )
+                    ledger.append(conn, "snapshots", snap, action="update")
+            seen = conn.execute(
+                "SELECT id FROM sightings WHERE snapshot_id = ? AND step = ? AND kind = ? AND path = ?",
+                (snap, step, kind, where),
+            ).fetchone()
+            if seen is None:
+                cur = conn.execute(
+                    "INSERT INTO sightings (snapshot_id, step, kind, path, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (snap, step, kind, where, now, now),
+                )
+                ledger.append(conn, "sightings", cur.lastrowid)
+            else:
+                conn.execute("UPDATE sightings SET last_seen = ? WHERE id = ?", (now, seen[0]))
             return snap
 
     def write_result(
@@ -554,6 +571,7 @@ class Store:
                 "INSERT INTO items (result_id, item, data_json) VALUES (?, ?, ?)",
                 (_item_row(result_id, i, row) for i, row in enumerate(result.items)),
             )
+            ledger.append(conn, "probe_results", result_id)
             return result_id
 
     def record_failure(
@@ -593,6 +611,7 @@ class Store:
                     host if host is not None else socket.gethostname(),
                 ),
             )
+            ledger.append(conn, "probe_results", cur.lastrowid)
             return cur.lastrowid
 
     def has_result(self, snapshot_id: int, probe: str, config_hash: str) -> bool:
@@ -650,7 +669,10 @@ class Store:
                 "forecast_step, message, evidence_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-            return cur.lastrowid if cur.rowcount else None
+            if not cur.rowcount:
+                return None
+            ledger.append(conn, "events", cur.lastrowid)
+            return cur.lastrowid
 
     def write_training_set(
         self,
@@ -668,6 +690,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?)",
                 (run_id, manifest_sha256, _json_or_none(analysis), error, _now(created_at)),
             )
+            ledger.append(conn, "training_sets", run_id)
 
     def training_set(self, run_id: int) -> dict[str, Any] | None:
         """A run's training-set analysis: ``{"manifest_sha256", "analysis", "error", "created_at"}``, or None."""
@@ -683,6 +706,23 @@ class Store:
             "error": r["error"],
             "created_at": r["created_at"],
         }
+
+    # -- the record --------------------------------------------------------------------------------
+
+    def check_record(self, expected: ledger.ChainHead | None = None) -> ledger.LedgerCheck:
+        """Recompute the hash chain over every record (:func:`memwatch.store.ledger.verify_ledger`): what no
+        longer matches, and the chain's head. Never writes.
+
+        Args:
+            expected: a head a report carries; the chain must contain it.
+        """
+        with self._lock:
+            try:
+                check = ledger.verify_ledger(self._conn, expected=expected)
+                check.starts_at = ledger.chain_start(self._conn)
+            except sqlite3.Error as e:
+                raise self._error(e, "read its ledger") from None
+        return check
 
     # -- views -----------------------------------------------------------------------------------
 

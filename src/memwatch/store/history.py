@@ -113,6 +113,18 @@ class RunHistory:
         return {step: out[step] for step in sorted(out)}
 
 
+def run_folder(store_path: str | Path) -> Path:
+    """The training run's folder of a store: the folder holding ``memwatch/`` for ``<run>/memwatch/memwatch.sqlite``,
+    else the store's own folder (absolute).
+
+    Example:
+        >>> run_folder("/runs/sd/memwatch/memwatch.sqlite").as_posix(), run_folder("/jobs/memwatch.sqlite").as_posix()
+        ('/runs/sd', '/jobs')
+    """
+    folder = Path(store_path).absolute().parent
+    return folder.parent if folder.name == OUTPUT_SUBDIR else folder
+
+
 def find_store(run_dir: str | Path) -> Path:
     """The store file of a run folder.
 

@@ -10,7 +10,9 @@ schema by one path (:func:`upgrade`, one transaction per version):
   are kept in ``run_configs``, the first one being the config the run was created with. Runs named as the
   checkpoint jobs named them (``<folder>@<12 hex>``) get their identity from that folder and their stored
   manifests; runs of the in-training monitor keep none (each training is its own run). The store's own
-  cache of checkpoint file hashes is dropped (one file-hash cache serves every reader now).
+  cache of checkpoint file hashes is dropped (one file-hash cache serves every reader now);
+* 3 -> 4: the ledger, a hash chain over every record (:mod:`memwatch.store.ledger`); the rows already there
+  are adopted into it, so later edits are evident (what happened to them before the upgrade is not attested).
 
 Statements are executed one by one inside a transaction (``executescript`` would commit first).
 """
@@ -24,8 +26,9 @@ from pathlib import Path
 
 from memwatch.errors import MemwatchError
 from memwatch.hashing import run_identity_hash
+from memwatch.store.ledger import LEDGER_SCHEMA, adopt_all
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The tables of a schema-2 store (new stores are created as schema 2 and upgraded, so there is one path).
 SCHEMA_V2 = (
@@ -162,8 +165,8 @@ SCHEMA_V3 = (
     "CREATE INDEX IF NOT EXISTS run_configs_run ON run_configs (run_id, id)",
     "CREATE INDEX IF NOT EXISTS runs_identity ON runs (identity)",
 )
-#: Every table and index of the current schema.
-SCHEMA = SCHEMA_V2 + SCHEMA_V3
+#: Every table and index of the current schema (schema 4 adds the ledger).
+SCHEMA = SCHEMA_V2 + SCHEMA_V3 + LEDGER_SCHEMA
 
 #: The name the checkpoint jobs gave a run before schema 3: ``<folder>@<first 12 hex of the config hash>``.
 _JOB_RUN_NAME = re.compile(r"^(?P<folder>.+)@[0-9a-f]{12}$")
@@ -179,6 +182,8 @@ def upgrade(conn: sqlite3.Connection, version: int, path: Path) -> int:
         _upgrade_1(conn)
     elif version == 2:
         _upgrade_2(conn)
+    elif version == 3:
+        _upgrade_3(conn)
     else:
         raise MemwatchError(f"store {path} has an unknown schema version {version}: use another store file")
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version + 1),))
@@ -244,6 +249,13 @@ def _upgrade_2(c: sqlite3.Connection) -> None:
         if job is not None:
             identity = run_identity_hash(job["folder"], _manifest(reference), _manifest(holdout))
             c.execute("UPDATE runs SET identity = ? WHERE id = ?", (identity, run_id))
+
+
+def _upgrade_3(c: sqlite3.Connection) -> None:
+    """Schema 3 to the ledger: every existing record adopted into the hash chain."""
+    for statement in LEDGER_SCHEMA:
+        c.execute(statement)
+    adopt_all(c)
 
 
 def _manifest(summary_json: str | None) -> str | None:

@@ -41,14 +41,17 @@ from memwatch.hashing import canonical_json, config_hash, sha256_bytes
 from memwatch.signals.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.signals.rules import FORECAST, OPS
 from memwatch.store import Store
-from memwatch.store.history import RunHistory, find_store
+from memwatch.store.history import RunHistory, find_store, run_folder
+from memwatch.store.ledger import LedgerCheck
 from memwatch.version import __version__
 from memwatch.views.curves import curves_figure, images_figure, seeds_figure
 from memwatch.views.headline import headline_figure
 from memwatch.views.plotting import DPI, PNG_METADATA
 from memwatch.views.report import sources
 from memwatch.views.report.common import IDENTITY, Limits, data_uri
+from memwatch.views.report.coverage import coverage
 from memwatch.views.report.evidence import ReferenceFiles, collect_evidence, sample_crops
+from memwatch.views.report.paths import make_portable
 from memwatch.views.report.training_set import training_set_section
 
 FORMAT = "memwatch-report"
@@ -73,7 +76,9 @@ VERDICT_DEFINITION = (
 Z95 = 1.959963984540054
 
 
-def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = False) -> dict[str, Any]:
+def build_report(
+    run_dir: str | Path, *, run: str | None = None, redact: bool = False, absolute_paths: bool = False
+) -> dict[str, Any]:
     """Build the audit report of one run as a dict of JSON types (see :mod:`memwatch.views.report.schema`).
 
     Args:
@@ -81,6 +86,8 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         run: run name in the store; default the most recently created run.
         redact: leave out every training and generated pixel (thumbnails, sample crops, evidence
             images); ids, hashes and scores stay. The curve plots stay: they show numbers only.
+        absolute_paths: keep paths as the store recorded them; by default they are relative to the run folder,
+            and any other absolute path is cut to its last part (:mod:`memwatch.views.report.paths`).
 
     Returns:
         The report content; :func:`report_json` serialises it.
@@ -98,6 +105,7 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
     with Store(store_path, readonly=True) as store:
         history = load_run(store, run)
         item_rows = store.items(history.run_id)
+        record = store.check_record()
     identity_rows = [r for r in item_rows if r["probe"] == IDENTITY]
     info, config, rules = history.info, history.config, history.rules
     snapshots, results, metric_rows = history.snapshots, history.results, history.metric_rows
@@ -127,10 +135,50 @@ def build_report(run_dir: str | Path, *, run: str | None = None, redact: bool = 
         "provenance": _provenance(info, config, snapshots, results, metric_rows, limits),
         "limitations": [],
     }
+    report["record"] = _record(record, limits)
+    report["coverage"] = coverage()
     _general_limits(report, info, snapshots, results, redact, limits)
     _probe_limits(declared, info, config, results, matches, metric_rows, item_rows, limits)
     report["limitations"] = limits.ordered()
-    return _json_safe(report)
+    report = _json_safe(report)
+    cut: list[str] = []
+    if not absolute_paths:
+        report, cut = make_portable(report, run_folder(store_path))
+        if cut:
+            report["limitations"].append({
+                "code": "paths-cut",
+                "message": f"{len(cut)} text(s) held absolute paths outside the run folder; each is cut to its last "
+                "part (listed under paths.cut): memwatch report --absolute-paths keeps them",
+            })  # fmt: skip
+    report["paths"] = {"relative_to": "the run folder", "absolute": bool(absolute_paths), "cut": cut}
+    return report
+
+
+def _record(check: LedgerCheck, limits: Limits) -> dict[str, Any]:
+    """The store's hash chain as the report states it (its head is what an attestation signs)."""
+    if check.findings:
+        limits.add(
+            "record-altered",
+            f"the store's hash chain does not match {len(check.findings)} record(s) or entries: the store was changed "
+            f"outside memwatch after it was written (first: {check.findings[0]}); memwatch verify lists them all",
+        )
+    if check.adopted:
+        limits.add(
+            "record-adopted",
+            f"the first {check.adopted} record(s) were written before the store kept a hash chain and were adopted "
+            f"into it when it was upgraded: edits after that are evident, what happened to them before is not; "
+            f"the chain records writes as they happened from entry {check.starts_at} on",
+        )
+    return {
+        "chain": "sha256 hash chain over every stored record, each entry over the record's RFC 8785 canonical JSON "
+        "and the entry before it (memwatch.store.ledger)",
+        "head": check.head.to_dict(),
+        "records": check.records,
+        "adopted": check.adopted,
+        "starts_at": check.starts_at,
+        "intact": check.ok,
+        "findings": list(check.findings),
+    }
 
 
 def report_json(report: Mapping[str, Any]) -> str:

@@ -396,6 +396,39 @@ _SCHEMA: dict[str, Any] = {
                     "probe_runs": _list({"$ref": "#/$defs/probe_run"}),
                 }
             ),
+            "record": _obj(
+                {
+                    "chain": {"type": "string"},
+                    "head": _obj({"seq": {"type": "integer", "minimum": 0}, "sha256": _SHA256}),
+                    "records": {"type": "integer", "minimum": 0},
+                    "adopted": {"type": "integer", "minimum": 0},
+                    "starts_at": {"type": "integer", "minimum": 1},
+                    "intact": {"type": "boolean"},
+                    "findings": _list({"type": "string"}),
+                }
+            ),
+            "coverage": _obj(
+                {
+                    "items": _list(
+                        _obj(
+                            {
+                                "document": {"type": "string"},
+                                "item": {"type": "string"},
+                                "answer": {"type": "string"},
+                                "fields": _list({"type": "string"}),
+                            }
+                        )
+                    ),
+                    "does_not_establish": _list({"type": "string"}),
+                }
+            ),
+            "paths": _obj(
+                {
+                    "relative_to": {"type": "string"},
+                    "absolute": {"type": "boolean"},
+                    "cut": _list({"type": "string"}),
+                }
+            ),
             "limitations": _list({"$ref": "#/$defs/limitation"}),
         }
     ),
