@@ -28,7 +28,9 @@ first put it at risk, against the onset.
 
 Runs are independent processes (``--jobs``, one torch thread each). Each run leaves its folder under
 ``--out``: the monitor's store (``memwatch/``) and ``truth.json`` (the dense probes: every seed's d1/d2 and
-nearest training image at every dense step). Analysis only (``--analyse``) re-reads those folders.
+nearest training image at every dense step). Analysis only (``--analyse``) re-reads those folders;
+``--same-as OTHER`` compares each run's probed steps and events with the same run in another ``--out``
+(the same seeds run at another time, under another load: the cadence counts work, so they must agree).
 
     python scripts/bench_warnings.py --quick --json runs/bench_warnings_quick.json
     python scripts/bench_warnings.py --json docs/bench_warnings.json --plots docs/img
@@ -280,6 +282,39 @@ def warnings_of(run_dir: Path) -> list[dict[str, Any]]:
         run = store.runs()[0]["id"]
         events = store.events(run)
     return sorted((e for e in events if severity_at_least(e["severity"], "warning")), key=lambda e: e["step"])
+
+
+def probes_and_events(run_dir: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
+    """The monitor's probed (probe, step) pairs and its (rule, step, severity) events, in order."""
+    from memwatch.store import Store
+
+    store_path = run_dir / "memwatch" / "memwatch.sqlite"
+    if not store_path.is_file():
+        return [], []
+    with Store(store_path, readonly=True) as store:
+        run = store.runs()[0]["id"]
+        probed = sorted((r["probe"], r["step"]) for r in store.results(run) if r["kind"] == "live")
+        events = sorted((e["rule"], e["step"], e["severity"]) for e in store.events(run))
+    return probed, events
+
+
+def same_as(out: Path, other: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Did the runs in ``other`` (the same seeds and config, another time, another load) probe the same steps
+    and raise the same events as those in ``out``? Compared up to the shorter run's last step."""
+    compared, differ = [], []
+    for row in rows:
+        name = f"n{row['n']:04d}-s{row['seed']}"
+        if not (other / name / "truth.json").is_file():
+            continue
+        last = min(row["steps_trained"], json.loads((other / name / "truth.json").read_text())["steps_trained"])
+        records = []
+        for folder in (out / name, other / name):
+            probed, events = probes_and_events(folder)
+            records.append(([p for p in probed if p[1] <= last], [e for e in events if e[1] <= last]))
+        compared.append(name)
+        if records[0] != records[1]:
+            differ.append(name)
+    return {"other": str(other), "runs_compared": compared, "runs_that_differ": differ}
 
 
 def analyse_run(run_dir: Path) -> dict[str, Any]:
@@ -578,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canaries", type=int, nargs="*", default=[], help="plant duplicated canaries (e.g. 2 4 8)")
     p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
     p.add_argument("--json", default=None, help="write runs and summary here")
+    p.add_argument("--same-as", default=None, help="another --out folder of the same seeds: compare probed steps "
+                   "and events run by run (up to the shorter run's last step)")  # fmt: skip
     p.add_argument("--plots", default=None, help="write the figures into this folder")
     args = p.parse_args(argv)
     if args.quick:
@@ -612,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r["seed"] in plan.get(r["n"], [])]
     summary = summarise(rows)
     summary["forecast_check"] = forecast_check(out, rows) if not args.no_monitor else None
+    if args.same_as:
+        summary["same_as"] = same_as(out, Path(args.same_as), rows)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(markdown_table(rows))
     print(image_markdown(rows))
