@@ -15,11 +15,16 @@ this script on that folder, set the defaults, then ``bench_warnings.py`` (report
 
     python scripts/tune_forecast.py runs/tune --json runs/tune/grid.json
     python scripts/tune_forecast.py runs/tune --diagnose      # fast vs full samples, membership as a gate
+
+The tuning truth of the current defaults is kept in ``docs/data/tune`` (``--export``: each run's
+``truth.json`` without the nearest-image names, gzipped, 30 kB a run), so the defaults can be re-tuned and
+checked without training again: ``python scripts/tune_forecast.py docs/data/tune``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
@@ -30,14 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import memwatch.core.cadence as cadence_module
 from memwatch.core.cadence import TRAINING_PASS_WORK, Cadence, CadenceSettings
 from memwatch.probes.membership import MembershipConfig
 from memwatch.probes.regurgitation import MEM_RATIO
 from memwatch.sampling.plan import SamplingSettings
-from memwatch.signals.forecast import forecast_onset
+from memwatch.signals.forecast import forecast_onset, precursor
 from memwatch.signals.rules import RuleEngine, parse_rules
 
 MONITOR_SEEDS = 32
@@ -52,6 +55,8 @@ class Setting:
 
     method: str = "ols"
     quantile: float = 0.0  # of the seeds' ratios (0: the smallest; 0.05: when 5% of the samples copy)
+    closest: int = 1  # the precursor: the geometric mean of the quantile and the closest - 1 ratios above it
+    consecutive: int = 1  # the rule's ``for``: forecasts within the horizon in a row before a warning
     window: int = 6
     max_extrapolation: float = 2.0
     every: int = 100
@@ -61,14 +66,16 @@ class Setting:
     free_share: float = 0.5  # the most of the budget the sampling-free probes take (cadence.SAMPLING_FREE_SHARE)
 
 
-def precursor_series(truth: dict[str, Any], fast: bool, quantile: float) -> tuple[list[float], list[int]]:
-    """Per dense step: the ``quantile`` of the monitor's seeds' ratios (as the forecast takes it), and how
+def precursor_series(
+    truth: dict[str, Any], fast: bool, quantile: float, closest: int = 1
+) -> tuple[list[float], list[int]]:
+    """Per dense step: the precursor of the monitor's seeds' ratios (as the forecast takes it), and how
     many of them are copies."""
     rows = truth["ratios_fast"] if fast else [r[:MONITOR_SEEDS] for r in truth["ratios"]]
     values, copies = [], []
     for ratios in rows:
         finite = [r for r in ratios if r is not None and math.isfinite(r)]
-        values.append(float(np.quantile(finite, quantile)) if finite else math.nan)
+        values.append(precursor(finite, quantile, closest) if finite else math.nan)
         copies.append(sum(r < MEM_RATIO for r in finite))
     return values, copies
 
@@ -92,7 +99,7 @@ def replay(run: dict[str, Any], s: Setting, horizons: tuple[float, ...] = (0.5,)
     truth, n = run["truth"], run["n"]
     steps = truth["steps"]
     fast_steps = truth.get("fast_steps", 10)
-    values, copies = precursor_series(truth, s.fast, s.quantile)
+    values, copies = precursor_series(truth, s.fast, s.quantile, s.closest)
     at = {st: i for i, st in enumerate(steps)}
     per_step = TRAIN_BATCH * TRAINING_PASS_WORK
     sample_work = MONITOR_SEEDS * (fast_steps if s.fast else SamplingSettings().inference_steps)
@@ -101,7 +108,7 @@ def replay(run: dict[str, Any], s: Setting, horizons: tuple[float, ...] = (0.5,)
         {"name": "first", "type": "first", "metric": "regurgitation/distinct_memorized", "op": ">", "value": 0,
          "severity": "warning", "message": "m"},
         {"name": "forecast", "type": "forecast", "metric": "forecast/onset", "horizon_share": h,
-         "severity": "warning", "message": "m"},
+         "for": s.consecutive, "severity": "warning", "message": "m"},
     ])) for h in horizons}  # fmt: skip
     cadence_module.SAMPLING_FREE_SHARE = s.free_share
     cadence = Cadence(CadenceSettings(adaptive=True, budget=s.budget))
@@ -189,32 +196,36 @@ HORIZONS = (0.25, 0.5, 1.0)
 
 #: The forecast settings compared for robustness, and the cadence perturbations each is replayed under: a
 #: setting whose warnings depend on exactly which steps the cadence probes is luck, not a default.
-ROBUST_GRID = {"quantile": [0.0, 0.05], "window": [5, 6, 8], "max_extrapolation": [1.0, 1.25, 1.5, 2.0]}
-PERTURBATIONS = {"budget": [0.025, 0.03, 0.035, 0.04], "free_share": [0.25, 0.5]}
+ROBUST_GRID = {"closest": [1, 2, 3], "consecutive": [1, 2], "window": [6, 8], "max_extrapolation": [1.5, 2.0]}
+ROBUST_HORIZONS = (0.5, 0.75)
+PERTURBATIONS = {"budget": [0.015, 0.02, 0.025, 0.03], "free_share": [0.25, 0.5]}
 
 
 def robust(runs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
-    """Each forecast setting of :data:`ROBUST_GRID` (fast samples, every 100, horizon 0.5) replayed under every
-    cadence of :data:`PERTURBATIONS`: its false alarms and misses summed over them, and its leads."""
+    """Each forecast setting of :data:`ROBUST_GRID` x :data:`ROBUST_HORIZONS` (fast samples, every 100, the
+    smallest seeds) replayed under every cadence of :data:`PERTURBATIONS`: its false alarms and misses summed
+    over them (and which runs they were), and its leads."""
     forecasts = [dict(zip(ROBUST_GRID, v, strict=True)) for v in itertools.product(*ROBUST_GRID.values())]
     cadences = [dict(zip(PERTURBATIONS, v, strict=True)) for v in itertools.product(*PERTURBATIONS.values())]
     settings = [Setting(fast=True, **f, **c) for f in forecasts for c in cadences]
     with ProcessPoolExecutor(jobs) as pool:
         rows = [r for rs in pool.map(_evaluate_one, [(runs, x) for x in settings], chunksize=2) for r in rs]
     out = []
-    for f in forecasts:
+    for f in (dict(f, horizon_share=h) for f in forecasts for h in ROBUST_HORIZONS):
         mine = [r for r in rows if all(r[k] == v for k, v in f.items())]
         leads = [r["median_lead_fraction"] for r in mine if r["median_lead_fraction"] is not None]
         lows = [r["min_lead_fraction"] for r in mine if r["min_lead_fraction"] is not None]
         out.append({**f, "false_alarms": sum(len(r["false_alarms"]) for r in mine),
                     "misses": sum(len(r["misses"]) for r in mine), "cadences": len(mine),
+                    "alarmed": sorted({a.split("@")[0] for r in mine for a in r["false_alarms"]}),
+                    "missed": sorted({m for r in mine for m in r["misses"]}),
                     "median_lead_fraction": round(statistics.median(leads), 4) if leads else None,
                     "min_lead_fraction": min(lows, default=None)})  # fmt: skip
     return sorted(out, key=lambda r: (r["false_alarms"] + r["misses"], -(r["median_lead_fraction"] or 0)))
 
 
 def _evaluate_one(args: tuple[list[dict[str, Any]], Setting]) -> list[dict[str, Any]]:
-    return evaluate(*args, horizons=(0.5,))
+    return evaluate(*args, horizons=ROBUST_HORIZONS)
 
 
 def diagnose(runs: list[dict[str, Any]]) -> None:
@@ -237,6 +248,27 @@ def diagnose(runs: list[dict[str, Any]]) -> None:
               f"       {rho:5.2f}                           {mia!s:>6}  {gap!s:>6}")  # fmt: skip
 
 
+def load_runs(folder: Path) -> list[dict[str, Any]]:
+    """The runs of a ``bench_warnings.py --out`` folder (``*/truth.json``) or of an ``--export`` folder
+    (``*.json.gz``), in name order."""
+    files = sorted(folder.glob("*/truth.json"))
+    if files:
+        return [json.loads(f.read_text()) for f in files]
+    return [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(folder.glob("*.json.gz"))]
+
+
+def export_runs(runs: list[dict[str, Any]], folder: Path) -> None:
+    """Write each run's record and truth, less what the replay does not read, as ``<name>.json.gz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        truth = {k: v for k, v in run["truth"].items() if k != "nn1"}
+        for key in ("ratios", "ratios_fast"):
+            truth[key] = [[None if r is None else round(r, 4) for r in row] for row in truth[key]]
+        data = json.dumps({**run, "truth": truth}, separators=(",", ":"), sort_keys=True).encode()
+        # mtime=0: the same runs give the same bytes
+        (folder / f"n{run['n']:04d}-s{run['seed']}.json.gz").write_bytes(gzip.compress(data, 9, mtime=0))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="a bench_warnings.py --out folder")
@@ -245,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.03, help="the cadence budget replayed (work share)")
     p.add_argument("--robust", action="store_true", help="forecast settings under perturbed cadences (ROBUST_GRID)")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--export", default=None, help="write the runs' truth here, compact (e.g. docs/data/tune)")
     args = p.parse_args(argv)
-    runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*/truth.json"))]
+    runs = load_runs(Path(args.runs))
     print(f"{len(runs)} runs: {sum(r['onset_step'] is not None for r in runs)} with onset")
+    if args.export:
+        export_runs(runs, Path(args.export))
+        return 0
     if args.diagnose:
         diagnose(runs)
         return 0

@@ -11,7 +11,7 @@ import pytest
 from memwatch.core.cadence import SAMPLING_FREE_SHARE, Cadence, CadenceSettings
 from memwatch.errors import MemwatchError
 from memwatch.probes.membership import loss_turn
-from memwatch.signals.forecast import fit_line, forecast_onset
+from memwatch.signals.forecast import fit_line, forecast_onset, precursor
 from memwatch.signals.rules import RuleEngine, parse_rules
 
 FORECAST_RULE = {
@@ -76,6 +76,17 @@ def test_per_seed_forecasts_follow_each_seed() -> None:
     assert f.metrics()["seeds_approaching"] == 1
 
 
+def test_the_closest_seeds_together_move_less_for_one_noisy_seed_and_still_follow_an_approach() -> None:
+    ratios = [0.80 + 0.004 * i for i in range(32)]
+    dipped = [0.40, *ratios[1:]]  # one seed's sample comes close once
+    assert precursor(ratios) == 0.80 and precursor(dipped) == 0.40
+    assert precursor(dipped, closest=3) == pytest.approx((0.40 * 0.804 * 0.808) ** (1 / 3))
+    assert precursor(dipped, quantile=1 / 31) == pytest.approx(0.804)  # the quantile, as before
+    steps = [200, 400, 600, 800, 1000]
+    one, three = (forecast_onset(approaching(steps, crossing=1500, noise=0.0), quantile=0.0, closest=k) for k in (1, 3))
+    assert math.isfinite(one.onset) and math.isfinite(three.onset) and three.onset > one.onset  # later, not lost
+
+
 def test_fit_line_needs_three_points() -> None:
     assert fit_line([1, 2], [1, 2]) is None and fit_line([1, 1, 1], [1, 2, 3]) is None
 
@@ -97,11 +108,30 @@ def test_forecast_rule_fires_within_its_horizon_once_and_rearms() -> None:
     assert len(observe(1400, 1600, 1500, 1700)) == 1
 
 
+def test_a_forecast_rule_with_for_needs_consecutive_forecasts_within_the_horizon() -> None:
+    engine = RuleEngine(parse_rules([{**FORECAST_RULE, "for": 2}]))
+
+    def fired(step: int, low: float) -> bool:
+        m = {"forecast/onset": low + 50, "forecast/onset_low": low, "forecast/onset_high": low + 100}
+        return bool(engine.observe(step, m))
+
+    assert not fired(600, 800)  # within, once: one noisy probe does not warn
+    assert not fired(700, 2000)  # beyond: the streak starts again
+    assert not fired(800, 1000)
+    assert not engine.observe(900, {"forecast/onset": math.nan})  # no forecast: neither counts nor resets
+    assert fired(1000, 1200)  # the second consecutive forecast within the horizon
+    assert not fired(1100, 1300)  # one event per approach
+    (rule,) = parse_rules([{**FORECAST_RULE, "for": 2}])
+    assert rule.to_dict()["for"] == 2 and parse_rules([rule.to_dict()]) == [rule]
+    assert "for" not in parse_rules([FORECAST_RULE])[0].to_dict()  # the default keeps stored configs as they were
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
         ({"horizon_share": None}, "horizon_share' is missing"),
         ({"horizon_share": 0}, "must be positive"),
+        ({"for": 0}, "'for' is 0: it must be a whole number >= 1"),
         ({"op": "<="}, "'op' is not known for a forecast rule"),
         ({"message": "{forecast_low}", "type": "threshold", "op": ">", "value": 1, "horizon_share": None},
          "only forecast rules have"),

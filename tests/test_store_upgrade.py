@@ -147,7 +147,7 @@ def test_a_store_of_memwatch_0_1_opens_keeps_its_run_and_continues(tmp_path: Pat
 
     # the forecast settings 0.1 ran with (its defaults then), as a user who keeps the config they ran with
     pinned = yaml.safe_load((folder / "memwatch.yaml").read_text())
-    pinned["probes"]["forecast"].update(window=6, max_extrapolation=2.0)
+    pinned["probes"]["forecast"].update(window=6, max_extrapolation=2.0, closest=1)
     (folder / "memwatch.yaml").write_text(yaml.safe_dump(pinned))
     config = str(folder / "memwatch.yaml")
     assert main(["probe", str(folder / "run"), "--config", config]) == 0

@@ -58,6 +58,9 @@ class SettingInfo:
     path: bool = False
     #: a threshold a verdict depends on: listed with its source in the audit report
     threshold: bool = False
+    #: for a setting added after results were stored: the value that measures what memwatch measured before it
+    #: existed (at that value it is left out of the results' keys, so those results still count); None: none
+    was: Any = None
 
 
 def setting(
@@ -72,6 +75,7 @@ def setting(
     choices: tuple[Any, ...] | None = None,
     path: bool = False,
     threshold: bool = False,
+    was: Any = None,
 ) -> Any:
     """Declare one setting of a :class:`Settings` dataclass.
 
@@ -85,6 +89,8 @@ def setting(
         choices: the allowed values.
         path: the value is a path, relative to the config file's folder.
         threshold: the value is a threshold behind a verdict (the report lists it with ``source``).
+        was: for a setting added to a section whose results are stored: the value at which it measures what
+            memwatch measured before the setting existed (see :meth:`Settings.keyed`).
 
     Example:
         >>> @dataclass
@@ -93,7 +99,7 @@ def setting(
         >>> S().size
         64
     """
-    info = SettingInfo(help, source, unit, min, max, exclusive, choices, path, threshold)
+    info = SettingInfo(help, source, unit, min, max, exclusive, choices, path, threshold, was)
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"setting": info})
     return dataclasses.field(default=default, metadata={"setting": info})
@@ -135,6 +141,22 @@ class Settings:
             {'sizes': [1, 2]}
         """
         return {f.name: _plain(getattr(self, f.name)) for f, _ in _declared(type(self))}
+
+    def keyed(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the settings at their ``was`` value: what the results measured with these settings
+        are stored under, so that a setting added later, left at the value that measures as before, keys the
+        results stored before it the same.
+
+        Example:
+            >>> @dataclass
+            ... class S(Settings):
+            ...     window: int = setting(6, "probes in the fit")
+            ...     closest: int = setting(2, "seeds averaged", was=1)
+            >>> S().keyed(), S(closest=1).keyed()
+            ({'window': 6, 'closest': 2}, {'window': 6})
+        """
+        infos = {name: info for name, _, info in declarations(type(self))}
+        return {k: v for k, v in self.to_dict().items() if infos[k].was is None or v != infos[k].was}
 
 
 def declarations(cls: type[Settings]) -> list[tuple[str, Any, SettingInfo]]:

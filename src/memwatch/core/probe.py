@@ -350,7 +350,7 @@ class Probe:
         cadence), the samples' settings when it reads samples, the embedder's when it compares in its space.
         A change in any of them measures again; anything else (a rule, another probe's settings, the cadence)
         does not."""
-        own = {k: v for k, v in self.settings.to_dict().items() if k != "every"}
+        own = {k: v for k, v in self.settings.keyed().items() if k != "every"}
         key: dict[str, Any] = {"probe": self.name, "settings": own}
         if self.needs_samples:
             key["sampling"] = sampling.key()

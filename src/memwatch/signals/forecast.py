@@ -3,8 +3,9 @@
 Before the first generated sample copies a training image, the fixed-seed samples approach the
 training set: each seed's ratio ``d1/d2`` (distance to the nearest training image over the distance
 to the second nearest) falls towards the memorization threshold 1/3 (Gu et al. 2023; Bonnaire et
-al. 2025). A low quantile of those ratios over the seeds (by default the smallest) is a precursor of
-the *first* copy. :func:`forecast_onset` fits a straight line to that quantile (in log
+al. 2025). The closest seeds' ratios are a precursor of the first copies: :func:`precursor` takes a low
+quantile of them (the smallest) and, so that one noisy sample moves it less, the geometric mean of it and the
+next closest (``closest``). :func:`forecast_onset` fits a straight line to that precursor (in log
 space, where the approach to zero is steady) over the last few probes and returns the step at which
 the line reaches the threshold, with a band from the fit's uncertainty.
 
@@ -290,11 +291,28 @@ def _log(v: float) -> float:
     return math.log(max(v, 1e-6))
 
 
+def precursor(ratios: Sequence[float], quantile: float = 0.0, closest: int = 1) -> float:
+    """The precursor of one probe: the ``quantile`` of the seeds' ratios and, with ``closest`` > 1, the geometric
+    mean of it and the ``closest - 1`` ratios just above it, so that one seed's noisy sample moves it less.
+
+    Example:
+        >>> precursor([0.9, 0.4, 0.6, 0.8]), round(precursor([0.9, 0.4, 0.6, 0.8], closest=2), 3)
+        (0.4, 0.49)
+    """
+    ordered = np.sort(np.asarray(ratios, dtype=np.float64))
+    value = float(np.quantile(ordered, quantile))
+    if closest <= 1:
+        return value
+    tail = [value, *ordered[ordered > value][: closest - 1].tolist()]
+    return math.exp(sum(_log(v) for v in tail) / len(tail))
+
+
 def forecast_onset(
     trajectory: Sequence[tuple[int, Mapping[int, float]]],
     *,
     threshold: float = 1 / 3,
     quantile: float = 0.0,
+    closest: int = 1,
     window: int = 6,
     max_extrapolation: float = 2.0,
     method: str = "ols",
@@ -307,6 +325,8 @@ def forecast_onset(
         threshold: the memorization threshold of the ratio (1/3).
         quantile: which quantile over the seeds is forecast (0: the smallest ratio, the first copy; over 32
             seeds 1/31 is the second smallest: two copies, the onset of 5% of the samples copying).
+        closest: the precursor is the geometric mean of the quantile and the ``closest - 1`` ratios just
+            above it (:func:`precursor`; 1: the quantile alone).
         window: the most recent probes in the fit (at least 3 are needed).
         max_extrapolation: the line is trusted at most this many times its own span (first to last
             probe in the fit) beyond the last probe; a crossing further out is no forecast.
@@ -319,7 +339,7 @@ def forecast_onset(
     for step, ratios in trajectory:
         vals = [v for v in ratios.values() if math.isfinite(v)]
         if vals:
-            points.append((int(step), float(np.quantile(vals, quantile))))
+            points.append((int(step), precursor(vals, quantile, closest)))
     if not points:
         return OnsetForecast(step=int(trajectory[-1][0]) if trajectory else 0, value=math.nan)
     step, value = points[-1]

@@ -16,7 +16,8 @@ parsing and the engine are in :mod:`memwatch.signals.rules.base`). Four rule typ
   metric crosses.
 * ``forecast``: reads a forecast step (``metric``, e.g. ``forecast/onset``) and the early edge of its
   band (``<metric>_low``) and fires when that edge lies within ``horizon_share`` x the current step
-  (or within ``horizon`` steps, whichever is larger) of the current step. It re-arms when a later
+  (or within ``horizon`` steps, whichever is larger) of the current step, at ``for`` consecutive
+  forecasts (default 1). It re-arms when a later
   forecast lies beyond the horizon again; a probe without a forecast (NaN) changes nothing. The
   adaptive cadence (:mod:`memwatch.core.cadence`) reads the same band, and the probe's ``slope_t`` (the
   precursor's trend in standard errors; >= 0 means it is not approaching).

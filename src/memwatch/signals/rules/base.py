@@ -416,7 +416,7 @@ class RuleState:
 
     ``armed`` is whether the rule may fire: threshold and trend rules disarm on firing and re-arm
     when the condition clears; a first rule never re-arms. ``streak`` counts consecutive breaching
-    probes (threshold); ``history`` keeps the last ``window`` ``(step, value)`` points (trend).
+    probes (threshold, forecast); ``history`` keeps the last ``window`` ``(step, value)`` points (trend).
     """
 
     streak: int = 0

@@ -155,21 +155,24 @@ class ForecastRule(Rule):
     """``forecast``: reads a forecast step (``metric``, e.g. ``forecast/onset``) and the early edge of its band
     (``<metric>_low``) and fires when that edge lies within ``horizon_share`` x the current step (or within
     ``horizon`` steps, whichever is larger) of the current step. It re-arms when a later forecast lies beyond
-    the horizon again; a probe without a forecast (NaN) changes nothing. The adaptive cadence
+    the horizon again; a probe without a forecast (NaN) changes nothing. With ``for`` (default 1) the edge must
+    lie within the horizon at that many consecutive forecasts: one noisy probe does not warn. The adaptive cadence
     (:mod:`memwatch.core.cadence`) reads the same band, and the probe's ``slope_t`` (the precursor's trend in
     standard errors; >= 0 means it is not approaching).
 
     Attributes:
         horizon_share: the horizon as a share of the current step (also its ``value``).
         horizon: the smallest horizon in steps (default 0).
+        consecutive: YAML ``for``: consecutive forecasts within the horizon needed.
     """
 
     kind = "forecast"
-    settings = ("horizon", "horizon_share")
+    settings = ("horizon", "horizon_share", "for")
     fills = ("forecast_step", "forecast_low", "forecast_high")
 
     horizon_share: float = 0.0
     horizon: float = 0.0
+    consecutive: int = DEFAULT_FOR
 
     @classmethod
     def parse_settings(cls, item: Mapping[str, Any], fail: Callable[[str, str], MemwatchError]) -> dict[str, Any]:
@@ -184,7 +187,8 @@ class ForecastRule(Rule):
         horizon = number(horizon, fail("horizon", number_problem(horizon)))
         if horizon < 0:
             raise fail("horizon", f"is {horizon}: it must be a number of steps >= 0")
-        return {"op": "<=", "value": share, "horizon_share": share, "horizon": horizon}
+        consecutive = count(item.get("for", DEFAULT_FOR), 1, fail, "for")
+        return {"op": "<=", "value": share, "horizon_share": share, "horizon": horizon, "consecutive": consecutive}
 
     def threshold_at(self, step: int) -> float:
         """The horizon in steps at this step."""
@@ -193,9 +197,10 @@ class ForecastRule(Rule):
     def observe(self, state: RuleState, step: int, value: float, metrics: Mapping[str, float | None]) -> dict | None:
         low, high = (finite(metrics.get(f"{self.metric}_{edge}"), value) for edge in ("low", "high"))
         if low - step > self.threshold_at(step):
-            state.armed = True
+            state.streak, state.armed = 0, True
             return None
-        if state.armed:
+        state.streak += 1
+        if state.armed and state.streak >= self.consecutive:
             state.armed = False
             return {"forecast_step": round(value), "forecast_low": round(low), "forecast_high": round(high)}
         return None
@@ -204,4 +209,6 @@ class ForecastRule(Rule):
         out: dict[str, Any] = {"horizon_share": self.horizon_share}
         if self.horizon:
             out["horizon"] = self.horizon
+        if self.consecutive != DEFAULT_FOR:
+            out["for"] = self.consecutive
         return out
