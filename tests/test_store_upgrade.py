@@ -145,7 +145,8 @@ def test_a_store_of_memwatch_0_1_opens_keeps_its_run_and_continues(tmp_path: Pat
     old_results = conn.execute("SELECT id, probe, config_hash FROM probe_results ORDER BY id").fetchall()
     conn.close()
 
-    # the forecast settings 0.1 ran with (its defaults then), as a user who keeps the config they ran with
+    # the forecast settings 0.1 ran with (its defaults then), as a user who keeps the config they ran with;
+    # closest did not exist in 0.1: at the value it was declared with (was=1) it keys the results as 0.1 did
     pinned = yaml.safe_load((folder / "memwatch.yaml").read_text())
     pinned["probes"]["forecast"].update(window=6, max_extrapolation=2.0, closest=1)
     (folder / "memwatch.yaml").write_text(yaml.safe_dump(pinned))
