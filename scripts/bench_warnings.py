@@ -4,9 +4,9 @@
 A sweep over training-set sizes n, several seeds each. Every run trains a small DDPM (the demo's recipe
 at 16x16: a 0.16M-parameter UNet2DModel, v-prediction, batch 32, AdamW 1e-3) with memwatch's
 in-training monitor at its default settings (default probes, cadence and rules), and measures the
-ground truth beside it with dense, large probes: every ``--dense-every`` steps (50), ``--dense-samples``
-(64) fixed-seed samples, each compared with the training set by d1/d2 (the regurgitation probe's own
-definition, so the truth and the monitor measure the same thing).
+ground truth beside it with dense, large probes: every 50 steps (controls: every 200), 64 fixed-seed
+samples, each compared with the training set by d1/d2 (the regurgitation probe's own definition, so the
+truth and the monitor measure the same thing).
 
 * onset step: the first dense probe at which ``mem_fraction`` >= 0.05; first copy: the first dense probe
   at which any sample has d1/d2 < 1/3;
@@ -34,6 +34,10 @@ nearest training image at every dense step). Analysis only (``--analyse``) re-re
 
     python scripts/bench_warnings.py --quick --json runs/bench_warnings_quick.json
     python scripts/bench_warnings.py --json docs/bench_warnings.json --plots docs/img
+
+The full sweep takes hours on 2 cores; it can be measured in parts (``--sizes``/``--seeds``), each added to
+one JSON with ``--merge``. Every row says when and with which memwatch sources it was measured
+(``measured``), and the summary lists the sources (``measured_with``): one entry, or the parts are not one sweep.
 
 The summary JSON: ``{"runs": [{"n", "seed", "family", "onset_step", "first_copy_step",
 "first_warning_step", "first_warning_rule", "lead_steps", "lead_fraction", ...}], "summary": {...}}``.
@@ -73,8 +77,11 @@ FULL = {"memorizing": [0, 1, 2], "controls": [0, 1, 2, 3, 4, 5], "steps": 8000}
 TUNE = {"memorizing": [100, 101, 102], "controls": [100, 101, 102, 103, 104, 105], "steps": 8000}
 #: <= 12 minutes on 2 cores: three small runs on one core, and on the other the n = 256 seed whose closest
 #: seed's d1/d2 drifted late in the full sweeps (false alarms at 2,800 on 2026-12-01, 5,528 on 2026-12-06), run
-#: past that drift. A control's truth only has to show that no onset came: it is measured every 200 steps.
-QUICK = {"sizes": {8: [0, 1], 16: [0], 256: [1]}, "steps": 6000, "control_dense_every": 200}
+#: past that drift.
+QUICK = {"sizes": {8: [0, 1], 16: [0], 256: [1]}, "steps": 6000}
+#: A control's truth only has to show that no onset came (and it counts against the monitor: an onset the
+#: sparser truth overlooks turns a warning into a false alarm): measured every 200 steps, a quarter of the cost.
+CONTROL_DENSE_EVERY = 200
 
 
 @dataclass
@@ -251,12 +258,28 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "monitor_s": round(monitor_s, 1),
         "dense_s": round(dense_s, 1),
+        "measured": provenance(),
         "monitor_summary": {
             k: summary.get(k) for k in ("onset_step", "first_alarm_step", "last_clean_step", "at_risk_step", "events")
         },  # fmt: skip
     }
     (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
     return record
+
+
+def provenance() -> dict[str, Any]:
+    """When and with which memwatch a run was measured: the git tree of ``src/`` (a run measured with changed
+    sources says ``+changes``), so the parts of a sweep run in several sittings can be shown to be one version."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    tree = git("rev-parse", "HEAD:src") or "unknown"
+    if git("status", "--porcelain", "--", "src"):
+        tree += "+changes"
+    return {"date": time.strftime("%Y-%m-%d"), "memwatch_src": tree}
 
 
 def _tensor(path: Path) -> Any:
@@ -338,6 +361,7 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         "lead_fraction": None,
         "wall_s": data["wall_s"],
         "monitor_s": data["monitor_s"],
+        "measured": data.get("measured"),
     }
     row["images"] = image_check(run_dir, data)
     if onset is not None and first is not None:
@@ -600,8 +624,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"sizes and seeds {QUICK['sizes']}, {QUICK['steps']} steps, "
-                   f"controls' truth every {QUICK['control_dense_every']} steps (<= 12 min on 2 cores)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help=f"sizes and seeds {QUICK['sizes']}, {QUICK['steps']} steps "
+                   "(<= 12 min on 2 cores)")  # fmt: skip
     p.add_argument("--tune", action="store_true", help=f"the tuning seeds (memorizing {TUNE['memorizing']}, controls "
                    f"{TUNE['controls']}) instead of the reporting ones")  # fmt: skip
     p.add_argument("--sizes", type=int, nargs="+", help=f"training-set sizes (default {MEMORIZING + CONTROLS})")
@@ -614,15 +638,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canaries", type=int, nargs="*", default=[], help="plant duplicated canaries (e.g. 2 4 8)")
     p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
     p.add_argument("--json", default=None, help="write runs and summary here")
+    p.add_argument("--merge", action="store_true", help="keep the runs already in --json that this invocation did "
+                   "not measure (a sweep run in parts, in several sittings); the summary covers them all")  # fmt: skip
     p.add_argument("--same-as", default=None, help="another --out folder of the same seeds: compare probed steps "
                    "and events run by run (up to the shorter run's last step)")  # fmt: skip
     p.add_argument("--plots", default=None, help="write the figures into this folder")
     args = p.parse_args(argv)
-    dense_every = {}
     if args.quick:
         plan = {n: list(s) for n, s in QUICK["sizes"].items()}
         steps = args.steps or QUICK["steps"]
-        dense_every = {n: QUICK["control_dense_every"] for n in plan if n in CONTROLS}
     else:
         preset = TUNE if args.tune else FULL
         plan = {n: list(preset["memorizing"]) for n in MEMORIZING} | {n: list(preset["controls"]) for n in CONTROLS}
@@ -641,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                 s,
                 steps,
                 str(out),
-                dense_every=dense_every.get(n, 50),
+                dense_every=CONTROL_DENSE_EVERY if n in CONTROLS else 50,
                 monitor=not args.no_monitor,
                 config=args.config,
                 canaries=tuple(args.canaries),
@@ -657,8 +681,15 @@ def main(argv: list[str] | None = None) -> int:
     folders = sorted(d for d in out.iterdir() if (d / "truth.json").is_file())
     rows = [analyse_run(d) for d in folders]
     rows = [r for r in rows if r["seed"] in plan.get(r["n"], [])]
+    check = forecast_check(out, rows) if not args.no_monitor else None
+    if args.merge and args.json and Path(args.json).is_file():
+        earlier = json.loads(Path(args.json).read_text())
+        mine = {(r["n"], r["seed"]) for r in rows}
+        rows += [r for r in earlier["runs"] if (r["n"], r["seed"]) not in mine]
+        check = check or earlier["summary"].get("forecast_check")
     summary = summarise(rows)
-    summary["forecast_check"] = forecast_check(out, rows) if not args.no_monitor else None
+    summary["forecast_check"] = check
+    summary["measured_with"] = sorted({(r.get("measured") or {}).get("memwatch_src", "unknown") for r in rows})
     if args.same_as:
         summary["same_as"] = same_as(out, Path(args.same_as), rows)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
