@@ -62,6 +62,29 @@ def test_probing_does_not_change_the_loss_trajectory(train_holdout, tmp_path: Pa
     assert watched == plain  # bit-identical losses: RNG streams, modes and gradients were restored
 
 
+def test_samples_are_drawn_as_many_at_once_as_training_puts_through(train_holdout, tmp_path: Path) -> None:
+    """sampling.batch_size null: the probes' passes are no larger than training's (4 images a step here)."""
+    train_dir, holdout_dir = train_holdout
+    cfg = {**FAST, "sampling": {**FAST["sampling"], "batch_size": None}, "probes": {"membership": {"every": 0}}}
+    acc = Accelerator(cpu=True)
+    monitor = MemorizationMonitor(acc, cfg, reference=train_dir, holdout=holdout_dir, output_dir=tmp_path / "mw")
+    passes: list[int] = []
+    original_step = monitor.step
+
+    def step(step: int, model, scheduler) -> None:  # hook the model handed over: every pass of the probes
+        if not passes and not getattr(model, "_seen", False):
+            model._seen = True
+            model.register_forward_pre_hook(lambda m, args: passes.append(args[0].shape[0]) if not
+                                            torch.is_grad_enabled() else None)  # fmt: skip
+        original_step(step, model, scheduler)
+
+    monitor.step = step
+    train(acc, train_dir, 4, monitor=monitor)
+    monitor.close()
+    assert monitor.session.meter.largest_batch == 4
+    assert passes and set(passes) == {4, 2}  # 6 samples: 4, then 2 (the fallback, 16, would draw all 6 at once)
+
+
 def test_results_events_and_tracker_logs(train_holdout, tmp_path: Path) -> None:
     train_dir, holdout_dir = train_holdout
     tracker = ListTracker()

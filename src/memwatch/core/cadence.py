@@ -84,13 +84,16 @@ class WorkMeter:
         >>> with meter.probing():
         ...     with torch.no_grad():
         ...         _ = net(torch.zeros(8, 2))
-        >>> meter.training, meter.probing_work
-        (12, 8)
+        >>> meter.training, meter.probing_work, meter.largest_batch
+        (12, 8, 4)
     """
 
     def __init__(self) -> None:
         self.training = 0
         self.probing_work = 0
+        #: the most images training has put through a watched module in one forward pass (0: none seen): a
+        #: batch that fits beside training, so the probes may sample as many at once
+        self.largest_batch = 0
         self._probing = False
         self._handles: dict[int, Any] = {}
 
@@ -119,6 +122,7 @@ class WorkMeter:
             self.probing_work += n
         else:
             self.training += n * (TRAINING_PASS_WORK if torch.is_grad_enabled() else 1)
+            self.largest_batch = max(self.largest_batch, n)
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[None]:

@@ -608,7 +608,8 @@ class ProbeSession:
         plan = None
         try:
             plan = plan_samples(self.config.sampling, ctx.parts, ctx.data)
-            mine: tuple[str | None, Any] = (None, generate_share(self.config.sampling, ctx.parts, plan, self.workers))
+            mine: tuple[str | None, Any] = (None, generate_share(self.config.sampling, ctx.parts, plan, self.workers,
+                                                                      self.meter.largest_batch))  # fmt: skip
         except ProbeUnavailable as e:
             mine = (str(e), None)
         except Exception as e:
