@@ -4,9 +4,9 @@
 A sweep over training-set sizes n, several seeds each. Every run trains a small DDPM (the demo's recipe
 at 16x16: a 0.16M-parameter UNet2DModel, v-prediction, batch 32, AdamW 1e-3) with memwatch's
 in-training monitor at its default settings (default probes, cadence and rules), and measures the
-ground truth beside it with dense, large probes: every 50 steps (controls: every 200), 64 fixed-seed
-samples, each compared with the training set by d1/d2 (the regurgitation probe's own definition, so the
-truth and the monitor measure the same thing).
+ground truth beside it with dense, large probes: every 50 steps (controls with the monitor: every 200),
+64 fixed-seed samples, each compared with the training set by d1/d2 (the regurgitation probe's own
+definition, so the truth and the monitor measure the same thing).
 
 * onset step: the first dense probe at which ``mem_fraction`` >= 0.05; first copy: the first dense probe
   at which any sample has d1/d2 < 1/3;
@@ -79,8 +79,9 @@ TUNE = {"memorizing": [100, 101, 102], "controls": [100, 101, 102, 103, 104, 105
 #: seed's d1/d2 drifted late in the full sweeps (false alarms at 2,800 on 2026-12-01, 5,528 on 2026-12-06), run
 #: past that drift.
 QUICK = {"sizes": {8: [0, 1], 16: [0], 256: [1]}, "steps": 6000}
-#: A control's truth only has to show that no onset came (and it counts against the monitor: an onset the
-#: sparser truth overlooks turns a warning into a false alarm): measured every 200 steps, a quarter of the cost.
+#: A control's truth, when the monitor runs, only has to show that no onset came (and it counts against the
+#: monitor: an onset the sparser truth overlooks turns a warning into a false alarm): measured every 200 steps,
+#: a quarter of the cost. Tuning runs (``--no-monitor``) keep every 50: tune_forecast.py replays probes there.
 CONTROL_DENSE_EVERY = 200
 
 
@@ -665,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 s,
                 steps,
                 str(out),
-                dense_every=CONTROL_DENSE_EVERY if n in CONTROLS else 50,
+                dense_every=CONTROL_DENSE_EVERY if n in CONTROLS and not args.no_monitor else 50,
                 monitor=not args.no_monitor,
                 config=args.config,
                 canaries=tuple(args.canaries),
