@@ -7,7 +7,9 @@ default, off, default, off — each run in its own Python process, so that warm-
 favour neither arm. With probes disabled the monitor is still called every step, so the difference is the
 probing itself. Each default run is compared with the mean of the two disabled runs beside it (a linear
 drift cancels), and the overhead reported is the mean of those comparisons, beside the spread of the
-disabled runs (how far the machine itself drifted).
+disabled runs (how far the machine itself drifted). The same comparison is made on each run's CPU time
+(the process's user and system time, all threads), which the machine's other tenants move less than the
+wall clock, beside the share of the machine's CPU time the host reported stolen during the run.
 
 It also prints the monitor's own measures (``probe_overhead``: probe time / training time on the wall clock;
 ``probe_work_share``: probe work / training work in denoiser evaluations, what the cadence budgets), where the
@@ -53,9 +55,10 @@ def one_run(arm: str, out: Path, steps: int) -> dict[str, Any]:
     argv = ["--train-data", str(root / "assets/demo/train"), "--holdout-data", str(root / "assets/demo/holdout"),
             "--output-dir", str(out / "run"), "--memwatch-config", str(config), "--steps", str(steps),
             *DEMO_TRAINING_ARGS]  # fmt: skip
-    t0 = time.perf_counter()
+    stolen0, t0, cpu0 = _steal(), time.perf_counter(), time.process_time()
     summary = script.main(argv)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    stolen = [b - a for a, b in zip(stolen0, _steal(), strict=True)]
     probed: dict[str, list[int]] = {}
     events: list[list[Any]] = []
     store_path = out / "run" / "memwatch" / STORE_NAME
@@ -68,8 +71,29 @@ def one_run(arm: str, out: Path, steps: int) -> dict[str, Any]:
             events = [[e["rule"], e["step"]] for e in store.events(run_id)]
     keep = ("probe_overhead", "probe_work_share", "budget_unit", "timings", "onset_step", "at_risk_step",
             "first_alarm_step", "last_clean_step")  # fmt: skip
-    return {"arm": arm, "wall_s": round(wall, 2), "summary": {k: summary.get(k) for k in keep},
+    return {"arm": arm, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "steal": round(stolen[0] / stolen[1], 4) if stolen[1] else None,
+            "summary": {k: summary.get(k) for k in keep},
             "probed": {k: sorted(v) for k, v in sorted(probed.items())}, "events": events}  # fmt: skip
+
+
+def _steal() -> tuple[int, int]:
+    """The machine's stolen and total CPU time so far (``/proc/stat``, in ticks; zeros where it is not there):
+    on a virtual machine, time the host gave to others, which slows a run's wall clock but not its CPU time."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def beside(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """Each default run's ``key`` against the mean of the two disabled runs beside it (a linear drift cancels)."""
+    out = []
+    for i in range(1, len(runs) - 1, 2):
+        off = (runs[i - 1][key] + runs[i + 1][key]) / 2
+        out.append((runs[i][key] - off) / off)
+    return out
 
 
 def in_own_process(arm: str, out: Path, steps: int) -> dict[str, Any]:
@@ -102,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(in_own_process(arm, Path(tmp) / f"{i}-{arm}", args.steps))
             print(f"run {i + 1}/{len(order)}: {arm}, {runs[-1]['wall_s']:.1f} s", flush=True)
     offs = [r["wall_s"] for r in runs if r["arm"] == "off"]
-    overheads = [(runs[i]["wall_s"] - (runs[i - 1]["wall_s"] + runs[i + 1]["wall_s"]) / 2)
-                 / ((runs[i - 1]["wall_s"] + runs[i + 1]["wall_s"]) / 2)
-                 for i in range(1, len(runs) - 1, 2)]  # fmt: skip
+    overheads, cpu_overheads = beside(runs, "wall_s"), beside(runs, "cpu_s")
     defaults = [r for r in runs if r["arm"] == "default"]
     reproduced = all(d["probed"] == defaults[0]["probed"] and d["events"] == defaults[0]["events"] for d in defaults)
     summary = {
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": round(statistics.fmean(overheads), 4),
         "overheads": [round(o, 4) for o in overheads],
         "off_spread": round((max(offs) - min(offs)) / statistics.fmean(offs), 4),
+        "cpu_overhead": round(statistics.fmean(cpu_overheads), 4),
+        "cpu_overheads": [round(o, 4) for o in cpu_overheads],
+        "steal": [r["steal"] for r in runs],
         "probe_overhead": [d["summary"]["probe_overhead"] for d in defaults],
         "probe_work_share": [d["summary"]["probe_work_share"] for d in defaults],
         "reproduced": reproduced,
@@ -121,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{summary['machine']}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"{args.steps} steps, runs in this order:\n")  # fmt: skip
-    print("| run | arm | wall time (s) | overhead against the disabled runs beside it | probe time / training "
-          "time (monitor) | probe work / training work (monitor) |\n|---|---|---|---|---|---|")  # fmt: skip
+    print("| run | arm | wall time (s) | overhead against the disabled runs beside it | CPU time (s) | CPU overhead "
+          "| CPU stolen by the host | probe time / training time (monitor) | probe work / training work (monitor) |\n"
+          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for i, r in enumerate(runs):
         s = r["summary"]
         cost = f"{100 * overheads[(i - 1) // 2]:.1f}%" if r["arm"] == "default" else "-"
-        print(f"| {i + 1} | {r['arm']} | {r['wall_s']:.1f} | {cost} | {_pct(s['probe_overhead'])} | "
-              f"{_pct(s['probe_work_share'])} |")  # fmt: skip
-    print(f"\nmean overhead {100 * summary['overhead']:.2f}%; the disabled runs spread over "
+        cpu_cost = f"{100 * cpu_overheads[(i - 1) // 2]:.1f}%" if r["arm"] == "default" else "-"
+        print(f"| {i + 1} | {r['arm']} | {r['wall_s']:.1f} | {cost} | {r['cpu_s']:.1f} | {cpu_cost} | "
+              f"{_pct(r['steal'])} | {_pct(s['probe_overhead'])} | {_pct(s['probe_work_share'])} |")  # fmt: skip
+    print(f"\nmean overhead {100 * summary['overhead']:.2f}% of wall time, {100 * summary['cpu_overhead']:.2f}% of "
+          f"CPU time; the disabled runs spread over "
           f"{100 * summary['off_spread']:.1f}% of their mean; default runs probed the same steps and raised the same "
           f"events: {'yes' if reproduced else 'NO'}\n")  # fmt: skip
     t = defaults[0]["summary"]["timings"] or {}
