@@ -197,7 +197,7 @@ HORIZONS = (0.25, 0.5, 1.0)
 #: The forecast settings compared for robustness, and the cadence perturbations each is replayed under: a
 #: setting whose warnings depend on exactly which steps the cadence probes is luck, not a default.
 ROBUST_GRID = {"closest": [1, 2, 3], "consecutive": [1, 2], "window": [6, 8], "max_extrapolation": [1.5, 2.0]}
-ROBUST_HORIZONS = (0.5, 0.75)
+ROBUST_HORIZONS = (0.5, 0.75, 1.0)
 PERTURBATIONS = {"budget": [0.015, 0.02, 0.025, 0.03], "free_share": [0.25, 0.5]}
 
 
