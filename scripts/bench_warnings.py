@@ -34,6 +34,7 @@ nearest training image at every dense step). Analysis only (``--analyse``) re-re
 
     python scripts/bench_warnings.py --quick --json runs/bench_warnings_quick.json
     python scripts/bench_warnings.py --json docs/bench_warnings.json --plots docs/img
+    python scripts/bench_warnings.py --t2i --help     # text-to-image fine-tunes: scripts/bench_t2i.py
 
 The full sweep takes hours on 2 cores; it can be measured in parts (``--sizes``/``--seeds``), each added to
 one JSON with ``--merge``. Every row says when and with which memwatch sources it was measured
@@ -624,6 +625,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--t2i" in argv:  # the text-to-image benchmark: its own options, the same summary and JSON schema
+        import bench_t2i
+
+        return bench_t2i.main([a for a in argv if a != "--t2i"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"sizes and seeds {QUICK['sizes']}, {QUICK['steps']} steps "
                    "(<= 12 min on 2 cores)")  # fmt: skip

@@ -1,0 +1,374 @@
+"""The text-to-image warning benchmark: memwatch beside the unmodified diffusers fine-tuning scripts.
+
+``python scripts/bench_warnings.py --t2i ...`` runs this module (the same summary and JSON schema as the
+unconditional benchmark). Each run fine-tunes the benchmark's small Stable Diffusion pipeline
+(``assets/t2i/base``, built by ``scripts/make_t2i_base.py``: a trained VAE, a pretrained UNet, a CLIP text
+encoder) on ``n`` captioned photo crops (``scripts/t2i_data.py``) with one of the official example scripts at
+the pinned diffusers release, run **unmodified** by ``accelerate launch`` on one CPU process:
+
+* ``lora``: ``examples/text_to_image/train_text_to_image_lora.py``;
+* ``full``: ``examples/text_to_image/train_text_to_image.py`` (the whole UNet).
+
+``memwatch watch`` follows the run beside the script at memwatch's defaults (the user's config names only
+the training and held-out folders and the base model) and probes each ``checkpoint-<step>`` folder the script
+writes. The scripts are not in the diffusers package: ``--diffusers PATH`` is a git checkout (or bare clone)
+of huggingface/diffusers that has the release tag; they are read from it at that tag, never copied here.
+
+The ground truth is measured after training on every checkpoint: 4 seeds for each training caption and each
+of 8 held-out captions, sampled as memwatch samples text-to-image models (DDIM, guidance 7.5) with 20 steps,
+decoded by the VAE and compared with the training images by d1/d2 (nearest / second-nearest, pixels):
+
+* onset: the first checkpoint at which 5% of the training-caption samples copy (d1/d2 < 1/3);
+* first copy: the first checkpoint with any copying sample; per caption, its first copy and the image it
+  copies (its own image, or another one);
+* first warning: the first event of severity warning or above in the watch's store; lead and misses as in the
+  unconditional benchmark; a false alarm is a warning in a run without onset.
+
+    python scripts/bench_warnings.py --t2i --quick --diffusers ~/src/diffusers --json runs/t2i_quick.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "assets" / "t2i" / "base"
+#: the diffusers release whose example scripts are run (its check_min_version accepts the pinned diffusers)
+TAG = "v0.40.0"
+SCRIPTS = {
+    "lora": "examples/text_to_image/train_text_to_image_lora.py",
+    "full": "examples/text_to_image/train_text_to_image.py",
+}
+#: each script's own arguments beyond the data and the step budget: the settings of its README scaled to
+#: a 32x32 model on one CPU core (batch 4, constant learning rate)
+SCRIPT_ARGS = {
+    "lora": ["--rank", "4", "--learning_rate", "1e-3"],
+    "full": ["--learning_rate", "1e-4"],
+}
+BATCH = 4
+HOLDOUT_CAPTIONS = 8
+TRUTH_SEEDS_PER_CAPTION = 4
+TRUTH_STEPS = 20
+TRUTH_SEED0 = 100_000  # apart from the watch's seeds (0, 1, ...): the truth does not reuse the monitor's samples
+ONSET_FRACTION = 0.05
+MEM_RATIO = 1 / 3
+
+
+@dataclass(frozen=True)
+class T2IRunSpec:
+    """One fine-tune: which script, how many captioned images, which seed, how long."""
+
+    script: str
+    n: int
+    seed: int
+    steps: int
+    checkpoint_every: int
+    out: str
+    diffusers: str
+    base: str = str(BASE)
+    watch: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.script}-n{self.n:04d}-s{self.seed}"
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"bench_warnings.py --t2i: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def example_scripts(diffusers: str | Path, dest: Path) -> dict[str, Path]:
+    """Read the example scripts at ``TAG`` from a diffusers git checkout into ``dest``; exit with one line
+    saying what to do when the checkout or the tag is missing."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for key, rel in SCRIPTS.items():
+        done = subprocess.run(["git", "-C", str(diffusers), "show", f"{TAG}:{rel}"], capture_output=True, text=True)
+        if done.returncode != 0:
+            fail(f"--diffusers {diffusers}: no {rel} at tag {TAG} there; give a git clone of "
+                 f"https://github.com/huggingface/diffusers (git clone --branch {TAG} URL PATH)")  # fmt: skip
+        path = dest / Path(rel).name
+        path.write_text(done.stdout)
+        found[key] = path
+    return found
+
+
+def write_sets(spec: T2IRunSpec, run_dir: Path) -> tuple[Path, Path]:
+    """The run's training and held-out captioned crops as imagefolders with ``metadata.jsonl``."""
+    import numpy as np
+    from PIL import Image
+    from t2i_data import distinct_crops, load_photos
+
+    photos, rng = load_photos(), np.random.default_rng(spec.seed)
+    train = distinct_crops(photos, rng, spec.n)
+    holdout = distinct_crops(photos, rng, HOLDOUT_CAPTIONS, avoid=train)
+    folders = []
+    for sub, crops in (("train", train), ("holdout", holdout)):
+        folder = run_dir / "data" / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.jsonl", "w") as f:
+            for i, crop in enumerate(crops):
+                name = f"{i:04d}_{crop.source}.png"
+                Image.fromarray(crop.image).save(folder / name)
+                f.write(json.dumps({"file_name": name, "text": crop.caption}) + "\n")
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def train_command(spec: T2IRunSpec, script: Path, train_dir: Path, out_dir: Path) -> list[str]:
+    """``accelerate launch`` of the unmodified script on one CPU process."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+        "--pretrained_model_name_or_path", spec.base, "--train_data_dir", str(train_dir), "--caption_column", "text",
+        "--resolution", "32", "--train_batch_size", str(BATCH), "--max_train_steps", str(spec.steps),
+        "--checkpointing_steps", str(spec.checkpoint_every), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--seed", str(spec.seed), "--dataloader_num_workers", "0", "--output_dir", str(out_dir),
+        *SCRIPT_ARGS[spec.script],
+    ]  # fmt: skip
+
+
+def run_one(spec: T2IRunSpec) -> dict[str, Any]:
+    """Fine-tune with ``memwatch watch`` beside the script, then measure the truth on every checkpoint."""
+    run_dir = Path(spec.out) / spec.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train_dir, holdout_dir = write_sets(spec, run_dir)
+    scripts = example_scripts(spec.diffusers, run_dir / "scripts")
+    out_dir = run_dir / "train"
+    config = run_dir / "memwatch.yaml"
+    # the config a user writes: their data and base model, every other setting memwatch's default
+    lines = [f"run_name: {spec.name}", f"reference: {train_dir}", f"holdout: {holdout_dir}", f"base_model: {spec.base}"]
+    config.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    logs = run_dir / "logs"
+    logs.mkdir()
+    watcher = None
+    if spec.watch:
+        watch = [sys.executable, "-m", "memwatch.cli", "watch", str(out_dir), "--config", str(config),
+                 "--quiet-period", "2", "--poll", "1", "--idle-timeout", "600"]  # fmt: skip
+        watcher = subprocess.Popen(watch, env=env, stdout=open(logs / "watch.log", "w"), stderr=subprocess.STDOUT)
+    t0 = time.perf_counter()
+    with open(logs / "train.log", "w") as log:
+        code = subprocess.run(train_command(spec, scripts[spec.script], train_dir, out_dir), env=env,
+                              stdout=log, stderr=subprocess.STDOUT).returncode  # fmt: skip
+    train_s = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"{spec.name}: the training script failed ({code}); see {logs / 'train.log'}")
+    watch_s = None
+    if watcher is not None:
+        watcher.wait()
+        watch_s = time.perf_counter() - t0
+    truth = truth_over_checkpoints(out_dir, train_dir, holdout_dir, Path(spec.base))
+    from bench_warnings import provenance
+
+    record = {
+        **asdict(spec),
+        "family": "photo crops, captioned",
+        "steps_trained": spec.steps,
+        "onset_step": truth["onset_step"],
+        "first_copy_step": truth["first_copy_step"],
+        "train_s": round(train_s, 1),
+        "watch_done_s": None if watch_s is None else round(watch_s, 1),
+        "measured": provenance(),
+    }
+    (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
+    return record
+
+
+def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, base: Path) -> dict[str, Any]:
+    """Dense ground truth on the base model (step 0) and every checkpoint of the run."""
+    import torch
+
+    from memwatch.data.reference_index import ReferenceIndex
+    from memwatch.data.refset import load_reference_set
+    from memwatch.embedders.pixel import PixelEmbedder
+    from memwatch.probes.regurgitation import RegurgitationConfig, regurgitation_probe
+    from memwatch.sampling.text_to_image import generate_text_to_image_samples
+    from memwatch.snapshots import load_snapshot
+    from memwatch.snapshots.checkpoints import list_checkpoints
+
+    torch.set_num_threads(1)
+    refs = load_reference_set(str(train_dir))
+    index = ReferenceIndex(refs, PixelEmbedder(32), None)
+    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")]
+    held = [json.loads(line)["text"] for line in open(holdout_dir / "metadata.jsonl")]
+    k = TRUTH_SEEDS_PER_CAPTION
+    prompts = [c for c in captions + held for _ in range(k)]
+    seeds = [TRUTH_SEED0 + i for i in range(len(prompts))]
+    members = len(captions) * k
+    ids = [it.id for it in refs.items]
+    truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "mem_fraction": [], "holdout_mem_fraction": [],
+                             "captions": captions, "holdout_captions": held, "image_ids": ids,
+                             "seeds_per_caption": k}  # fmt: skip
+    onset = first_copy = None
+    for step, path in [(0, base), *list_checkpoints(out_dir)]:
+        snap = load_snapshot(str(path), base_model=str(base))
+        images = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=TRUTH_STEPS, batch_size=64)
+        matches = regurgitation_probe(images, index, RegurgitationConfig(), seeds=seeds).matches
+        ratios = [m["ratio"] for m in matches]
+        frac = sum(r < MEM_RATIO for r in ratios[:members]) / members
+        truth["steps"].append(step)
+        truth["ratios"].append([round(r, 5) for r in ratios])
+        truth["nn1"].append([m["nn1"] for m in matches])
+        truth["mem_fraction"].append(frac)
+        truth["holdout_mem_fraction"].append(sum(r < MEM_RATIO for r in ratios[members:]) / max(1, len(held) * k))
+        if first_copy is None and frac > 0:
+            first_copy = step
+        if onset is None and frac >= ONSET_FRACTION:
+            onset = step
+    truth["onset_step"], truth["first_copy_step"] = onset, first_copy
+    truth["per_caption"] = per_caption(truth)
+    return truth
+
+
+def per_caption(truth: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per training caption: the first step at which one of its samples copies, and which image it copies
+    (its own image or another training image)."""
+    k, ids = truth["seeds_per_caption"], truth["image_ids"]
+    rows = []
+    for c, caption in enumerate(truth["captions"]):
+        first, copied = None, None
+        for step, ratios, nn1 in zip(truth["steps"], truth["ratios"], truth["nn1"], strict=True):
+            hits = [nn1[c * k + j] for j in range(k) if ratios[c * k + j] < MEM_RATIO]
+            if hits:
+                first, copied = step, hits[0]
+                break
+        rows.append({"caption": caption, "image": ids[c], "first_copy_step": first, "copies": copied,
+                     "own_image": None if copied is None else copied == ids[c]})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def analyse_run(run_dir: Path) -> dict[str, Any]:
+    """One run's row: the unconditional benchmark's columns, plus the script and the captions that copied."""
+    from bench_warnings import warnings_of
+
+    data = json.loads((run_dir / "truth.json").read_text())
+    warnings = warnings_of(run_dir / "train")
+    first = warnings[0] if warnings else None
+    onset = data["onset_step"]
+    copied = [c for c in data["truth"]["per_caption"] if c["first_copy_step"] is not None]
+    row = {
+        "script": data["script"], "n": data["n"], "seed": data["seed"], "family": data["family"],
+        "steps_trained": data["steps_trained"], "onset_step": onset, "first_copy_step": data["first_copy_step"],
+        "first_warning_step": first["step"] if first else None, "first_warning_rule": first["rule"] if first else None,
+        "lead_steps": None, "lead_fraction": None, "train_s": data["train_s"], "watch_done_s": data["watch_done_s"],
+        "captions_copied": len(copied), "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
+        "measured": data.get("measured"),
+    }  # fmt: skip
+    if onset is not None and first is not None:
+        row["lead_steps"] = onset - first["step"]
+        row["lead_fraction"] = round((onset - first["step"]) / onset, 4) if onset else None
+    return row
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| script | n | seed | onset | first copy | captions copied (own image) | first warning (rule) "
+        "| lead / onset |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["script"], r["n"], r["seed"])):
+        warn = "-" if r["first_warning_step"] is None else f"{r['first_warning_step']} ({r['first_warning_rule']})"
+        frac = "-" if r["lead_fraction"] is None else f"{r['lead_fraction']:.0%}"
+        lines.append(
+            f"| {r['script']} | {r['n']} | {r['seed']} | {r['onset_step'] or 'none'} "
+            f"| {r['first_copy_step'] or 'none'} "
+            f"| {r['captions_copied']} of {r['n']} ({r['captions_copying_own_image']}) | {warn} | {frac} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+#: sizes that memorize within the budget and sizes that do not, per script, with seeds; tuning seeds apart
+FULL = {"scripts": ["lora", "full"], "sizes": [4, 8, 16, 64], "seeds": [0, 1, 2], "steps": 1500, "every": 50}
+QUICK = {"scripts": ["lora"], "sizes": [4, 64], "seeds": [0], "steps": 600, "every": 50}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bench_warnings.py --t2i [options]``."""
+    import argparse
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from bench_warnings import _nan, summarise
+
+    p = argparse.ArgumentParser(prog="bench_warnings.py --t2i", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--quick", action="store_true", help=f"{QUICK} (<= 15 min on 2 cores)")
+    p.add_argument("--scripts", nargs="+", choices=sorted(SCRIPTS), help="which example scripts")
+    p.add_argument("--sizes", type=int, nargs="+", help="training-set sizes")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds for every size")
+    p.add_argument("--steps", type=int, help="step budget per run")
+    p.add_argument("--checkpoint-every", type=int, help="the scripts' --checkpointing_steps")
+    p.add_argument("--diffusers", default=os.environ.get("MEMWATCH_DIFFUSERS_GIT"),
+                   help=f"git clone of huggingface/diffusers with tag {TAG} (or $MEMWATCH_DIFFUSERS_GIT)")  # fmt: skip
+    p.add_argument("--base", default=str(BASE), help="the pipeline folder the scripts fine-tune")
+    p.add_argument("--out", default="runs/bench_t2i", help="run folders go here")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each: the script and its watch)")
+    p.add_argument("--no-watch", action="store_true", help="ground truth only (for tuning)")
+    p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
+    p.add_argument("--json", default=None, help="write runs and summary here")
+    p.add_argument("--merge", action="store_true", help="keep the runs already in --json not measured now")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    plan = {
+        "scripts": args.scripts or preset["scripts"], "sizes": args.sizes or preset["sizes"],
+        "seeds": args.seeds or preset["seeds"], "steps": args.steps or preset["steps"],
+        "every": args.checkpoint_every or preset["every"],
+    }  # fmt: skip
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if not args.analyse:
+        if not args.diffusers:
+            fail(f"give --diffusers PATH, a git clone of https://github.com/huggingface/diffusers with tag {TAG}")
+        example_scripts(args.diffusers, out / "scripts")  # fails in one line before any training
+        if not (Path(args.base) / "model_index.json").is_file():
+            fail(f"--base {args.base}: no pipeline there; build the benchmark's with python scripts/make_t2i_base.py")
+        out.mkdir(parents=True, exist_ok=True)
+        specs = [
+            T2IRunSpec(s, n, seed, plan["steps"], plan["every"], str(out), args.diffusers, args.base, not args.no_watch)
+            for s in plan["scripts"]
+            for n in sorted(plan["sizes"], reverse=True)
+            for seed in plan["seeds"]
+        ]
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            for record in pool.map(run_one, specs):
+                name, copy = f"{record['script']} n {record['n']} seed {record['seed']}", record["first_copy_step"]
+                print(f"{name}: onset {record['onset_step']}, first copy {copy} (training {record['train_s']} s)")
+    wanted = {(s, n, seed) for s in plan["scripts"] for n in plan["sizes"] for seed in plan["seeds"]}
+    rows = [analyse_run(d) for d in sorted(out.iterdir()) if (d / "truth.json").is_file()]
+    rows = [r for r in rows if (r["script"], r["n"], r["seed"]) in wanted]
+    if args.merge and args.json and Path(args.json).is_file():
+        mine = {(r["script"], r["n"], r["seed"]) for r in rows}
+        rows += [
+            r for r in json.loads(Path(args.json).read_text())["runs"] if (r["script"], r["n"], r["seed"]) not in mine
+        ]
+    summary = summarise(rows)
+    summary["measured_with"] = sorted({(r.get("measured") or {}).get("memwatch_src", "unknown") for r in rows})
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(markdown_table(rows))
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2, default=_nan) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

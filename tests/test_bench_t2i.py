@@ -1,0 +1,77 @@
+"""The text-to-image benchmark's own parts (scripts/bench_t2i.py): reading the example scripts from a diffusers
+clone, the captioned sets it fine-tunes on, and the per-caption truth. The runs themselves train for minutes
+and are the benchmark's business (docs/benchmarks.md), not the suite's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+pytest.importorskip("skimage", reason="scripts/t2i_data.py crops scikit-image's photos (memwatch[test])")
+
+import bench_t2i  # noqa: E402
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def test_scripts_are_read_at_the_pinned_tag_and_a_missing_clone_is_one_line(tmp_path, capsys) -> None:
+    repo = tmp_path / "diffusers"
+    for rel in bench_t2i.SCRIPTS.values():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(f"# {rel} at the tag\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "release")
+    _git(repo, "tag", bench_t2i.TAG)
+    for rel in bench_t2i.SCRIPTS.values():  # later commits do not leak in: the tag is what runs
+        (repo / rel).write_text("# newer\n")
+    _git(repo, "commit", "-qam", "later")
+
+    found = bench_t2i.example_scripts(repo, tmp_path / "out")
+    assert sorted(found) == sorted(bench_t2i.SCRIPTS)
+    assert all(p.read_text().endswith("at the tag\n") for p in found.values())
+
+    with pytest.raises(SystemExit) as exc:
+        bench_t2i.example_scripts(tmp_path / "nowhere", tmp_path / "out2")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(tmp_path / "nowhere") in err and bench_t2i.TAG in err
+
+
+def test_the_sets_are_imagefolders_memwatch_reads_with_unique_captions(tmp_path) -> None:
+    from memwatch.data.refset import load_reference_set
+    from memwatch.sampling.text_to_image import prompt_sets
+
+    spec = bench_t2i.T2IRunSpec("lora", 6, 3, 10, 5, str(tmp_path), "unused")
+    train, holdout = bench_t2i.write_sets(spec, tmp_path / spec.name)
+    refs, held = load_reference_set(str(train)), load_reference_set(str(holdout))
+    assert len(refs) == 6 and len(held) == bench_t2i.HOLDOUT_CAPTIONS
+    members, _ = prompt_sets(refs, held, 100, 100, "test")
+    assert len(set(members.prompts)) == 6  # every training image has its own caption
+    again, _ = bench_t2i.write_sets(spec, tmp_path / "again")  # the same seed gives the same set
+    assert (train / "metadata.jsonl").read_text() == (again / "metadata.jsonl").read_text()
+
+
+def test_per_caption_truth_names_the_first_copy_and_whose_image_it_is() -> None:
+    third = 1 / 3
+    truth = {
+        "seeds_per_caption": 2,
+        "image_ids": ["a.png", "b.png"],
+        "captions": ["cap a", "cap b"],
+        "steps": [0, 50, 100],
+        # samples: caption a seeds 0-1, caption b seeds 0-1 (then held-out captions, ignored here)
+        "ratios": [[0.9, 0.8, 0.9, 0.9], [0.9, third - 0.01, 0.9, 0.9], [0.2, 0.2, 0.9, 0.1]],
+        "nn1": [["a.png"] * 4, ["b.png", "a.png", "a.png", "a.png"], ["a.png", "a.png", "a.png", "a.png"]],
+    }
+    rows = bench_t2i.per_caption(truth)
+    assert rows[0] == {"caption": "cap a", "image": "a.png", "first_copy_step": 50, "copies": "a.png",
+                       "own_image": True}  # fmt: skip
+    assert rows[1]["first_copy_step"] == 100 and rows[1]["copies"] == "a.png" and rows[1]["own_image"] is False
