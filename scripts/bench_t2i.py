@@ -18,7 +18,11 @@ The ground truth is measured after training on every checkpoint: 4 seeds for eac
 of 8 held-out captions, sampled as memwatch samples text-to-image models (DDIM, guidance 7.5) with 20 steps,
 decoded by the VAE and compared with the training images by d1/d2 (nearest / second-nearest, pixels):
 
-* onset: the first checkpoint at which 5% of the training-caption samples copy (d1/d2 < 1/3);
+* a sample copies when d1/d2 < 1/3 **and** d1 < ``COPY_D1`` (a third of the least distance between two
+  training images): on a set of a few very different photos, d1/d2 alone counts every sample of the right
+  subject and colour as a copy (the second-nearest image is far from everything), so the truth also asks for
+  a sample that is closer to its image than a third of the way to any other training image could be;
+* onset: the first checkpoint at which 5% of the training-caption samples copy;
 * first copy: the first checkpoint with any copying sample; per caption, its first copy and the image it
   copies (its own image, or another one);
 * first warning: the first event of severity warning or above in the watch's store; lead and misses as in the
@@ -60,6 +64,9 @@ TRUTH_STEPS = 20
 TRUTH_SEED0 = 100_000  # apart from the watch's seeds (0, 1, ...): the truth does not reuse the monitor's samples
 ONSET_FRACTION = 0.05
 MEM_RATIO = 1 / 3
+#: a copy lies within this normalised l2 (RMSE on [0, 1]) of its training image: a third of the least distance
+#: between two training images (t2i_data.MIN_SET_DISTANCE), 3.5 x the VAE's median round-trip error (0.024)
+COPY_D1 = 0.25 / 3
 
 
 @dataclass(frozen=True)
@@ -208,21 +215,23 @@ def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, ba
     seeds = [TRUTH_SEED0 + i for i in range(len(prompts))]
     members = len(captions) * k
     ids = [it.id for it in refs.items]
-    truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "mem_fraction": [], "holdout_mem_fraction": [],
-                             "captions": captions, "holdout_captions": held, "image_ids": ids,
-                             "seeds_per_caption": k}  # fmt: skip
+    truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "d1": [], "mem_fraction": [],
+                             "holdout_mem_fraction": [], "captions": captions, "holdout_captions": held,
+                             "image_ids": ids, "seeds_per_caption": k}  # fmt: skip
     onset = first_copy = None
     for step, path in [(0, base), *list_checkpoints(out_dir)]:
         snap = load_snapshot(str(path), base_model=str(base))
         images = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=TRUTH_STEPS, batch_size=64)
         matches = regurgitation_probe(images, index, RegurgitationConfig(), seeds=seeds).matches
         ratios = [m["ratio"] for m in matches]
-        frac = sum(r < MEM_RATIO for r in ratios[:members]) / members
+        copies = [is_copy(m) for m in matches]
+        frac = sum(copies[:members]) / members
         truth["steps"].append(step)
         truth["ratios"].append([round(r, 5) for r in ratios])
         truth["nn1"].append([m["nn1"] for m in matches])
+        truth["d1"].append([round(m["d1"], 5) for m in matches])
         truth["mem_fraction"].append(frac)
-        truth["holdout_mem_fraction"].append(sum(r < MEM_RATIO for r in ratios[members:]) / max(1, len(held) * k))
+        truth["holdout_mem_fraction"].append(sum(copies[members:]) / max(1, len(held) * k))
         if first_copy is None and frac > 0:
             first_copy = step
         if onset is None and frac >= ONSET_FRACTION:
@@ -232,6 +241,11 @@ def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, ba
     return truth
 
 
+def is_copy(match: dict[str, Any]) -> bool:
+    """The truth's copy: d1/d2 below 1/3 and d1 below ``COPY_D1``."""
+    return match["ratio"] < MEM_RATIO and match["d1"] < COPY_D1
+
+
 def per_caption(truth: dict[str, Any]) -> list[dict[str, Any]]:
     """Per training caption: the first step at which one of its samples copies, and which image it copies
     (its own image or another training image)."""
@@ -239,8 +253,8 @@ def per_caption(truth: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for c, caption in enumerate(truth["captions"]):
         first, copied = None, None
-        for step, ratios, nn1 in zip(truth["steps"], truth["ratios"], truth["nn1"], strict=True):
-            hits = [nn1[c * k + j] for j in range(k) if ratios[c * k + j] < MEM_RATIO]
+        for ratios, nn1, d1, step in zip(truth["ratios"], truth["nn1"], truth["d1"], truth["steps"], strict=True):
+            hits = [nn1[i] for i in range(c * k, c * k + k) if is_copy({"ratio": ratios[i], "d1": d1[i]})]
             if hits:
                 first, copied = step, hits[0]
                 break

@@ -68,10 +68,14 @@ def test_per_caption_truth_names_the_first_copy_and_whose_image_it_is() -> None:
         "captions": ["cap a", "cap b"],
         "steps": [0, 50, 100],
         # samples: caption a seeds 0-1, caption b seeds 0-1 (then held-out captions, ignored here)
-        "ratios": [[0.9, 0.8, 0.9, 0.9], [0.9, third - 0.01, 0.9, 0.9], [0.2, 0.2, 0.9, 0.1]],
+        "ratios": [[0.9, 0.8, 0.9, 0.9], [0.9, third - 0.01, 0.2, 0.9], [0.2, 0.2, 0.9, 0.1]],
         "nn1": [["a.png"] * 4, ["b.png", "a.png", "a.png", "a.png"], ["a.png", "a.png", "a.png", "a.png"]],
+        # at step 50, caption b's first sample is near in ratio but not in pixels: not yet a copy
+        "d1": [[0.3] * 4, [0.3, 0.05, 0.3, 0.3], [0.05, 0.05, 0.3, 0.05]],
     }
     rows = bench_t2i.per_caption(truth)
     assert rows[0] == {"caption": "cap a", "image": "a.png", "first_copy_step": 50, "copies": "a.png",
                        "own_image": True}  # fmt: skip
     assert rows[1]["first_copy_step"] == 100 and rows[1]["copies"] == "a.png" and rows[1]["own_image"] is False
+    # a ratio under 1/3 that is still far in pixels is no copy
+    assert not bench_t2i.is_copy({"ratio": 0.2, "d1": bench_t2i.COPY_D1 + 0.01})

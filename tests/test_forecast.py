@@ -301,3 +301,29 @@ def test_the_default_warning_names_the_training_images_the_samples_come_closest_
     m = {f"forecast/{k}": v for k, v in metrics.items()}
     (event,) = engine.observe(600, m, {"forecast": evidence}, context={"keep": "checkpoint-500"})
     assert "closest: horse.png (d1/d2 0.41), camera.png" in event.message and event.message.endswith("checkpoint-500")
+
+
+def test_text_to_image_forecast_evidence_names_the_prompts_and_ranks_them_by_their_seeds_crossing() -> None:
+    from memwatch.core.probe import ProbeResult
+    from memwatch.probes.forecast import ForecastProbe
+
+    rows = [  # prompt, ratio, nearest training image, the seed's forecast crossing
+        ("a wide photo of a horse", 0.50, "horse.png", 1200.0),
+        ("a wide photo of a horse", 0.38, "horse.png", math.nan),
+        ("a close photo of coffee", 0.45, "coffee.png", 900.0),
+        ("a photo of a cat", 0.30, "horse.png", math.nan),  # closest, but not approaching
+        ("a photo of a cat", None, None, math.nan),
+    ]
+    items = [
+        {"item": f"seed-{i}", "seed": i, "ratio": r, "nn1": nn1, "crossing": c, "prompt": p}
+        for i, (p, r, nn1, c) in enumerate(rows)
+    ]
+    evidence = ForecastProbe().evidence(ProbeResult("forecast", {"onset": 900.0, "onset_low": 850.0,
+                                                                 "onset_high": 950.0}, items=items))  # fmt: skip
+    ranked = [(r["prompt"], r["ratio"], r["training_id"], r["crossing"]) for r in evidence["prompts_at_risk"]]
+    assert ranked[:2] == [("a close photo of coffee", 0.45, "coffee.png", 900.0),
+                          ("a wide photo of a horse", 0.38, "horse.png", 1200.0)]  # fmt: skip
+    assert ranked[2][:3] == ("a photo of a cat", 0.30, "horse.png") and math.isnan(ranked[2][3])
+    # the message's closest images say which prompt came closest to each
+    assert evidence["closest_images"].startswith('horse.png (d1/d2 0.30, prompt "a photo of a cat"), coffee.png')
+    assert evidence["closest"][0]["prompt"] == "a photo of a cat"

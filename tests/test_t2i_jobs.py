@@ -150,6 +150,24 @@ def _check_regurgitation(data: dict, kind: str) -> None:
     assert m["mem_fraction"] == pytest.approx(sum(r["memorized"] for r in matches) / n)
     members = [r for r in matches if r["group"] == "member"]
     assert m["mem_fraction_member"] == pytest.approx(sum(r["memorized"] for r in members) / len(members))
+    # each sample says whether its nearest training image is one its prompt is the caption of
+    assert all(r["own_image"] == (TRAIN_CAPTIONS.get(r["nn1"]) == r["prompt"]) for r in matches)
+
+
+def _check_report_prompts(run_dir: Path) -> None:
+    """The report ranks every prompt, each with the training image its closest sample came to, from the store."""
+    from memwatch.views.report.build import build_report
+
+    rows = build_report(run_dir)["evidence"]["at_risk_prompts"]
+    assert {r["prompt"]: r["group"] for r in rows} == {p: "member" for p in MEMBER_PROMPTS} | {
+        p: "holdout" for p in HOLDOUT_PROMPTS
+    }
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    matches = [m for m in _store(run_dir)["matches"] if m["probe"] == "regurgitation"]
+    for r in rows:
+        closest = min((m for m in matches if m["prompt"] == r["prompt"]), key=lambda m: m["ratio"])
+        assert r["ratio_min"] == pytest.approx(closest["ratio"]) and r["copies_image"] == closest["nn1"]
+        assert r["own_image"] == (TRAIN_CAPTIONS.get(closest["nn1"]) == r["prompt"])
 
 
 def _check_condnoise(data: dict, kind: str, snapshot_dir: Path, base_model: Path | None) -> dict[str, float]:
@@ -216,6 +234,7 @@ def test_lora_run_is_probed_end_to_end(world: dict, tmp_path: Path) -> None:
     assert top in ([(p, s) for p, s in sorted(x.items(), key=lambda kv: -kv[1])] for x in (lora_scores, final_scores))
     sha = {s["kind"]: s["weights_sha256"] for s in data["snapshots"]}
     assert sha["checkpoint"] == load_snapshot(run_dir / "checkpoint-2", base_model=base).weights_sha256
+    _check_report_prompts(run_dir)
     # a second run finds everything done
     report = probe_run_dir(run_dir, load_config(world["config"]))
     assert report.probed == [] and report.already_done == 2 and report.failed == []

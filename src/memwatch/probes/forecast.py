@@ -10,7 +10,9 @@ probe works on.
 Metrics (``forecast/...``): ``onset`` (NaN while no significant approach is seen), ``onset_low`` and
 ``onset_high`` (the band), ``steps_to_onset``, ``precursor`` (the quantile's value now),
 ``slope_t`` (the fall's significance) and ``seeds_approaching``. Items: one row per seed with its
-ratio and its own forecast crossing. The default rule ``onset-forecast`` warns when the band's early
+ratio, its nearest training image, its own forecast crossing and, for text-to-image models, its prompt; the
+evidence ranks the prompts by their seeds' earliest crossing (``prompts_at_risk``), since a text-to-image
+model memorizes prompt by prompt. The default rule ``onset-forecast`` warns when the band's early
 edge comes within 0.75 x the current step.
 """
 
@@ -94,9 +96,11 @@ class ForecastProbe(Probe):
         index = ctx.reference_index()
         found = ctx.samples.neighbours(index, 2)
         _, _, ratio = d1_d2(found.distances)
+        prompts = plan.prompts or [None] * len(plan.names)
+        nearest = found.indices[:, 0]
         measured = [
-            {"sample": name, "seed": seed, "ratio": float(r), "nn1": index.ids[int(i)]}
-            for name, seed, r, i in zip(plan.names, plan.seeds, ratio, found.indices[:, 0], strict=True)
+            {"sample": name, "seed": seed, "ratio": float(r), "nn1": index.ids[int(i)], "prompt": prompt}
+            for name, seed, r, i, prompt in zip(plan.names, plan.seeds, ratio, nearest, prompts, strict=True)
         ]
         now = {m["sample"]: m["ratio"] for m in measured}
         past = [
@@ -113,25 +117,65 @@ class ForecastProbe(Probe):
         )
         items = [
             {"item": m["sample"], "seed": m["seed"], "ratio": m["ratio"], "nn1": m["nn1"],
-             "crossing": forecast.per_seed.get(m["sample"], math.nan)}
+             "crossing": forecast.per_seed.get(m["sample"], math.nan), **_prompt_of(m)}
             for m in measured
         ]  # fmt: skip
         return ProbeResult(PROBE, forecast.metrics(), items=items)
 
     def evidence(self, result: ProbeResult) -> dict[str, Any]:
         """The forecast band, the seeds closest to copying and, as text for messages, the training
-        images they come closest to (``closest_images``: up to 3, closest first, with their d1/d2)."""
+        images they come closest to (``closest_images``: up to 3, closest first, with their d1/d2 and, for a
+        text-to-image model, the prompt of the closest sample: copying there goes prompt by prompt)."""
         ranked = sorted(result.items, key=lambda it: nan_last(it.get("ratio")))
-        images: dict[str, float] = {}
+        images: dict[str, str] = {}
         for it in ranked:
-            if it["nn1"] is not None and len(images) < CLOSEST_IMAGES:
-                images.setdefault(str(it["nn1"]), _float(it["ratio"]))
+            if it["nn1"] is not None and len(images) < CLOSEST_IMAGES and str(it["nn1"]) not in images:
+                prompt = f', prompt "{_short(it["prompt"])}"' if it.get("prompt") else ""
+                images[str(it["nn1"])] = f"{it['nn1']} (d1/d2 {_float(it['ratio']):.2f}{prompt})"
+        closest = [
+            {"seed": it["seed"], "ratio": it["ratio"], "training_id": it["nn1"], **_prompt_of(it)} for it in ranked[:5]
+        ]
         return {
             "onset": result.metrics["onset"],
             "band": [result.metrics["onset_low"], result.metrics["onset_high"]],
-            "closest": [{"seed": it["seed"], "ratio": it["ratio"], "training_id": it["nn1"]} for it in ranked[:5]],
-            "closest_images": ", ".join(f"{i} (d1/d2 {r:.2f})" for i, r in images.items()) or "none",
+            "closest": closest,
+            "prompts_at_risk": prompts_at_risk(result.items),
+            "closest_images": ", ".join(images.values()) or "none",
         }
+
+
+def prompts_at_risk(items: list[dict[str, Any]], limit: int = 5) -> list[dict[str, Any]]:
+    """Per prompt (text-to-image items only): its closest seed's d1/d2 and training image, and the earliest
+    forecast crossing among its seeds; the prompts with a crossing first (earliest first), then by d1/d2.
+
+    Example:
+        >>> rows = [{"prompt": "a fox", "ratio": 0.5, "nn1": "fox.png", "crossing": 900.0},
+        ...         {"prompt": "a fox", "ratio": 0.4, "nn1": "fox.png", "crossing": float("nan")},
+        ...         {"prompt": "a cat", "ratio": 0.3, "nn1": "cat.png", "crossing": float("nan")}]
+        >>> [(p["prompt"], p["ratio"], p["crossing"]) for p in prompts_at_risk(rows)]
+        [('a fox', 0.4, 900.0), ('a cat', 0.3, nan)]
+    """
+    by_prompt: dict[str, dict[str, Any]] = {}
+    for it in items:
+        if not it.get("prompt"):
+            continue
+        ratio, crossing = _float(it.get("ratio")), _float(it.get("crossing"))
+        row = by_prompt.setdefault(it["prompt"], {"prompt": it["prompt"], "ratio": math.nan, "training_id": None,
+                                                  "crossing": math.nan})  # fmt: skip
+        if nan_last(ratio) < nan_last(row["ratio"]):
+            row["ratio"], row["training_id"] = ratio, it.get("nn1")
+        row["crossing"] = min(row["crossing"], crossing, key=nan_last)
+    ranked = sorted(by_prompt.values(), key=lambda r: (nan_last(r["crossing"]), nan_last(r["ratio"])))
+    return ranked[:limit]
+
+
+def _prompt_of(item: dict[str, Any]) -> dict[str, str]:
+    return {"prompt": item["prompt"]} if item.get("prompt") else {}
+
+
+def _short(prompt: str, limit: int = 60) -> str:
+    """A prompt short enough for a one-line message."""
+    return prompt if len(prompt) <= limit else prompt[: limit - 1].rstrip() + "…"
 
 
 def _float(v: Any) -> float:

@@ -22,7 +22,7 @@ probe that reads them (:meth:`memwatch.sampling.plan.Samples.neighbours`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,12 +227,16 @@ def ratio_quantiles(ratio: torch.Tensor) -> dict[str, float]:
     }
 
 
-def add_prompts(result: ProbeResult, prompts: Sequence[str], groups: Sequence[str]) -> ProbeResult:
+def add_prompts(
+    result: ProbeResult, prompts: Sequence[str], groups: Sequence[str], captions: Mapping[str, str | None] | None = None
+) -> ProbeResult:
     """Per-prompt regurgitation of a text-to-image probe: annotate matches, add prompt rows and metrics.
 
     Sample ``i`` of ``result`` was generated from ``prompts[i]``, a training caption (group
     ``"member"``) or a held-out caption (``"holdout"``). Each match row gets ``prompt`` and
-    ``group``; ``items`` get one row per distinct prompt, in first-seen order::
+    ``group`` and, given the training images' ``captions``, ``own_image``: whether the sample's nearest
+    training image is one whose caption is the prompt (a caption that reproduces its own image, against one
+    that reproduces another training image); ``items`` get one row per distinct prompt, in first-seen order::
 
         {"item": prompt, "prompt", "group", "num_samples", "mem_fraction", "copy_fraction",
          "extracted_fraction", "sim_max", "sim_mean", "distinct_memorized", "nn1"}
@@ -246,6 +250,7 @@ def add_prompts(result: ProbeResult, prompts: Sequence[str], groups: Sequence[st
         result: :func:`regurgitation_probe`'s result, one match per sample.
         prompts: the prompt of each sample.
         groups: ``"member"`` or ``"holdout"`` for each sample.
+        captions: training id -> its caption (None: ``own_image`` is not set).
 
     Returns:
         ``result``, updated in place.
@@ -262,6 +267,8 @@ def add_prompts(result: ProbeResult, prompts: Sequence[str], groups: Sequence[st
     by_prompt: dict[str, list[dict]] = {}
     for match, prompt, group in zip(result.matches, prompts, groups, strict=True):
         match["prompt"], match["group"] = prompt, group
+        if captions is not None:
+            match["own_image"] = captions.get(match["nn1"]) == prompt
         by_prompt.setdefault(prompt, []).append(match)
 
     def share(rows: list[dict], key: str) -> float:
@@ -381,7 +388,7 @@ class RegurgitationProbe(Probe):
             found.distances, found.indices, index, self.settings, names=plan.names, seeds=plan.seeds
         )
         if plan.prompts is not None and plan.groups is not None:
-            add_prompts(result, plan.prompts, plan.groups)
+            add_prompts(result, plan.prompts, plan.groups, {it.id: it.caption for it in ctx.data.refs.items})
             result.metrics.update(plan.counts)
         return result
 

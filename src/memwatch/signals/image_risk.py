@@ -46,7 +46,8 @@ class Approach:
     """A training image's closest approach by a generated sample at one probe.
 
     Attributes:
-        ratio, d1, seed, sample: of the closest sample.
+        ratio, d1, seed, sample, nn1, own_image: of the closest sample (``nn1``: its nearest training image;
+            ``own_image``: whether that image's caption is the sample's prompt, text-to-image).
         ratios: d1/d2 of every sample whose nearest training image it is (ascending).
     """
 
@@ -55,6 +56,8 @@ class Approach:
     seed: int | None
     sample: str | None
     ratios: list[float] = field(default_factory=list)
+    nn1: str | None = None
+    own_image: bool | None = None
 
 
 @dataclass
@@ -109,27 +112,31 @@ class ImageRisk:
         }
 
 
-def image_trajectories(seeds: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, Approach]]:
+def image_trajectories(seeds: Iterable[Mapping[str, Any]], by: str = "nn1") -> dict[str, dict[int, Approach]]:
     """Each training image's closest approach at each probe, from the per-sample rows.
 
     Args:
         seeds: rows as in :attr:`memwatch.store.history.RunHistory.seeds` (``nn1``, ``step``, ``ratio``, ``d1``,
-            ``seed``, ``sample``); rows without a finite ratio are ignored.
+            ``seed``, ``sample``, ``prompt``); rows without a finite ratio or without ``by`` are ignored.
+        by: the field that groups the samples: ``nn1`` (the training image they are nearest to) or, for a
+            text-to-image model, ``prompt`` (each caption's closest approach to any training image).
 
     Returns:
-        training id -> {step -> :class:`Approach`}, steps ascending.
+        training id (or prompt) -> {step -> :class:`Approach`}, steps ascending.
     """
     out: dict[str, dict[int, Approach]] = {}
     for r in seeds:
-        ratio, tid = r.get("ratio"), r.get("nn1")
-        if tid is None or ratio is None or not math.isfinite(float(ratio)):
+        ratio, key = r.get("ratio"), r.get(by)
+        if key is None or ratio is None or not math.isfinite(float(ratio)):
             continue
         step = int(r["step"])
         d1 = float(r["d1"]) if r.get("d1") is not None else math.nan
-        steps = out.setdefault(str(tid), {})
+        steps = out.setdefault(str(key), {})
         best = steps.get(step)
         if best is None or float(ratio) < best.ratio:
-            steps[step] = Approach(float(ratio), d1, r.get("seed"), r.get("sample"), best.ratios if best else [])
+            own = None if r.get("own_image") is None else bool(r["own_image"])
+            ratios = best.ratios if best else []
+            steps[step] = Approach(float(ratio), d1, r.get("seed"), r.get("sample"), ratios, r.get("nn1"), own)
         steps[step].ratios.append(float(ratio))
     for steps in out.values():
         for approach in steps.values():
@@ -181,6 +188,46 @@ def rank_images(
     for i, r in enumerate(risks, 1):
         r.rank = i
     return risks
+
+
+def rank_prompts(
+    seeds: Iterable[Mapping[str, Any]], *, threshold: float = DEFAULT_RATIO, steps: Iterable[int] | None = None
+) -> list[dict[str, Any]]:
+    """Rank a text-to-image run's prompts by how soon their samples copy (or copied) a training image: the
+    ranking of :func:`rank_images` over each prompt's closest approach to *any* training image, since such a
+    model memorizes caption by caption.
+
+    Args:
+        seeds: per-sample rows with ``prompt`` (and ``group``: ``member`` for training captions, ``holdout``);
+            rows without a prompt are ignored, so an unconditional run gives ``[]``.
+        threshold, steps: as for :func:`rank_images`.
+
+    Returns:
+        :meth:`ImageRisk.row` dicts with ``prompt`` in place of ``training_id``, plus ``group``,
+        ``copies_image``: the training image its closest sample was nearest to (at its first copy, else at its
+        closest approach), and ``own_image``: whether that is the image the prompt is the caption of (None:
+        unknown).
+
+    Example:
+        >>> rows = [{"prompt": "a fox", "group": "member", "step": s, "seed": 0, "nn1": "fox.png", "ratio": r,
+        ...          "d1": 0.1} for s, r in [(100, 0.6), (200, 0.3)]]
+        >>> [(p["prompt"], p["first_copy_step"], p["copies_image"]) for p in rank_prompts(rows)]
+        [('a fox', 200, 'fox.png')]
+    """
+    seeds = list(seeds)
+    groups = {r["prompt"]: r.get("group") for r in seeds if r.get("prompt")}
+    trajectories = image_trajectories(seeds, by="prompt")
+    ranked = []
+    for risk in rank_images(trajectories, threshold=threshold, steps=steps):
+        row = risk.row()
+        row["prompt"] = row.pop("training_id")
+        row.pop("training_copies")
+        at = risk.first_copy_step if risk.first_copy_step is not None else risk.min_step
+        row["copies_image"] = risk.trajectory[at].nn1 if at is not None else None
+        row["own_image"] = risk.trajectory[at].own_image if at is not None else None
+        row["group"] = groups.get(row["prompt"])
+        ranked.append(row)
+    return ranked
 
 
 def first_at_risk(

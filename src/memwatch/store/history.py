@@ -42,8 +42,8 @@ class RunHistory:
         rules: the rule dicts of the run's config that can be evaluated (a metric, a known operator and
             a finite threshold).
         events: event dicts (the store's ``events`` rows).
-        seeds: the per-sample match rows (seed, step, nn1, ratio, d1, similarity, memorized, sample,
-            result_id), by seed then step: each fixed seed's trajectory, whichever probe recorded it.
+        seeds: the per-sample match rows (seed, step, nn1, ratio, d1, similarity, memorized, sample, prompt, group,
+            own_image, result_id), by seed then step: each fixed seed's trajectory, whichever probe recorded it.
         mem_ratio: the d1/d2 threshold below which a sample counts as memorized (the image-risk default here;
             :func:`memwatch.core.declared.load_run` sets the one the run's probes declare).
         snapshots, results, metric_rows, matches: the store's rows of this run.
@@ -293,6 +293,9 @@ def _seed_rows(matches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "similarity": m.get("similarity"),
             "memorized": None if m.get("memorized") is None else int(bool(m["memorized"])),
             "sample": m.get("sample"),
+            "prompt": m.get("prompt"),  # text-to-image samples: the caption and its group (member / holdout)
+            "group": m.get("group"),
+            "own_image": m.get("own_image"),
             "result_id": m["result_id"],
         }
         for m in matches

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memwatch.hashing import sha256_bytes, sha256_file
-from memwatch.signals.image_risk import ImageRisk
+from memwatch.signals.image_risk import ImageRisk, rank_prompts
 from memwatch.store.history import RunHistory, training_images
 from memwatch.views.report.common import Limits, data_uri, png_uri
 
@@ -303,6 +303,7 @@ def collect_evidence(
         "training_images": training,
         "first_seen": training_images(curves.seeds),
         "at_risk_images": at_risk,
+        "at_risk_prompts": _prompts_at_risk(curves, matches, crops),
         "identities": identity,
         "files": _evidence_files(results, store_dir, crops, redact, limits),
     }
@@ -317,6 +318,16 @@ def _at_risk(
     came closest to it (its pixels when that sample is in an evidence grid)."""
     crop_of = {(int(m["step"]), m.get("sample")): crops.get(key) for key, m in _positions(matches)}
     return [_with_pixels(r.row(), crop_of.get((r.min_step, r.min_sample))) for r in risks[:AT_RISK_SHOWN]]
+
+
+def _prompts_at_risk(
+    curves: RunHistory, matches: Sequence[Mapping[str, Any]], crops: Mapping[tuple[int, int], Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """A text-to-image run's captions most at risk (:func:`memwatch.signals.image_risk.rank_prompts`), each with
+    the training image its samples copy or approach and the closest sample's pixels; empty for other runs."""
+    crop_of = {(int(m["step"]), m.get("sample")): crops.get(key) for key, m in _positions(matches)}
+    ranked = rank_prompts(curves.seeds, threshold=curves.mem_ratio)[:AT_RISK_SHOWN]
+    return [_with_pixels(r, crop_of.get((r["ratio_min_step"], r["ratio_min_sample"]))) for r in ranked]
 
 
 def _with_pixels(row: dict[str, Any], crop: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -25,6 +25,21 @@ _PNG_URI = {"type": ["string", "null"], "pattern": "^data:image/(png|jpeg);base6
 _SEVERITY = {"enum": ["info", "warning", "critical"]}
 
 
+#: A ranked image or caption at risk (memwatch.signals.image_risk) with its closest sample.
+_RISK_ROW = {
+    "rank": {"type": "integer", "minimum": 1},
+    "at_risk": {"enum": [0, 1]},
+    "first_copy_step": _INT,
+    "copies": {"type": "integer", "minimum": 0},
+    "forecast_step": _INT,
+    "ratio_now": _NUM,
+    "ratio_min": _NUM,
+    "ratio_min_step": _INT,
+    "ratio_min_seed": _INT,
+    "ratio_min_sample": _STR,
+    "image": _PNG_URI,
+    "image_source": _STR,
+}
 _IDENTITY_ROW = {
     "step": {"type": "integer"},
     "kind": {"type": "string"},
@@ -156,20 +171,18 @@ _DEFS: dict[str, Any] = {
     ),
     "at_risk_image": _obj(
         {
-            "rank": {"type": "integer", "minimum": 1},
+            **_RISK_ROW,
             "training_id": {"type": "string"},
-            "at_risk": {"enum": [0, 1]},
-            "first_copy_step": _INT,
-            "copies": {"type": "integer", "minimum": 0},
-            "forecast_step": _INT,
-            "ratio_now": _NUM,
-            "ratio_min": _NUM,
-            "ratio_min_step": _INT,
-            "ratio_min_seed": _INT,
-            "ratio_min_sample": _STR,
-            "image": _PNG_URI,
-            "image_source": _STR,
             "training_copies": {"type": ["integer", "null"], "minimum": 1},
+        }
+    ),
+    "at_risk_prompt": _obj(
+        {
+            **_RISK_ROW,
+            "prompt": {"type": "string"},
+            "group": {"enum": ["member", "holdout", None]},
+            "copies_image": _STR,
+            "own_image": _BOOL,
         }
     ),
     "training_image": _obj(
@@ -324,6 +337,7 @@ _SCHEMA: dict[str, Any] = {
                     "training_images": _list({"$ref": "#/$defs/training_image"}),
                     "first_seen": _list({"$ref": "#/$defs/first_seen"}),
                     "at_risk_images": _list({"$ref": "#/$defs/at_risk_image"}),
+                    "at_risk_prompts": _list({"$ref": "#/$defs/at_risk_prompt"}),
                     "identities": _obj(
                         {
                             "probed": {"type": "boolean"},
