@@ -19,7 +19,7 @@ in pixels. So this script trains, once, on 2 CPU cores, each part the scripts lo
 It writes the pipeline folder and ``BUILD.json`` (the settings, the measured reconstruction and the sha256 of
 every weights file). The benchmark reads the folder from ``assets/t2i/base`` and checks those hashes.
 
-    python scripts/make_t2i_base.py                     # writes assets/t2i/base (about 30 min on 2 cores)
+    python scripts/make_t2i_base.py                     # writes assets/t2i/base (53 min on 2 cores)
     python scripts/make_t2i_base.py --out DIR --vae-steps 20 --unet-steps 20   # a quick smoke build
 """
 
