@@ -61,6 +61,7 @@ BATCH = 4
 HOLDOUT_CAPTIONS = 8
 TRUTH_SEEDS_PER_CAPTION = 4
 TRUTH_STEPS = 20
+TRUTH_MAX_CAPTIONS = 32  # larger sets: the truth samples their first 32 captions (4 seeds each)
 TRUTH_SEED0 = 100_000  # apart from the watch's seeds (0, 1, ...): the truth does not reuse the monitor's samples
 ONSET_FRACTION = 0.05
 MEM_RATIO = 1 / 3
@@ -167,14 +168,15 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
         watcher = subprocess.Popen(watch, env=env, stdout=open(logs / "watch.log", "w"), stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
     with open(logs / "train.log", "w") as log:
-        code = subprocess.run(train_command(spec, scripts[spec.script], train_dir, out_dir), env=env,
-                              stdout=log, stderr=subprocess.STDOUT).returncode  # fmt: skip
+        trainer = subprocess.Popen(train_command(spec, scripts[spec.script], train_dir, out_dir), env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        code, train_cpu = wait_cpu(trainer)
     train_s = time.perf_counter() - t0
     if code != 0:
         raise RuntimeError(f"{spec.name}: the training script failed ({code}); see {logs / 'train.log'}")
-    watch_s = None
+    watch_s = watch_cpu = None
     if watcher is not None:
-        watcher.wait()
+        _, watch_cpu = wait_cpu(watcher)
         watch_s = time.perf_counter() - t0
     truth = truth_over_checkpoints(out_dir, train_dir, holdout_dir, Path(spec.base))
     from bench_warnings import provenance
@@ -185,12 +187,23 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
         "steps_trained": spec.steps,
         "onset_step": truth["onset_step"],
         "first_copy_step": truth["first_copy_step"],
+        "onset_ratio_only_step": truth["onset_ratio_only_step"],
         "train_s": round(train_s, 1),
+        "train_cpu_s": round(train_cpu, 1),
         "watch_done_s": None if watch_s is None else round(watch_s, 1),
+        # the watch's CPU time (all its threads) against the training script's: what probing beside costs
+        "watch_cpu_s": None if watch_cpu is None else round(watch_cpu, 1),
         "measured": provenance(),
     }
     (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
     return record
+
+
+def wait_cpu(process: subprocess.Popen) -> tuple[int, float]:
+    """Wait for a child process; its exit status and CPU time (user + system, all its threads)."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_utime + usage.ru_stime
 
 
 def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, base: Path) -> dict[str, Any]:
@@ -208,17 +221,18 @@ def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, ba
     torch.set_num_threads(1)
     refs = load_reference_set(str(train_dir))
     index = ReferenceIndex(refs, PixelEmbedder(32), None)
-    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")]
+    # the first TRUTH_MAX_CAPTIONS training captions (the set is in random draw order): a sample of a large set
+    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")][:TRUTH_MAX_CAPTIONS]
     held = [json.loads(line)["text"] for line in open(holdout_dir / "metadata.jsonl")]
     k = TRUTH_SEEDS_PER_CAPTION
     prompts = [c for c in captions + held for _ in range(k)]
     seeds = [TRUTH_SEED0 + i for i in range(len(prompts))]
     members = len(captions) * k
-    ids = [it.id for it in refs.items]
+    ids = [it.id for it in refs.items][: len(captions)]  # files sort as the set was drawn: 0000_..., 0001_...
     truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "d1": [], "mem_fraction": [],
                              "holdout_mem_fraction": [], "captions": captions, "holdout_captions": held,
                              "image_ids": ids, "seeds_per_caption": k}  # fmt: skip
-    onset = first_copy = None
+    onset = first_copy = onset_ratio_only = None
     for step, path in [(0, base), *list_checkpoints(out_dir)]:
         snap = load_snapshot(str(path), base_model=str(base))
         images = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=TRUTH_STEPS, batch_size=64)
@@ -236,7 +250,11 @@ def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, ba
             first_copy = step
         if onset is None and frac >= ONSET_FRACTION:
             onset = step
+        if onset_ratio_only is None and sum(r < MEM_RATIO for r in ratios[:members]) >= ONSET_FRACTION * members:
+            onset_ratio_only = step
     truth["onset_step"], truth["first_copy_step"] = onset, first_copy
+    # the onset by d1/d2 alone (the monitor's pixel criterion and the unconditional benchmark's), for comparison
+    truth["onset_ratio_only_step"] = onset_ratio_only
     truth["per_caption"] = per_caption(truth)
     return truth
 
@@ -278,9 +296,12 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
     row = {
         "script": data["script"], "n": data["n"], "seed": data["seed"], "family": data["family"],
         "steps_trained": data["steps_trained"], "onset_step": onset, "first_copy_step": data["first_copy_step"],
+        "onset_ratio_only_step": data.get("onset_ratio_only_step"),
         "first_warning_step": first["step"] if first else None, "first_warning_rule": first["rule"] if first else None,
         "lead_steps": None, "lead_fraction": None, "train_s": data["train_s"], "watch_done_s": data["watch_done_s"],
-        "captions_copied": len(copied), "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
+        "train_cpu_s": data.get("train_cpu_s"), "watch_cpu_s": data.get("watch_cpu_s"),
+        "captions_copied": len(copied), "captions_measured": len(data["truth"]["per_caption"]),
+        "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
         "measured": data.get("measured"),
     }  # fmt: skip
     if onset is not None and first is not None:
@@ -291,19 +312,23 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| script | n | seed | onset | first copy | captions copied (own image) | first warning (rule) "
-        "| lead / onset |",
-        "|---|---|---|---|---|---|---|---|",
+        "| script | n | seed | onset | first copy | onset by d1/d2 alone | captions copied (own image) "
+        "| first warning (rule) | lead / onset |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["script"], r["n"], r["seed"])):
         warn = "-" if r["first_warning_step"] is None else f"{r['first_warning_step']} ({r['first_warning_rule']})"
         frac = "-" if r["lead_fraction"] is None else f"{r['lead_fraction']:.0%}"
         lines.append(
-            f"| {r['script']} | {r['n']} | {r['seed']} | {r['onset_step'] or 'none'} "
-            f"| {r['first_copy_step'] or 'none'} "
-            f"| {r['captions_copied']} of {r['n']} ({r['captions_copying_own_image']}) | {warn} | {frac} |"
+            f"| {r['script']} | {r['n']} | {r['seed']} | {_step(r['onset_step'])} | {_step(r['first_copy_step'])} "
+            f"| {_step(r.get('onset_ratio_only_step'))} | {r['captions_copied']} of {r['captions_measured']} "
+            f"({r['captions_copying_own_image']}) | {warn} | {frac} |"
         )
     return "\n".join(lines)
+
+
+def _step(step: int | None) -> str:
+    return "none" if step is None else str(step)
 
 
 # ---------------------------------------------------------------------------------------------- main

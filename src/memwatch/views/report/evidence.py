@@ -293,7 +293,13 @@ def collect_evidence(
         )
     faces = {r["identity_item"] for r in identity["leaks"] + identity["interpolations"] if r["identity_item"]}
     at_risk = _at_risk(risks, matches, crops)
-    wanted = sorted({s["nn1"] for s in samples if s["nn1"]} | faces | {r["training_id"] for r in at_risk})
+    prompts = _prompts_at_risk(curves, matches, crops)
+    wanted = sorted(
+        {s["nn1"] for s in samples if s["nn1"]}
+        | faces
+        | {r["training_id"] for r in at_risk}
+        | {r["copies_image"] for r in prompts if r["copies_image"]}
+    )
     grid_cells: dict[str, str] = {}  # training cells of the grids: each image as the model saw it
     for crop in crops.values():
         grid_cells.setdefault(crop["training_id"], crop["training"])
@@ -303,7 +309,7 @@ def collect_evidence(
         "training_images": training,
         "first_seen": training_images(curves.seeds),
         "at_risk_images": at_risk,
-        "at_risk_prompts": _prompts_at_risk(curves, matches, crops),
+        "at_risk_prompts": prompts,
         "identities": identity,
         "files": _evidence_files(results, store_dir, crops, redact, limits),
     }
