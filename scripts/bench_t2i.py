@@ -39,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,6 +58,11 @@ SCRIPT_ARGS = {
     "full": ["--learning_rate", "1e-4"],
 }
 BATCH = 4
+#: seconds without a new save after which the watch takes the run as ended. Its default, three times the
+#: longest gap it saw between saves, counts the gaps as it sees them: a watch still busy with its first probe
+#: (loading, embedding the references) sees several saves at once after a minute and then waits three minutes
+#: after the script ends. The scripts here save every 5-15 s and never pause longer: 30 s is ample.
+END_QUIET = 30
 HOLDOUT_CAPTIONS = 8
 TRUTH_SEEDS_PER_CAPTION = 4
 TRUTH_STEPS = 20
@@ -83,10 +88,16 @@ class T2IRunSpec:
     diffusers: str
     base: str = str(BASE)
     watch: bool = True
+    #: the truth samples the first this many training captions (4 seeds each) besides the held-out ones
+    truth_captions: int = TRUTH_MAX_CAPTIONS
+    #: torch threads for the truth's sampling (the machine's cores shared among the runs in parallel)
+    threads: int = 1
+    #: False: the script alone, for the cost comparison (no truth; its twin measures it)
+    truth: bool = True
 
     @property
     def name(self) -> str:
-        return f"{self.script}-n{self.n:04d}-s{self.seed}"
+        return f"{self.script}-n{self.n:04d}-s{self.seed}" + ("" if self.truth else "-alone")
 
 
 def fail(message: str) -> NoReturn:
@@ -164,7 +175,8 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
     watcher = None
     if spec.watch:
         watch = [sys.executable, "-m", "memwatch.cli", "watch", str(out_dir), "--config", str(config),
-                 "--quiet-period", "2", "--poll", "1", "--idle-timeout", "600"]  # fmt: skip
+                 "--quiet-period", "2", "--poll", "1", "--idle-timeout", "600",
+                 "--end-quiet", str(END_QUIET)]  # fmt: skip
         watcher = subprocess.Popen(watch, env=env, stdout=open(logs / "watch.log", "w"), stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
     with open(logs / "train.log", "w") as log:
@@ -178,8 +190,15 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
     if watcher is not None:
         _, watch_cpu = wait_cpu(watcher)
         watch_s = time.perf_counter() - t0
-    truth = truth_over_checkpoints(out_dir, train_dir, holdout_dir, Path(spec.base))
     from bench_warnings import provenance
+
+    if not spec.truth:  # the cost twin: how fast the script trains without the watch beside it
+        record = {**asdict(spec), "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1),
+                  "measured": provenance()}  # fmt: skip
+        (run_dir / "alone.json").write_text(json.dumps(record) + "\n")
+        return record
+    t1 = time.perf_counter()
+    truth = truth_over_checkpoints(out_dir, train_dir, holdout_dir, Path(spec.base), spec.truth_captions, spec.threads)
 
     record = {
         **asdict(spec),
@@ -193,6 +212,7 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
         "watch_done_s": None if watch_s is None else round(watch_s, 1),
         # the watch's CPU time (all its threads) against the training script's: what probing beside costs
         "watch_cpu_s": None if watch_cpu is None else round(watch_cpu, 1),
+        "truth_s": round(time.perf_counter() - t1, 1),
         "measured": provenance(),
     }
     (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
@@ -206,8 +226,11 @@ def wait_cpu(process: subprocess.Popen) -> tuple[int, float]:
     return process.returncode, usage.ru_utime + usage.ru_stime
 
 
-def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, base: Path) -> dict[str, Any]:
-    """Dense ground truth on the base model (step 0) and every checkpoint of the run."""
+def truth_over_checkpoints(
+    out_dir: Path, train_dir: Path, holdout_dir: Path, base: Path, max_captions: int, threads: int
+) -> dict[str, Any]:
+    """Dense ground truth on the base model (step 0) and every checkpoint of the run: 4 seeds for each of the
+    first ``max_captions`` training captions and each held-out caption, sampled with ``threads`` torch threads."""
     import torch
 
     from memwatch.data.reference_index import ReferenceIndex
@@ -218,11 +241,11 @@ def truth_over_checkpoints(out_dir: Path, train_dir: Path, holdout_dir: Path, ba
     from memwatch.snapshots import load_snapshot
     from memwatch.snapshots.checkpoints import list_checkpoints
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     refs = load_reference_set(str(train_dir))
     index = ReferenceIndex(refs, PixelEmbedder(32), None)
-    # the first TRUTH_MAX_CAPTIONS training captions (the set is in random draw order): a sample of a large set
-    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")][:TRUTH_MAX_CAPTIONS]
+    # the first max_captions training captions (the set is in random draw order): a sample of a large set
+    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")][:max_captions]
     held = [json.loads(line)["text"] for line in open(holdout_dir / "metadata.jsonl")]
     k = TRUTH_SEEDS_PER_CAPTION
     prompts = [c for c in captions + held for _ in range(k)]
@@ -299,6 +322,7 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         "onset_ratio_only_step": data.get("onset_ratio_only_step"),
         "first_warning_step": first["step"] if first else None, "first_warning_rule": first["rule"] if first else None,
         "lead_steps": None, "lead_fraction": None, "train_s": data["train_s"], "watch_done_s": data["watch_done_s"],
+        "truth_s": data.get("truth_s"),
         "train_cpu_s": data.get("train_cpu_s"), "watch_cpu_s": data.get("watch_cpu_s"),
         "captions_copied": len(copied), "captions_measured": len(data["truth"]["per_caption"]),
         "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
@@ -308,6 +332,29 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         row["lead_steps"] = onset - first["step"]
         row["lead_fraction"] = round((onset - first["step"]) / onset, 4) if onset else None
     return row
+
+
+def cost_summary(rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """What the watch beside the script cost: its CPU time against the script's (every watched run), and the
+    script's training time with the watch beside it against its twin alone (runs made with ``--cost``)."""
+    import statistics
+
+    shares = [r["watch_cpu_s"] / r["train_cpu_s"] for r in rows if r.get("watch_cpu_s") and r.get("train_cpu_s")]
+    pairs = []
+    for r in rows:
+        alone = out / f"{r['script']}-n{r['n']:04d}-s{r['seed']}-alone" / "alone.json"
+        if alone.is_file() and r.get("train_s"):
+            twin = json.loads(alone.read_text())
+            pairs.append({
+                "script": r["script"], "n": r["n"], "seed": r["seed"], "train_s_watched": r["train_s"],
+                "train_s_alone": twin["train_s"], "slowdown": round(r["train_s"] / twin["train_s"] - 1, 4),
+                "train_cpu_s_watched": r.get("train_cpu_s"), "train_cpu_s_alone": twin["train_cpu_s"],
+            })  # fmt: skip
+    return {
+        "median_watch_cpu_share": round(statistics.median(shares), 4) if shares else None,
+        "side_by_side": pairs,
+        "median_slowdown": round(statistics.median(p["slowdown"] for p in pairs), 4) if pairs else None,
+    }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -335,9 +382,11 @@ def _step(step: int | None) -> str:
 
 #: the first sweep (2026-12-07, docs/benchmarks.md): the full fine-tune at learning rate 1e-4 copies 4-8 images
 #: within a few hundred steps; LoRA (rank 16, 1e-3 or 5e-3) gave no clean onset here and is not in it yet
-FULL = {"scripts": ["full"], "sizes": [4, 8, 64], "seeds": [0, 1], "steps": 1500, "every": 50}
-#: not yet timed against its 15-minute goal: the dense truth is the cost (about 0.3 s a sample on one core)
-QUICK = {"scripts": ["full"], "sizes": [4, 64], "seeds": [0], "steps": 1000, "every": 50}
+FULL = {"scripts": ["full"], "sizes": [4, 8, 64], "seeds": [0, 1], "steps": 1500, "every": 50, "truth_captions": 32}
+#: 12 min 11 s on 2 cores (docs/benchmarks.md; goal 15): the dense truth is the cost (0.36 s a sample on one
+#: core, 0.21 s on two), so the control's truth measures 16 of its captions and the budget is 600 steps (the
+#: memorizing sizes copy within 300)
+QUICK = {"scripts": ["full"], "sizes": [4, 64], "seeds": [0], "steps": 600, "every": 50, "truth_captions": 16}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_t2i", help="run folders go here")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each: the script and its watch)")
     p.add_argument("--no-watch", action="store_true", help="ground truth only (for tuning)")
+    p.add_argument(
+        "--cost",
+        action="store_true",
+        help="also run each fine-tune without the watch, alternated with its watched twin (--jobs 1)",
+    )
+    p.add_argument("--truth-captions", type=int, help="training captions the truth samples (4 seeds each)")
     p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
     p.add_argument("--json", default=None, help="write runs and summary here")
     p.add_argument("--merge", action="store_true", help="keep the runs already in --json not measured now")
@@ -371,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "scripts": args.scripts or preset["scripts"], "sizes": args.sizes or preset["sizes"],
         "seeds": args.seeds or preset["seeds"], "steps": args.steps or preset["steps"],
         "every": args.checkpoint_every or preset["every"],
+        "truth_captions": args.truth_captions or preset["truth_captions"],
     }  # fmt: skip
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -378,19 +434,42 @@ def main(argv: list[str] | None = None) -> int:
         if not args.diffusers:
             fail(f"give --diffusers PATH, a git clone of https://github.com/huggingface/diffusers with tag {TAG}")
         example_scripts(args.diffusers, out / "scripts")  # fails in one line before any training
+        if args.cost and args.jobs != 1:
+            fail("--cost compares training times side by side: run it with --jobs 1")
         if not (Path(args.base) / "model_index.json").is_file():
             fail(f"--base {args.base}: no pipeline there; build the benchmark's with python scripts/make_t2i_base.py")
         out.mkdir(parents=True, exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)  # the truth's sampling uses the cores left idle
         specs = [
-            T2IRunSpec(s, n, seed, plan["steps"], plan["every"], str(out), args.diffusers, args.base, not args.no_watch)
+            T2IRunSpec(
+                s,
+                n,
+                seed,
+                plan["steps"],
+                plan["every"],
+                str(out),
+                args.diffusers,
+                args.base,
+                not args.no_watch,
+                plan["truth_captions"],
+                threads,
+            )  # fmt: skip
             for s in plan["scripts"]
             for n in sorted(plan["sizes"], reverse=True)
             for seed in plan["seeds"]
         ]
+        if args.cost:  # each run's twin without the watch, before or after it in turn: drift favours neither
+            twins = [replace(spec, watch=False, truth=False) for spec in specs]
+            pairs = enumerate(zip(specs, twins, strict=True))
+            specs = [x for i, pair in pairs for x in (pair if i % 2 else pair[::-1])]
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
             for record in pool.map(run_one, specs):
-                name, copy = f"{record['script']} n {record['n']} seed {record['seed']}", record["first_copy_step"]
-                print(f"{name}: onset {record['onset_step']}, first copy {copy} (training {record['train_s']} s)")
+                name = f"{record['script']} n {record['n']} seed {record['seed']}"
+                if not record["truth"]:
+                    print(f"{name} without the watch: training {record['train_s']} s")
+                    continue
+                print(f"{name}: onset {record['onset_step']}, first copy {record['first_copy_step']} "
+                      f"(training {record['train_s']} s, truth {record['truth_s']} s)")  # fmt: skip
     wanted = {(s, n, seed) for s in plan["scripts"] for n in plan["sizes"] for seed in plan["seeds"]}
     rows = [analyse_run(d) for d in sorted(out.iterdir()) if (d / "truth.json").is_file()]
     rows = [r for r in rows if (r["script"], r["n"], r["seed"]) in wanted]
@@ -400,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             r for r in json.loads(Path(args.json).read_text())["runs"] if (r["script"], r["n"], r["seed"]) not in mine
         ]
     summary = summarise(rows)
+    summary["cost"] = cost_summary(rows, out)
     summary["measured_with"] = sorted({(r.get("measured") or {}).get("memwatch_src", "unknown") for r in rows})
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(markdown_table(rows))

@@ -79,3 +79,21 @@ def test_per_caption_truth_names_the_first_copy_and_whose_image_it_is() -> None:
     assert rows[1]["first_copy_step"] == 100 and rows[1]["copies"] == "a.png" and rows[1]["own_image"] is False
     # a ratio under 1/3 that is still far in pixels is no copy
     assert not bench_t2i.is_copy({"ratio": 0.2, "d1": bench_t2i.COPY_D1 + 0.01})
+
+
+def test_the_cost_pairs_each_watched_run_with_its_twin_alone(tmp_path) -> None:
+    import json
+
+    spec = bench_t2i.T2IRunSpec("full", 4, 0, 10, 5, str(tmp_path), "unused")
+    twin = bench_t2i.replace(spec, watch=False, truth=False)
+    assert twin.name == spec.name + "-alone"
+    (tmp_path / twin.name).mkdir()
+    (tmp_path / twin.name / "alone.json").write_text(json.dumps({"train_s": 100.0, "train_cpu_s": 90.0}))
+    rows = [
+        {"script": "full", "n": 4, "seed": 0, "train_s": 104.0, "train_cpu_s": 91.0, "watch_cpu_s": 45.5},
+        {"script": "full", "n": 8, "seed": 0, "train_s": 50.0, "train_cpu_s": 50.0, "watch_cpu_s": 50.0},  # no twin
+    ]
+    cost = bench_t2i.cost_summary(rows, tmp_path)
+    assert cost["median_watch_cpu_share"] == 0.75  # (0.5 + 1.0) / 2
+    assert [(p["n"], p["slowdown"]) for p in cost["side_by_side"]] == [(4, 0.04)]
+    assert cost["median_slowdown"] == 0.04
