@@ -239,6 +239,11 @@ class ProbeSession:
     def last_clean_step(self) -> int | None:
         return self.state.last_clean_step
 
+    def last_model(self) -> tuple[Any, Any] | None:
+        """The model and scheduler last passed to :meth:`step` (None before the first step and after
+        :meth:`finish`)."""
+        return None if self._last_args is None else (self._last_args[0], self._last_args[1])
+
     def run_config(self) -> dict[str, Any]:
         """The config stored with the run: the validated config with every probe's actual settings."""
         return {
@@ -508,32 +513,49 @@ class ProbeSession:
         return outcomes
 
     def _analyse_data(self, ctx: ProbeContext) -> None:
-        """Main process, once per run: duplicates and isolated images of the training set (``memwatch data``)
-        in the reference index the probes share, into the store; a failure is recorded, never raised."""
+        """Main process, once per run, at the first probe: :meth:`analyse_training_set` in the reference index
+        the probes share (its time is reference_embedding's)."""
+        self.analyse_training_set(ctx.parts.image_resolution, step=ctx.step)
+
+    def analyse_training_set(self, resolution: int, *, step: int | None = None) -> dict[str, Any] | None:
+        """Duplicates and isolated images of the training set (``memwatch data``), made once per run into the
+        store and returned (a resumed run reads it back); a failure is recorded and logged, never raised.
+
+        Args:
+            resolution: the model's image resolution (the reference index the probes share is built at it).
+            step: the step it is made at, for the record of a failure (default: the last step seen).
+
+        Returns:
+            The analysis (:meth:`TrainingSetAnalysis.to_dict` without the nearest-neighbour list), or None.
+        """
         from memwatch.data.training_set import analyse_training_set
 
+        if not self.workers.is_main or self.store is None:
+            return None
         self._data_analysed = True
-        assert self.store is not None
         manifest = self.refs.summary().get("manifest_sha256")
         try:
             known = self.store.training_set(self.run_id)
             if known is not None and known["manifest_sha256"] == manifest and known["analysis"] is not None:
                 self.training_set = _training_set_counts(known["analysis"])  # a resumed run: made already
-                return
-            index = ctx.reference_index()  # the probes' own (its time is reference_embedding's)
+                return known["analysis"]
+            index = self.data.reference_index(resolution)
             t0 = time.perf_counter()
             result = analyse_training_set(self.refs, index.embedder, index=index)
             self._add_time("training_set", time.perf_counter() - t0)
             analysis = result.to_dict(all_nearest=False)
             self.store.write_training_set(self.run_id, manifest, analysis)
             self.training_set = _training_set_counts(analysis)
+            return analysis
         except Exception as e:
             reason = failure_reason(e)
             log.warning("memwatch: training-set analysis failed: %s", reason)
-            self.failures.append({"step": ctx.step, "probe": "training_set", "error": reason})
+            self.failures.append({"step": self.last_step if step is None else step, "probe": "training_set",
+                                  "error": reason})  # fmt: skip
             self.training_set = {"error": reason}
             with contextlib.suppress(Exception):
                 self.store.write_training_set(self.run_id, manifest, None, reason)
+            return None
 
     def _past(self, step: int, weights: str | None) -> Callable[[str, int], list[dict[str, Any]]] | None:
         """Main process: the reader of a probe's results on this run's earlier snapshots (same weights kind)."""
@@ -669,6 +691,50 @@ class ProbeSession:
             self._emit(event)
         return events
 
+    def record_intervention(
+        self,
+        kind: str,
+        step: int | None,
+        images: Sequence[str] = (),
+        detail: dict[str, Any] | None = None,
+        *,
+        message: str = "",
+        error: str | None = None,
+    ) -> bool:
+        """Put a change to training on the record (:mod:`memwatch.interventions`): a store row and an ``info``
+        event (``intervention-<kind>``) in one transaction, then the outputs hear the event. Main process
+        only; never raises (a change that could not be recorded is logged and reported as False).
+
+        Args:
+            kind: what changed (``reweight``, ``loss-gate``, ``rollback``...).
+            step: the training step from which it applies (default: the last step seen).
+            images: the training image ids it applies to.
+            detail: its settings and figures.
+            message: one line for the log and the event.
+            error: why it could not be applied (nothing changed).
+
+        Returns:
+            Whether it is in the store.
+        """
+        if not self.workers.is_main or self.store is None:
+            return False
+        step = self.last_step if step is None else int(step)
+        images = [str(i) for i in images]
+        detail = dict(detail or {})
+        text = message or (f"intervention {kind} failed: {error}" if error else f"intervention {kind}")
+        event = Event(step=step if step is not None else -1, rule=f"intervention-{kind}", severity="info",
+                      metric=f"intervention/{kind}", value=float(len(images)), threshold=math.nan,
+                      forecast_step=None, message=text,
+                      evidence={"images": images[:50], "detail": detail, "error": error})  # fmt: skip
+        try:
+            self.store.add_intervention(self.run_id, kind, step, images, detail, error=error, event=event.to_dict())
+        except Exception as e:  # the change itself stands (or failed) either way; only its record is missing
+            log.error("memwatch: intervention %s at step %s not recorded: %s", kind, step, failure_reason(e))
+            return False
+        (log.warning if error else log.info)("memwatch: %s", text)
+        self._emit(event)
+        return True
+
     def _emit(self, event: Event) -> None:
         """Tell the outputs of an event already in the store, and take it into the run's state."""
         self.state.saw(event)
@@ -733,9 +799,13 @@ class ProbeSession:
             "budget_unit": self.cadence.unit,
         }
 
-    def _images_at_risk(self, most: int = 5) -> list[dict[str, Any]]:
-        """The training images most at risk (copied, or forecast to be), from the store's per-sample rows
-        (:mod:`memwatch.signals.image_risk`); empty if they cannot be read."""
+    def images_at_risk(self, most: int | None = 5) -> list[dict[str, Any]]:
+        """The training images most at risk (copied, or forecast to be), most at risk first, from the store's
+        per-sample rows (:mod:`memwatch.signals.image_risk`); empty if they cannot be read.
+
+        Args:
+            most: at most this many (None: all of them).
+        """
         from memwatch.signals.image_risk import image_trajectories, rank_images
 
         try:
@@ -757,7 +827,7 @@ class ProbeSession:
         self.closed = True
         self.meter.close()
         if self.store is not None:
-            summary["images_at_risk"] = self._images_at_risk()
+            summary["images_at_risk"] = self.images_at_risk()
             self._final = summary
             try:
                 (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

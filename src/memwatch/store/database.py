@@ -707,6 +707,60 @@ class Store:
             "created_at": r["created_at"],
         }
 
+    def add_intervention(
+        self,
+        run_id: int,
+        kind: str,
+        step: int | None,
+        images: Sequence[str] = (),
+        detail: Mapping[str, Any] | None = None,
+        *,
+        error: str | None = None,
+        event: Mapping[str, Any] | None = None,
+        created_at: float | None = None,
+    ) -> int:
+        """Record that training was changed (or that a change failed), with its event, in one transaction.
+
+        Args:
+            run_id: id from :meth:`ensure_run`.
+            kind: what changed (``reweight``, ``loss_gate``, ``rollback``...).
+            step: the training step from which it applies.
+            images: the training image ids it applies to.
+            detail: its settings and figures (JSON).
+            error: why it could not be applied (then nothing changed).
+            event: the event that says so (:meth:`add_event`'s keys), stored with it.
+
+        Returns:
+            The new row's id.
+
+        Example:
+            >>> store.add_intervention(run, "reweight", 300, ["a.png"], {"weight": 0.0})  # doctest: +SKIP
+            1
+        """
+        row = (run_id, _int(step, "intervention step"), _text(str(kind), "intervention kind"),
+               _dumps(list(images)), _dumps(dict(detail or {})), error, _now(created_at))  # fmt: skip
+        with self._transaction("record an intervention") as conn:
+            cur = conn.execute(
+                "INSERT INTO interventions (run_id, step, kind, images_json, detail_json, error, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            ledger.append(conn, "interventions", cur.lastrowid)
+            if event is not None:
+                self.add_event(run_id, event)
+            return int(cur.lastrowid)
+
+    def interventions(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's interventions in the order they were made (empty for a store written before them)."""
+        if not self._query("SELECT 1 FROM sqlite_master WHERE name = 'interventions'"):
+            return []
+        rows = self._query("SELECT * FROM interventions WHERE run_id = ? ORDER BY id", (run_id,))
+        return [
+            {"id": r["id"], "step": r["step"], "kind": r["kind"], "images": json.loads(r["images_json"]),
+             "detail": json.loads(r["detail_json"]), "error": r["error"], "created_at": r["created_at"]}
+            for r in rows
+        ]  # fmt: skip
+
     # -- the record --------------------------------------------------------------------------------
 
     def check_record(self, expected: ledger.ChainHead | None = None) -> ledger.LedgerCheck:

@@ -63,7 +63,16 @@ LEDGER_SCHEMA = (
 #: The tables whose rows are records, in the order an upgrade adopts them. Metric, match and item rows are
 #: part of their probe result's content; ``sightings.last_seen`` is left out (it moves each time the same
 #: weights are seen again, and says only when).
-RECORD_TABLES = ("runs", "run_configs", "snapshots", "sightings", "probe_results", "events", "training_sets")
+RECORD_TABLES = (
+    "runs",
+    "run_configs",
+    "snapshots",
+    "sightings",
+    "probe_results",
+    "events",
+    "training_sets",
+    "interventions",
+)
 #: The rows that belong to a probe result (their ``result_id``), in its content.
 CHILD_TABLES = ("metrics", "matches", "items")
 _LEFT_OUT = {"sightings": ("last_seen",)}
@@ -166,7 +175,10 @@ def adopt_all(conn: sqlite3.Connection, tables: Sequence[str] = RECORD_TABLES) -
     """Adopt every existing record into the chain (the upgrade of a store written without one); returns how
     many. The chain then vouches for these rows as they are now, not for how they came to be."""
     n = 0
+    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table in tables:
+        if table not in present:  # a table newer than the store being upgraded: created empty after it
+            continue
         key = _KEY.get(table, "id")
         for (row_id,) in conn.execute(f"SELECT {key} FROM {table} ORDER BY {key}").fetchall():
             append(conn, table, int(row_id), action="adopt")

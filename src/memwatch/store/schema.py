@@ -165,8 +165,23 @@ SCHEMA_V3 = (
     "CREATE INDEX IF NOT EXISTS run_configs_run ON run_configs (run_id, id)",
     "CREATE INDEX IF NOT EXISTS runs_identity ON runs (identity)",
 )
+#: What a run's training was changed by (memwatch.interventions): which kind, from which step, on which
+#: images, with what settings. Added without a schema-version change: an older store simply has none.
+INTERVENTIONS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS interventions (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        step INTEGER,
+        kind TEXT NOT NULL,
+        images_json TEXT NOT NULL DEFAULT '[]',
+        detail_json TEXT NOT NULL DEFAULT '{}',
+        error TEXT,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS interventions_run ON interventions (run_id, id)",
+)
 #: Every table and index of the current schema (schema 4 adds the ledger).
-SCHEMA = SCHEMA_V2 + SCHEMA_V3 + LEDGER_SCHEMA
+SCHEMA = SCHEMA_V2 + SCHEMA_V3 + LEDGER_SCHEMA + INTERVENTIONS_SCHEMA
 
 #: The name the checkpoint jobs gave a run before schema 3: ``<folder>@<first 12 hex of the config hash>``.
 _JOB_RUN_NAME = re.compile(r"^(?P<folder>.+)@[0-9a-f]{12}$")

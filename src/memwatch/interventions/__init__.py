@@ -1,0 +1,20 @@
+"""Acting on memwatch's findings inside training: each change opt-in, each on the record.
+
+* :class:`ImageWeights` (``weights.py``): per-example weights and a ``torch.utils.data.Sampler`` that drop or
+  down-weight the training images at risk once the first warning fires, and weigh each group of duplicates
+  as one image from the start if asked;
+* :class:`LossGate` (``loss_gate.py``): skips or discounts examples whose denoising loss falls far below the
+  running mean at their timestep (in the manner of IET-AGC's anti-gradient control);
+* :func:`rollback` (``rollback.py``): restores the last clean checkpoint's weights, optimizer and scheduler
+  with ``accelerator.load_state`` and checks the weights are the ones the probes measured.
+
+Every change is a row of the store's ``interventions`` table and an ``info`` event
+(``ProbeSession.record_intervention``); none of them raises into the training loop: a failure leaves
+training as it was and is recorded with its reason.
+"""
+
+from memwatch.interventions.loss_gate import LossGate
+from memwatch.interventions.rollback import rollback
+from memwatch.interventions.weights import ImageWeights
+
+__all__ = ["ImageWeights", "LossGate", "rollback"]
