@@ -255,31 +255,50 @@ def truth_over_checkpoints(
     truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "d1": [], "mem_fraction": [],
                              "holdout_mem_fraction": [], "captions": captions, "holdout_captions": held,
                              "image_ids": ids, "seeds_per_caption": k}  # fmt: skip
-    onset = first_copy = onset_ratio_only = None
     for step, path in [(0, base), *list_checkpoints(out_dir)]:
         snap = load_snapshot(str(path), base_model=str(base))
         images = generate_text_to_image_samples(snap, prompts, seeds, num_inference_steps=TRUTH_STEPS, batch_size=64)
         matches = regurgitation_probe(images, index, RegurgitationConfig(), seeds=seeds).matches
-        ratios = [m["ratio"] for m in matches]
         copies = [is_copy(m) for m in matches]
-        frac = sum(copies[:members]) / members
         truth["steps"].append(step)
-        truth["ratios"].append([round(r, 5) for r in ratios])
+        truth["ratios"].append([round(m["ratio"], 5) for m in matches])
         truth["nn1"].append([m["nn1"] for m in matches])
         truth["d1"].append([round(m["d1"], 5) for m in matches])
-        truth["mem_fraction"].append(frac)
+        truth["mem_fraction"].append(sum(copies[:members]) / members)
         truth["holdout_mem_fraction"].append(sum(copies[members:]) / max(1, len(held) * k))
-        if first_copy is None and frac > 0:
-            first_copy = step
-        if onset is None and frac >= ONSET_FRACTION:
-            onset = step
-        if onset_ratio_only is None and sum(r < MEM_RATIO for r in ratios[:members]) >= ONSET_FRACTION * members:
-            onset_ratio_only = step
-    truth["onset_step"], truth["first_copy_step"] = onset, first_copy
-    # the onset by d1/d2 alone (the monitor's pixel criterion and the unconditional benchmark's), for comparison
-    truth["onset_ratio_only_step"] = onset_ratio_only
+    truth.update(onsets(truth))
     truth["per_caption"] = per_caption(truth)
     return truth
+
+
+def onsets(truth: dict[str, Any]) -> dict[str, Any]:
+    """Onset and first copy from the truth's per-sample rows, counting only the captions the base model does
+    not copy already: a caption whose samples pass as a copy at step 0 (before any fine-tuning: a near-uniform
+    training crop the base paints from its caption alone) says nothing about what the fine-tune memorized.
+    Its samples stay in the denominator. Also the onset by d1/d2 alone, for comparison.
+
+    Returns:
+        ``onset_step``, ``first_copy_step``, ``onset_ratio_only_step`` and ``base_copied_captions``.
+    """
+    k, captions = truth["seeds_per_caption"], truth["captions"]
+    members = len(captions) * k
+    copied = [[is_copy({"ratio": r, "d1": d}) for r, d in zip(rs, ds, strict=True)]
+              for rs, ds in zip(truth["ratios"], truth["d1"], strict=True)]  # fmt: skip
+    at_base = copied[0] if truth["steps"] and truth["steps"][0] == 0 else [False] * members
+    base = {c for c in range(len(captions)) if any(at_base[c * k : c * k + k])}
+    counted = [i for i in range(members) if i // k not in base]
+    out: dict[str, Any] = {"onset_step": None, "first_copy_step": None, "onset_ratio_only_step": None,
+                           "base_copied_captions": [captions[c] for c in sorted(base)]}  # fmt: skip
+    for step, row, ratios in zip(truth["steps"], copied, truth["ratios"], strict=True):
+        hits = sum(row[i] for i in counted)
+        if out["first_copy_step"] is None and hits:
+            out["first_copy_step"] = step
+        if out["onset_step"] is None and hits >= ONSET_FRACTION * members:
+            out["onset_step"] = step
+        near = sum(ratios[i] < MEM_RATIO for i in counted)
+        if out["onset_ratio_only_step"] is None and near >= ONSET_FRACTION * members:
+            out["onset_ratio_only_step"] = step
+    return out
 
 
 def is_copy(match: dict[str, Any]) -> bool:
@@ -312,6 +331,7 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
     from bench_warnings import warnings_of
 
     data = json.loads((run_dir / "truth.json").read_text())
+    data.update(onsets(data["truth"]))  # one definition for truth files of every age
     warnings = warnings_of(run_dir / "train")
     first = warnings[0] if warnings else None
     onset = data["onset_step"]
@@ -326,6 +346,7 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         "train_cpu_s": data.get("train_cpu_s"), "watch_cpu_s": data.get("watch_cpu_s"),
         "captions_copied": len(copied), "captions_measured": len(data["truth"]["per_caption"]),
         "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
+        "captions_copied_by_the_base": len(data["base_copied_captions"]),
         "measured": data.get("measured"),
     }  # fmt: skip
     if onset is not None and first is not None:

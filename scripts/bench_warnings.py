@@ -97,6 +97,12 @@ class RunSpec:
     monitor: bool = True
     config: str | None = None
     canaries: tuple[int, ...] = ()
+    #: scripts/bench_interventions.py: ``none``, ``drop`` (ImageWeights), ``gate`` (LossGate) or ``rollback``
+    #: (rollback to the last clean checkpoint at the first warning, the images at risk dropped); every arm
+    #: trains exactly as ``none`` until its intervention first changes something
+    intervention: str = "none"
+    #: train the whole budget (no stop after onset), and measure quality at the end
+    full_budget: bool = False
 
     @property
     def family(self) -> str:
@@ -155,7 +161,6 @@ def write_sets(spec: RunSpec, run_dir: Path) -> tuple[Path, Path]:
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Train one run with the monitor and the dense ground truth; write and return its record."""
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -200,6 +205,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     monitor = (
         MemorizationMonitor(accelerator, config, reference=refs, holdout=str(holdout_dir)) if spec.monitor else None
     )
+    arm = Intervention(spec, monitor, refs, run_dir, accelerator, model)
     gen = torch.Generator().manual_seed(spec.seed)
     truth: dict[str, Any] = {"steps": [], "ratios": [], "nn1": [], "mem_fraction": [], "ratios_fast": [],
                              "membership": [], "fast_steps": FAST_STEPS}  # fmt: skip
@@ -208,11 +214,12 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     monitor_s = dense_s = 0.0
     step = 0
     for step in range(1, spec.steps + 1):
-        x = images[torch.randint(0, len(images), (32,), generator=gen)] * 2 - 1
+        picked = arm.draw(len(images), 32, gen)
+        x = images[picked] * 2 - 1
         noise = torch.randn(x.shape, generator=gen)
         t = torch.randint(0, 1000, (x.shape[0],), generator=gen)
         pred = model(scheduler.add_noise(x, noise, t), t).sample
-        loss = F.mse_loss(pred, scheduler.get_velocity(x, noise, t))
+        loss = arm.loss(pred, scheduler.get_velocity(x, noise, t), t, picked, step)
         optimizer.zero_grad()
         accelerator.backward(loss)
         optimizer.step()
@@ -220,6 +227,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
             m0 = time.perf_counter()
             monitor.step(step, model, scheduler)
             monitor_s += time.perf_counter() - m0
+            arm.after_step(step)
         if step % spec.dense_every == 0:
             d0 = time.perf_counter()
             samples = generate_samples(model, scheduler, range(spec.dense_samples),
@@ -247,9 +255,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                 onset = step
             dense_s += time.perf_counter() - d0
             # A memorizing run is followed a while past its onset, then stopped: the rest is cost only.
-            if onset is not None and step >= max(1.3 * onset, onset + 400):
+            if onset is not None and step >= max(1.3 * onset, onset + 400) and not spec.full_budget:
                 break
     wall = time.perf_counter() - t0
+    quality = final_quality(model, scheduler, spec, run_dir, members, held) if spec.full_budget else None
+    arm.close(step)
     summary = monitor.close() if monitor is not None else {}
     record = {
         **asdict(spec),
@@ -261,12 +271,123 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "monitor_s": round(monitor_s, 1),
         "dense_s": round(dense_s, 1),
         "measured": provenance(),
+        "intervention": spec.intervention,
+        "interventions": arm.changes,
+        "quality": quality,
         "monitor_summary": {
             k: summary.get(k) for k in ("onset_step", "first_alarm_step", "last_clean_step", "at_risk_step", "events")
         },  # fmt: skip
     }
     (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
     return record
+
+
+class Intervention:
+    """One arm of scripts/bench_interventions.py inside :func:`run_one`'s loop (``none``: the loop as it was).
+
+    Every arm draws and computes its loss exactly as ``none`` until its intervention first changes
+    something (weights left at 1 draw with the same ``randint``; a gate of 1s uses the same loss), so an arm
+    and its baseline are the same run up to that step.
+    """
+
+    def __init__(self, spec: RunSpec, monitor: Any, refs: Any, run_dir: Path, accelerator: Any, model: Any):
+        from memwatch.interventions import ImageWeights, LossGate
+
+        self.kind, self.monitor, self.run_dir = spec.intervention, monitor, run_dir
+        self.accelerator, self.model = accelerator, model
+        self.ids = [it.id for it in refs.items]
+        drops = self.kind in ("drop", "rollback") and monitor is not None
+        self.weights = ImageWeights(monitor, self.ids) if drops else None
+        self.gate = LossGate(monitor, num_train_timesteps=1000) if self.kind == "gate" else None
+        self.rolled_back = False
+        self.changes: list[dict[str, Any]] = []
+        self.every = spec.dense_every
+
+    def draw(self, n: int, k: int, gen: Any) -> Any:
+        import torch
+
+        w = self.weights.weights if self.weights is not None else None
+        if w is None or bool((w == 1).all()):
+            return torch.randint(0, n, (k,), generator=gen)
+        return torch.multinomial(w, k, replacement=True, generator=gen)
+
+    def loss(self, pred: Any, target: Any, t: Any, picked: Any, step: int) -> Any:
+        import torch.nn.functional as F
+
+        if self.gate is None:
+            return F.mse_loss(pred, target)
+        per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        w = self.gate(per.detach(), t, ids=[self.ids[i] for i in picked.tolist()], step=step)
+        return F.mse_loss(pred, target) if bool((w == 1).all()) else (per * w).mean()
+
+    def after_step(self, step: int) -> None:
+        from memwatch.interventions import rollback
+
+        if self.weights is not None and self.weights.update(step):
+            self.changes.append({"step": step, "kind": "weights", "images": list(self.weights.reweighted)})
+        if self.kind != "rollback":
+            return
+        if step % self.every == 0:  # checkpoints a rollback can return to (saving changes nothing in training)
+            self.accelerator.save_state(str(self.run_dir / f"checkpoint-{step}"))
+        if not self.rolled_back and self.monitor.first_alarm_step is not None:
+            self.rolled_back = True
+            back = rollback(self.accelerator, self.monitor, self.model, self.run_dir, weights=self.weights)
+            self.changes.append({"step": step, "kind": "rollback", "to_step": back})
+
+    def close(self, step: int) -> None:
+        if self.gate is not None:
+            self.gate.close(step)
+            self.changes.append({"kind": "gate", "gated": self.gate.gated, "examples": self.gate.examples})
+        for folder in self.run_dir.glob("checkpoint-*"):  # the benchmark keeps truth and store, not states
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+QUALITY_SAMPLES = 256
+
+
+def final_quality(model: Any, scheduler: Any, spec: RunSpec, run_dir: Path, members: Any, held: Any) -> dict:
+    """Sample quality at the end of a run, without downloaded weights: the kernel inception distance's
+    estimator (Binkowski et al. 2018: unbiased MMD^2, cubic polynomial kernel) of 256 samples against the
+    family's images the run never trained on, in the pixel embedder's space; and the held-out denoising loss."""
+    import torch
+
+    from memwatch.embedders.pixel import PixelEmbedder
+    from memwatch.probes.membership import MembershipConfig, membership_probe
+    from memwatch.sampling.ddim import generate_samples
+
+    train = {p.name.split("_", 1)[1] for p in (run_dir / "data" / "train").glob("*.png")}
+    unseen = [img for k, img in enumerate(image_pool(spec.family)) if f"{spec.family}{k:04d}.png" not in train]
+    import numpy as np
+
+    pool = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) for im in unseen])
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(7))[:512]]
+    samples = generate_samples(model, scheduler, range(10_000, 10_000 + QUALITY_SAMPLES),
+                               num_inference_steps=TRUTH_STEPS, batch_size=64)  # fmt: skip
+    embed = PixelEmbedder(RESOLUTION)
+    kid = kernel_distance(embed.embed(samples), embed.embed(pool))
+    ms = membership_probe(model, scheduler, members, held, member_ids=[str(i) for i in range(len(members))],
+                          holdout_ids=[f"h{i}" for i in range(len(held))], timesteps=MembershipConfig().timesteps,
+                          batch_size=64).metrics  # fmt: skip
+    return {"kid": round(kid, 6), "holdout_loss": round(ms["loss_holdout"], 6), "unseen_images": len(pool),
+            "samples": QUALITY_SAMPLES}  # fmt: skip
+
+
+def kernel_distance(x: Any, y: Any) -> float:
+    """Unbiased MMD^2 between rows of ``x`` and ``y`` with the kernel (x.y / d + 1)^3 (KID's estimator).
+
+    Example:
+        >>> import torch
+        >>> a = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+        >>> abs(kernel_distance(a[:100], a[100:])) < 0.1
+        True
+    """
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    m, n = len(x), len(y)
+    xx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+    yy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+    return float(xx + yy - 2 * kxy.mean())
 
 
 def provenance() -> dict[str, Any]:

@@ -97,3 +97,16 @@ def test_the_cost_pairs_each_watched_run_with_its_twin_alone(tmp_path) -> None:
     assert cost["median_watch_cpu_share"] == 0.75  # (0.5 + 1.0) / 2
     assert [(p["n"], p["slowdown"]) for p in cost["side_by_side"]] == [(4, 0.04)]
     assert cost["median_slowdown"] == 0.04
+
+
+def test_captions_the_base_model_already_copies_do_not_make_an_onset() -> None:
+    third = 1 / 3
+    truth = {
+        "seeds_per_caption": 2, "captions": ["flat grey", "cat"], "steps": [0, 50, 100],
+        # the flat grey crop passes at step 0 and after; the cat copies from step 100
+        "ratios": [[0.2, 0.9, 0.9, 0.9], [0.2, 0.2, 0.9, 0.9], [0.2, 0.2, 0.2, third - 0.01]],
+        "d1": [[0.05, 0.3, 0.3, 0.3], [0.05, 0.05, 0.3, 0.3], [0.05, 0.05, 0.05, 0.05]],
+    }  # fmt: skip
+    out = bench_t2i.onsets(truth)
+    assert out["base_copied_captions"] == ["flat grey"]
+    assert out["onset_step"] == 100 and out["first_copy_step"] == 100 and out["onset_ratio_only_step"] == 100

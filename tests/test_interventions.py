@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler
 from support.demo_run import MemorizingDenoiser
 from support.images import write_images
 from support.models import tiny_unet
+from support.schema import schema_errors
 
 from memwatch import MemorizationMonitor
 from memwatch.core.probe import Probe, ProbeContext, ProbeResult, ProbeSettings
@@ -22,6 +23,7 @@ from memwatch.data.refset import load_reference_set
 from memwatch.hashing import state_sha256
 from memwatch.interventions import ImageWeights, LossGate, rollback
 from memwatch.store import STORE_NAME, Store
+from memwatch.views.report import build_report, render_html
 
 SIZE = 16
 SAMPLING = {
@@ -169,6 +171,12 @@ def test_a_rollback_restores_the_last_clean_checkpoint_and_records_it(tmp_path: 
     assert row["detail"]["checkpoint_step"] == 4 and row["detail"]["matches_probed_weights"] is True
     assert row["detail"]["weights_sha256"] == saved[4][0]
     assert "intervention-rollback" in [e["rule"] for e in events]
+    # the audit report lists it, valid against its schema, and shows it on the page
+    report = build_report(run_dir)
+    assert schema_errors(report) == []
+    assert [(i["step"], i["kind"], i["error"]) for i in report["interventions"]] == [(6, "rollback", None)]
+    html = render_html(report)
+    assert 'id="interventions"' in html and "checkpoint-4" in html
 
 
 def test_an_intervention_that_fails_never_stops_training(tmp_path: Path) -> None:

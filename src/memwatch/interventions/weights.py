@@ -113,11 +113,12 @@ class ImageWeights:
             return bool(change(step))
         except Exception as e:
             self._weights = before
+            detail = {"setting": self._settings()}  # as asked, before it is switched off below
             if kind == "duplicates":
                 self._duplicates_done = True  # tried once: not again at every step
             else:
                 self.at_risk = None
-            self.session.record_intervention(kind, step, detail={"setting": self._settings()}, error=failure_reason(e))
+            self.session.record_intervention(kind, step, detail=detail, error=failure_reason(e))
             return False
 
     def _weigh_duplicates(self, step: int | None) -> bool:

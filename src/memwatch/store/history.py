@@ -48,6 +48,7 @@ class RunHistory:
             :func:`memwatch.core.declared.load_run` sets the one the run's probes declare).
         snapshots, results, metric_rows, matches: the store's rows of this run.
         training_set: the run's training-set analysis row (:meth:`Store.training_set`), or None.
+        interventions: what changed the run's training (:meth:`Store.interventions`), in order.
     """
 
     run: str
@@ -63,6 +64,7 @@ class RunHistory:
     metric_rows: list[dict[str, Any]] = field(default_factory=list)
     matches: list[dict[str, Any]] = field(default_factory=list)
     training_set: dict[str, Any] | None = None
+    interventions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def training_copies(self) -> dict[str, int] | None:
@@ -187,6 +189,7 @@ def load_history(store: Store, run: str | None = None) -> RunHistory:
         metric_rows=metric_rows,
         matches=matches,
         training_set=store.training_set(run_id),
+        interventions=store.interventions(run_id),
     )
 
 

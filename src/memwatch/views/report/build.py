@@ -128,6 +128,7 @@ def build_report(
         "verdict": verdict,
         "curves": _curves(history, risks),
         "events": [_event(e) for e in events],
+        "interventions": [_intervention(i) for i in history.interventions],
         "evidence": collect_evidence(
             history, matches, identity_rows, results, crops, refs, store_dir, redact, limits, risks
         ),
@@ -448,6 +449,19 @@ def _figure_uri(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)  # the settings curves.py writes PNGs with
     return data_uri(buf.getvalue(), "image/png")
+
+
+#: images listed per intervention in the report (all of them are in the store)
+INTERVENTION_IMAGES = 20
+
+
+def _intervention(row: Mapping[str, Any]) -> dict[str, Any]:
+    images = [str(i) for i in row["images"]]
+    return {
+        "step": row["step"], "kind": row["kind"], "images": images[:INTERVENTION_IMAGES],
+        "images_total": len(images), "detail": row["detail"], "error": row["error"],
+        "created_at_utc": _utc(row["created_at"]),
+    }  # fmt: skip
 
 
 def _event(e: Mapping[str, Any]) -> dict[str, Any]:

@@ -148,6 +148,17 @@ _DEFS: dict[str, Any] = {
             "created_at_utc": {"type": "string"},
         }
     ),
+    "intervention": _obj(
+        {
+            "step": _INT,
+            "kind": {"type": "string"},
+            "images": _list({"type": "string"}),
+            "images_total": {"type": "integer", "minimum": 0},
+            "detail": {"type": "object"},
+            "error": _STR,
+            "created_at_utc": {"type": "string"},
+        }
+    ),
     "sample": _obj(
         {
             "step": {"type": "integer"},
@@ -331,6 +342,7 @@ _SCHEMA: dict[str, Any] = {
                 }
             ),
             "events": _list({"$ref": "#/$defs/event"}),
+            "interventions": _list({"$ref": "#/$defs/intervention"}),
             "evidence": _obj(
                 {
                     "samples": _list({"$ref": "#/$defs/sample"}),
