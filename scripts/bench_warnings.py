@@ -307,7 +307,7 @@ class Intervention:
         import torch
 
         w = self.weights.weights if self.weights is not None else None
-        if w is None or bool((w == 1).all()):
+        if w is None or bool((w == 1).all()) or not bool((w > 0).any()):  # (ImageWeights never drops all)
             return torch.randint(0, n, (k,), generator=gen)
         return torch.multinomial(w, k, replacement=True, generator=gen)
 

@@ -47,6 +47,7 @@ def test_the_weights_and_the_sampler_follow_the_images_at_risk(tmp_path: Path) -
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     with MemorizationMonitor(Accelerator(cpu=True), SAMPLING, reference=refs, output_dir=tmp_path / "mw") as monitor:
         weights = ImageWeights(monitor, ids)
+        capped = ImageWeights(monitor, ids, most=0.1)  # a share of 6 images that rounds to none
         sampler = weights.sampler(60, generator=torch.Generator().manual_seed(0))
         model = tiny_unet(SIZE)
         for step in range(1, 5):  # a model still learning: nothing copied, no warning
@@ -60,6 +61,7 @@ def test_the_weights_and_the_sampler_follow_the_images_at_risk(tmp_path: Path) -
         for step in range(5, 9):
             monitor.step(step, MemorizingDenoiser(only, scheduler), scheduler)
             weights.update()
+            assert not capped.update()
         assert monitor.first_alarm_step == 8
     assert weights.reweighted == [copied]
     assert weights.weights.tolist() == [0.0 if i == copied else 1.0 for i in ids]
@@ -67,9 +69,12 @@ def test_the_weights_and_the_sampler_follow_the_images_at_risk(tmp_path: Path) -
     drawn = list(sampler)
     assert len(drawn) == 60 and set(drawn) == {0, 1, 3, 4, 5}
     rows, events = _stored(tmp_path / "mw")
-    assert [(r["kind"], r["step"], r["images"], r["error"]) for r in rows] == [("reweight", 8, [copied], None)]
-    assert rows[0]["detail"]["weight"] == 0.0
-    assert [e["rule"] for e in events if e["rule"].startswith("intervention")] == ["intervention-reweight"]
+    done = [(r["step"], r["images"], r["error"]) for r in rows if r["error"] is None]
+    assert done == [(8, [copied], None)]
+    (held,) = [r for r in rows if r["error"]]  # the capped weights: held back, once, and unchanged
+    assert held["detail"]["held_back"] == [copied] and "held back" in held["error"]
+    assert torch.equal(capped.weights, torch.ones(6, dtype=torch.float64))
+    assert [e["rule"] for e in events if e["rule"].startswith("intervention")] == ["intervention-reweight"] * 2
 
 
 def test_duplicates_weigh_as_one_image_from_the_first_step(tmp_path: Path) -> None:

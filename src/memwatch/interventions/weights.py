@@ -38,6 +38,9 @@ class ImageWeights:
             the file's path relative to the folder, as memwatch names it).
         at_risk: the weight of an image at risk once the first warning fired (0 drops it; None: leave them).
         duplicates: weigh each group of exact or near duplicates as one image, from the first step.
+        most: at most this share of the distinct images is ever reweighted, the most at risk first (on a small
+            set every image approaches copying, and dropping all of them would leave nothing to train on);
+            the others at risk are recorded as held back.
 
     Example:
         >>> weights = ImageWeights(monitor, [item.id for item in monitor.session.refs.items])  # doctest: +SKIP
@@ -49,10 +52,19 @@ class ImageWeights:
     """
 
     def __init__(
-        self, monitor: Any, ids: Sequence[str], *, at_risk: float | None = 0.0, duplicates: bool = False
+        self,
+        monitor: Any,
+        ids: Sequence[str],
+        *,
+        at_risk: float | None = 0.0,
+        duplicates: bool = False,
+        most: float = 0.5,
     ) -> None:
         if at_risk is not None and not 0.0 <= at_risk <= 1.0:
             raise ValueError(f"ImageWeights: at_risk={at_risk} must lie in [0, 1] (0 drops the images at risk)")
+        if not 0.0 < most <= 1.0:
+            raise ValueError(f"ImageWeights: most={most} must lie in (0, 1] (the share of images reweighted)")
+        self.most = most
         self.session = getattr(monitor, "session", monitor)
         self.ids = [str(i) for i in ids]
         self.at_risk = at_risk
@@ -66,6 +78,7 @@ class ImageWeights:
         self._risk_seen = False
         self._probed: tuple = ()  # the probes' last steps when the ranking was last read
         self._unknown: set[str] = set()  # images at risk not among ``ids``, reported once
+        self._held: set[str] = set()  # images at risk beyond the share ``most``, reported once
 
     @property
     def weights(self) -> torch.Tensor:
@@ -150,8 +163,10 @@ class ImageWeights:
         if probed == self._probed:
             return False  # nothing measured since the last look: the store's ranking is as it was
         self._probed = probed
-        named = [r["training_id"] for r in self.session.images_at_risk(most=None)]
-        new = [image for image in named if image in self._positions and image not in self.reweighted]
+        named = [r["training_id"] for r in self.session.images_at_risk(most=None)]  # most at risk first
+        candidates = [image for image in named if image in self._positions and image not in self.reweighted]
+        room = max(0, int(self.most * len(self._positions)) - len(self.reweighted))
+        new, held_back = candidates[:room], candidates[room:]
         unknown = [image for image in named if image not in self._positions and image not in self._unknown]
         self._unknown.update(unknown)
         if not new:
@@ -162,23 +177,29 @@ class ImageWeights:
                 detail = {"setting": self._settings(), "not_in_dataset": unknown[:50]}
                 error = "the images at risk are not among the dataset's ids"
                 self.session.record_intervention("reweight", step, [], detail, error=error)
+            elif set(held_back) - self._held:
+                self._held.update(held_back)
+                detail = {"setting": self._settings(), "held_back": held_back[:50]}
+                error = f"{len(held_back)} image(s) at risk held back: the share `most` is reweighted already"
+                self.session.record_intervention("reweight", step, [], detail, error=error)
             self._risk_seen = True
             return False
         self._risk_seen = True
+        self._held.update(held_back)
         for image in new:
             self._weights[self._positions[image]] = self.at_risk
         self.reweighted += new
         self.session.record_intervention(
             "reweight", step, new,
             {"setting": self._settings(), "weight": self.at_risk, "not_in_dataset": unknown[:50],
-             "examples": sum(len(self._positions[i]) for i in new)},
+             "examples": sum(len(self._positions[i]) for i in new), "held_back": held_back[:50]},
             message=f"{len(new)} training image(s) at risk {'dropped' if self.at_risk == 0 else 'down-weighted'}"
                     f" from step {step if step is not None else self.session.last_step}",
         )  # fmt: skip
         return True
 
     def _settings(self) -> dict[str, Any]:
-        return {"at_risk": self.at_risk, "duplicates": self.duplicates, "examples": len(self.ids)}
+        return {"at_risk": self.at_risk, "duplicates": self.duplicates, "most": self.most, "examples": len(self.ids)}
 
 
 class _WeightedSampler(Sampler[int]):
