@@ -69,10 +69,10 @@ def test_the_weights_and_the_sampler_follow_the_images_at_risk(tmp_path: Path) -
     drawn = list(sampler)
     assert len(drawn) == 60 and set(drawn) == {0, 1, 3, 4, 5}
     rows, events = _stored(tmp_path / "mw")
-    done = [(r["step"], r["images"], r["error"]) for r in rows if r["error"] is None]
+    done = [(r["step"], r["images"], r["error"]) for r in rows if r["images"]]
     assert done == [(8, [copied], None)]
-    (held,) = [r for r in rows if r["error"]]  # the capped weights: held back, once, and unchanged
-    assert held["detail"]["held_back"] == [copied] and "held back" in held["error"]
+    (held,) = [r for r in rows if not r["images"]]  # the capped weights: held back, once, unchanged
+    assert held["detail"]["held_back"] == [copied] and held["error"] is None and not held["images"]
     assert torch.equal(capped.weights, torch.ones(6, dtype=torch.float64))
     assert [e["rule"] for e in events if e["rule"].startswith("intervention")] == ["intervention-reweight"] * 2
 

@@ -24,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         NAME,
         help="find exact and near duplicates and isolated images in a training set",
         description="Analyse a training set before training: exact duplicates (same bytes), near duplicates "
-        "(images the regurgitation probe would call copies of each other: similarity at or above the "
-        "embedder's copy threshold), grouped, and isolated images (nearest image beyond Tukey's fence). "
-        "Duplicated images are memorized first (Carlini et al. 2023).",
+        "(the same photo re-encoded, resized, slightly shifted or cropped: normalised cross-correlation "
+        "after aligning shift and zoom), grouped, and isolated images (nearest image in the embedder's "
+        "space beyond Tukey's fence). Duplicated images are memorized first (Carlini et al. 2023).",
     )
     p.add_argument(
         "reference", metavar="REFERENCE", help="training images (folder, imagefolder, .jsonl, hf:NAME, a "
@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--near-threshold",
         type=float,
         default=None,
-        help="similarity at or above which two images are near duplicates (default: the embedder's copy threshold)",
+        help="aligned correlation at or above which two images are near duplicates (default 0.765, measured "
+        "on real photos: scripts/bench_near_duplicates.py)",
     )
     p.add_argument("--json", metavar="OUT", help="also write every group, isolated image and nearest neighbour")
     p.add_argument("--top", type=int, default=10, metavar="N", help="groups and images listed (default 10)")

@@ -4,32 +4,37 @@ Duplicated training images are memorized far sooner and more often than the rest
 Somepalli et al. 2023), so the owner of a data set wants them found before training:
 
 * **exact duplicates**: files with the same bytes (sha256), whatever their names;
-* **near duplicates**: different files that the regurgitation probe would call copies of each other:
-  their similarity in the embedder's space is at or above the embedder's copy threshold (for pixels,
-  1 - normalised l2 >= 0.95; :mod:`memwatch.embedders.pixel` names its source). One threshold means one
-  notion of "copy" for training images and generated samples alike. Near pairs are joined into groups
-  (connected components), so a resized, a re-encoded and a brightened copy of one photo form one group;
-* **isolated images**: those whose nearest other image is unusually far, beyond Tukey's upper fence
-  (Q3 + 1.5 IQR) of the set's nearest-neighbour distances (Tukey 1977).
+* **near duplicates**: different files that are the same photo, re-encoded, resized, slightly shifted or
+  cropped. Two images are near duplicates when their best normalised cross-correlation after aligning
+  shift and zoom reaches a threshold measured on real photos (:mod:`memwatch.data.near_duplicates` says
+  why a distance between whole images, or the ratio d1/d2 within the set, cannot find them). Near pairs are
+  joined into groups (connected components), so a resized, a re-encoded and a cropped copy of one photo
+  form one group;
+* **isolated images**: those whose nearest other image in the embedder's space is unusually far, beyond
+  Tukey's upper fence (Q3 + 1.5 IQR) of the set's nearest-neighbour distances (Tukey 1977).
 
-The search is exact (:mod:`memwatch.search.pairs`: a provable lower bound from a principal-axes projection
-skips the pairs that cannot be close), in blocks of ``chunk_size`` rows, so memory stays bounded
-whatever the set's size.
+The nearest-neighbour search is exact (:mod:`memwatch.search.pairs`: a provable lower bound from a
+principal-axes projection skips the pairs that cannot be close), in blocks of ``chunk_size`` rows, so
+memory stays bounded whatever the set's size.
 
 Example:
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from PIL import Image
+    >>> from memwatch.data.images import tensor_to_pil
     >>> from memwatch.embedders.pixel import PixelEmbedder
     >>> from memwatch.data.refset import load_reference_set
     >>> d = Path(tempfile.mkdtemp())
-    >>> for name, colour in [("a", (250, 0, 0)), ("b", (0, 0, 250)), ("c", (251, 0, 0))]:
-    ...     Image.new("RGB", (8, 8), colour).save(d / f"{name}.png")
+    >>> g = torch.Generator().manual_seed(0)
+    >>> photos = [torch.nn.functional.interpolate(torch.rand(1, 3, 10, 10, generator=g), size=72, mode="bicubic")
+    ...           for _ in range(2)]
+    >>> for name, photo in [("a", photos[0][..., :64, :64]), ("b", photos[1][..., :64, :64]),
+    ...                     ("a_shifted", photos[0][..., 3:67, 2:66])]:  # the same photo, moved by 3 px
+    ...     tensor_to_pil(photo[0].clamp(0, 1)).save(d / f"{name}.png")
     >>> (d / "a2.png").write_bytes((d / "a.png").read_bytes()) > 0
     True
     >>> result = analyse_training_set(load_reference_set(d), PixelEmbedder(8))
     >>> [(g.kind, g.ids) for g in result.duplicate_groups]
-    [('exact', ['a.png', 'a2.png']), ('near', ['a.png', 'a2.png', 'c.png'])]
+    [('exact', ['a.png', 'a2.png']), ('near', ['a.png', 'a2.png', 'a_shifted.png'])]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memwatch.data import near_duplicates
 from memwatch.data.reference_index import ReferenceIndex
 from memwatch.search.pairs import similar_pairs
 
@@ -58,9 +64,9 @@ class DuplicateGroup:
     """Training images that are copies of each other.
 
     Attributes:
-        kind: ``"exact"`` (same file bytes) or ``"near"`` (similarity at or above the threshold).
+        kind: ``"exact"`` (same file bytes) or ``"near"`` (aligned correlation at or above the threshold).
         ids: every member's id, sorted (a near group includes the exact copies of its members).
-        min_similarity: the smallest similarity of a pair that joined the group (1.0 for exact).
+        min_similarity: the smallest aligned correlation of a pair that joined the group (1.0 for exact).
     """
 
     kind: str
@@ -129,8 +135,8 @@ def analyse_training_set(
         embedder: the comparison space (the regurgitation probe's, so "near duplicate" means "copy").
         cache: embedding cache, or None.
         index: ``refs`` already embedded by ``embedder`` (the probes' index), to reuse; None: embed here.
-        near_threshold: similarity at or above which two images are near duplicates (default: the
-            embedder's copy threshold).
+        near_threshold: aligned correlation at or above which two images are near duplicates (default
+            :data:`memwatch.data.near_duplicates.THRESHOLD`).
         chunk_size: rows compared at a time (memory: ``chunk_size**2`` distances).
 
     Returns:
@@ -139,19 +145,16 @@ def analyse_training_set(
     t0 = time.perf_counter()
     if index is None:
         index = ReferenceIndex(refs, embedder, cache)  # one row per distinct content (skips undecodable files)
-    threshold = embedder.default_copy_threshold if near_threshold is None else near_threshold
-    source = (
-        getattr(embedder, "copy_threshold_source", "the embedder's copy threshold")
-        if near_threshold is None
-        else "set by the user (--near-threshold)"
-    )
+    threshold = near_duplicates.THRESHOLD if near_threshold is None else near_threshold
+    source = near_duplicates.THRESHOLD_SOURCE if near_threshold is None else "set by the user (--near-threshold)"
     ids_of: dict[str, list[str]] = {}
     for it in refs.items:
         ids_of.setdefault(it.sha256, []).append(it.id)
     content_ids = [ids for ids in ids_of.values()]  # aligned with index.ids (first id of each content, sorted)
     groups = [DuplicateGroup("exact", sorted(ids)) for ids in content_ids if len(ids) > 1]
 
-    pairs, nearest = similar_pairs(index.embeddings, embedder, threshold, chunk_size=chunk_size)
+    pairs = _near_pairs(refs, index.ids, threshold, chunk_size)
+    nearest = similar_pairs(index.embeddings, embedder, None, chunk_size=chunk_size)[1]
     parent = list(range(len(index)))
     weakest: dict[int, float] = {}
 
@@ -193,6 +196,16 @@ def analyse_training_set(
     )
 
 
+def _near_pairs(refs: ReferenceSet, ids: list[str], threshold: float, chunk_size: int) -> list[tuple[int, int, float]]:
+    """Near-duplicate pairs among the rows ``ids`` (one per distinct content), as row positions."""
+    by_id = {it.id: it for it in refs.items}
+    images, kept = refs.load([by_id[i] for i in ids if i in by_id], near_duplicates.SIDE)
+    row = {i: r for r, i in enumerate(ids)}
+    at = [row[it.id] for it in kept]  # a file that no longer decodes is skipped (and listed) by refs.load
+    found = near_duplicates.near_duplicate_pairs(images, threshold=threshold, chunk_size=chunk_size)
+    return [(min(at[i], at[j]), max(at[i], at[j]), s) for i, j, s in found]
+
+
 def _isolated(nearest: dict[str, tuple[str, float]], embedder: Embedder) -> list[str]:
     """Ids whose nearest-neighbour distance lies above Tukey's upper fence (at least 4 images needed)."""
     if len(nearest) < 4:
@@ -221,7 +234,7 @@ def format_analysis(result: TrainingSetAnalysis, top: int = 10) -> str:
         f"({d['exact_duplicate_images']} extra copies), {d['near_duplicate_groups']} near-duplicate group(s)"
     ]
     for g in result.duplicate_groups[:top]:
-        detail = "" if g.kind == "exact" else f" (similarity >= {g.min_similarity:.3f})"
+        detail = "" if g.kind == "exact" else f" (aligned correlation >= {g.min_similarity:.3f})"
         lines.append(f"  {g.kind}{detail}: {', '.join(g.ids[:8])}{' ...' if len(g.ids) > 8 else ''}")
     if len(result.duplicate_groups) > top:
         lines.append(f"  ... {len(result.duplicate_groups) - top} more group(s) in --json")

@@ -180,8 +180,10 @@ class ImageWeights:
             elif set(held_back) - self._held:
                 self._held.update(held_back)
                 detail = {"setting": self._settings(), "held_back": held_back[:50]}
-                error = f"{len(held_back)} image(s) at risk held back: the share `most` is reweighted already"
-                self.session.record_intervention("reweight", step, [], detail, error=error)
+                # Not a failure: the cap `most` works as asked. On the record, nothing changed.
+                message = (f"intervention reweight: {len(held_back)} image(s) at risk held back, the share `most` "
+                           "is reweighted already; nothing changed")  # fmt: skip
+                self.session.record_intervention("reweight", step, [], detail, message=message)
             self._risk_seen = True
             return False
         self._risk_seen = True

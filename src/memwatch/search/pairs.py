@@ -54,7 +54,7 @@ Nearest = dict[int, tuple[int, float]]
 def similar_pairs(
     emb: torch.Tensor,
     embedder: Embedder,
-    threshold: float,
+    threshold: float | None,
     *,
     chunk_size: int = 2048,
     components: int = COMPONENTS,
@@ -65,7 +65,7 @@ def similar_pairs(
     Args:
         emb: embeddings ``(n, D)``, as the embedder made them.
         embedder: gives the distance, the similarity and the lower bound.
-        threshold: similarity at or above which a pair is returned.
+        threshold: similarity at or above which a pair is returned; None: no pairs, each row's nearest only.
         chunk_size: rows compared at a time (memory: ``chunk_size**2`` distances).
         components: principal axes of the prefilter's projection.
         candidates: rows measured exactly per row before a full scan of that row.
@@ -74,6 +74,7 @@ def similar_pairs(
         ``(pairs, nearest)``: pairs sorted, and ``{row: (nearest other row, its similarity)}``.
     """
     n, dim = emb.shape
+    threshold = 2.0 if threshold is None else threshold  # above every similarity: no pair reaches it
     if n < 2:
         return [], {}
     if embedder.distance_lower_bound(torch.zeros(1), dim) is None or n <= max(chunk_size, 4 * candidates):
