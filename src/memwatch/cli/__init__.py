@@ -19,6 +19,7 @@ from memwatch.cli import (
     curves,
     data,
     demo,
+    exclude,
     forecast,
     index,
     keygen,
@@ -32,7 +33,7 @@ from memwatch.errors import MemwatchError
 from memwatch.version import __version__
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (score, demo, curves, probe, watch, report, verify, keygen, forecast, data, index, canaries, config)
+COMMANDS = (score, demo, curves, probe, watch, report, verify, keygen, forecast, data, exclude, index, canaries, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

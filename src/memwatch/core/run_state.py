@@ -59,6 +59,23 @@ class RunState:
     should_stop: bool = False
     events: list[Event] = field(default_factory=list)
 
+    @classmethod
+    def from_store(cls, store: Store, run_id: int) -> RunState:
+        """The first alarm and the last clean step of a recorded run (for commands run after it, or beside
+        it): the last step probed without failure before the first event at ``warning`` or above.
+
+        Example:
+            >>> state = RunState.from_store(store, run_id)  # doctest: +SKIP
+            >>> state.last_clean_step  # doctest: +SKIP
+            400
+        """
+        alarms = [int(e["step"]) for e in store.events(run_id) if severity_at_least(e["severity"], "warning")]
+        first_alarm = min(alarms, default=None)
+        ok = {r["snapshot_id"] for r in store.results(run_id) if r["status"] == "ok"}
+        probed = [int(s["step"]) for s in store.snapshots(run_id) if s["id"] in ok]
+        clean = [step for step in probed if first_alarm is None or step < first_alarm]
+        return cls(first_alarm_step=first_alarm, last_clean_step=max(clean, default=None))
+
     def track(self, step: int, values: dict[str, float], events: Sequence[Event]) -> None:
         """Take in one probed step: its metrics and the events they raised (:meth:`saw` adds the events)."""
         if self.onset_step is None and any(values.get(k, 0) > 0 for k in self.onset_keys):
@@ -89,27 +106,37 @@ class RunState:
         return out
 
     def keep_advice(self, store: Store | None, run_id: int, run_dir: Path) -> str:
-        """What to keep when a warning fires now: the newest checkpoint with clean weights.
+        """What to keep when a warning fires now: the newest checkpoint with clean weights
+        (:meth:`clean_checkpoint`), in words."""
+        if self.last_clean_step is None:
+            return "the weights from before training (no clean probe yet)"
+        path, matched = self.clean_checkpoint(store, run_id, run_dir)
+        if path is None:
+            return f"the model as of step {self.last_clean_step} (no checkpoint saved by then in {run_dir})"
+        if matched == "weights":
+            return f"{path} (the last clean checkpoint)"
+        return f"{path} (saved by step {self.last_clean_step}, the last clean probe; matched by step, not by weights)"
+
+    def clean_checkpoint(self, store: Store | None, run_id: int, run_dir: Path) -> tuple[Path | None, str]:
+        """The newest checkpoint folder to keep, and how it was matched to the last clean step.
 
         First the newest checkpoint folder, still on disk, that holds weights the probes measured at or
         before the last clean step (a sighting in the store: ``memwatch probe``/``watch`` folders, and
-        the monitor's ``save_state`` checkpoints). Else, for checkpoints saved without ``save_state``,
-        the newest ``checkpoint-<step>`` in ``run_dir`` saved by the last clean step, said to be matched
-        by step only.
+        the monitor's ``save_state`` checkpoints): ``"weights"``. Else, for checkpoints saved without
+        ``save_state``, the newest ``checkpoint-<step>`` in ``run_dir`` saved by the last clean step:
+        ``"step"``. ``(None, "none")`` when there is no clean step or no such folder.
         """
         if self.last_clean_step is None:
-            return "the weights from before training (no clean probe yet)"
+            return None, "none"
         try:
             path = self._last_clean_sighting(store, run_id) if store is not None else None
         except Exception as e:  # the advice is a courtesy: a store that cannot be read leaves the fallback
             log.debug("memwatch: clean checkpoints not read: %s", failure_reason(e))
             path = None
         if path is not None:
-            return f"{path} (the last clean checkpoint)"
+            return Path(path), "weights"
         guess = last_clean_checkpoint(run_dir, self.last_clean_step)
-        if guess is None:
-            return f"the model as of step {self.last_clean_step} (no checkpoint saved by then in {run_dir})"
-        return f"{guess} (saved by step {self.last_clean_step}, the last clean probe; matched by step, not by weights)"
+        return (guess, "step") if guess is not None else (None, "none")
 
     def _last_clean_sighting(self, store: Store, run_id: int) -> str | None:
         """The newest checkpoint folder on disk whose weights were probed at or before the last clean step."""

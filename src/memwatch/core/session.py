@@ -721,17 +721,13 @@ class ProbeSession:
         step = self.last_step if step is None else int(step)
         images = [str(i) for i in images]
         detail = dict(detail or {})
-        text = message or (f"intervention {kind} failed: {error}" if error else f"intervention {kind}")
-        event = Event(step=step if step is not None else -1, rule=f"intervention-{kind}", severity="info",
-                      metric=f"intervention/{kind}", value=float(len(images)), threshold=math.nan,
-                      forecast_step=None, message=text,
-                      evidence={"images": images[:50], "detail": detail, "error": error})  # fmt: skip
+        event = Event.intervention(kind, step, images, detail, message=message, error=error)
         try:
             self.store.add_intervention(self.run_id, kind, step, images, detail, error=error, event=event.to_dict())
         except Exception as e:  # the change itself stands (or failed) either way; only its record is missing
             log.error("memwatch: intervention %s at step %s not recorded: %s", kind, step, failure_reason(e))
             return False
-        (log.warning if error else log.info)("memwatch: %s", text)
+        (log.warning if error else log.info)("memwatch: %s", event.message)
         self._emit(event)
         return True
 

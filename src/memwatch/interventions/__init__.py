@@ -6,7 +6,9 @@
 * :class:`LossGate` (``loss_gate.py``): skips or discounts examples whose denoising loss falls far below the
   running mean at their timestep (in the manner of IET-AGC's anti-gradient control);
 * :func:`rollback` (``rollback.py``): restores the last clean checkpoint's weights, optimizer and scheduler
-  with ``accelerator.load_state`` and checks the weights are the ones the probes measured.
+  with ``accelerator.load_state`` and checks the weights are the ones the probes measured;
+* :func:`~memwatch.interventions.filtered_folder.write_filtered_folder` (``filtered_folder.py``): for scripts
+  memwatch does not run, a training folder without the images at risk (``memwatch exclude``).
 
 Every change is a row of the store's ``interventions`` table and an ``info`` event
 (``ProbeSession.record_intervention``); none of them raises into the training loop: a failure leaves

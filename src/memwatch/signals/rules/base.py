@@ -163,6 +163,29 @@ class Event:
     message: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def intervention(
+        cls,
+        kind: str,
+        step: int | None,
+        images: Sequence[str],
+        detail: Mapping[str, Any],
+        *,
+        message: str = "",
+        error: str | None = None,
+    ) -> Event:
+        """The ``info`` event that puts a change to training on the record (``intervention-<kind>``).
+
+        Example:
+            >>> Event.intervention("reweight", 300, ["a.png"], {"weight": 0.0}).message
+            'intervention reweight'
+        """
+        text = message or (f"intervention {kind} failed: {error}" if error else f"intervention {kind}")
+        return cls(step=step if step is not None else -1, rule=f"intervention-{kind}", severity="info",
+                   metric=f"intervention/{kind}", value=float(len(images)), threshold=math.nan,
+                   forecast_step=None, message=text,
+                   evidence={"images": list(images)[:50], "detail": dict(detail), "error": error})  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON and the store.
 
