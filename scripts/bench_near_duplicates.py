@@ -43,7 +43,16 @@ from bench_warnings import provenance  # noqa: E402
 from make_demo_assets import _skimage_sources  # noqa: E402
 
 from memwatch.data.images import to_rgb  # noqa: E402
-from memwatch.data.near_duplicates import THRESHOLD, aligned_similarity, thumbnails  # noqa: E402
+from memwatch.data.near_duplicates import (  # noqa: E402
+    CANDIDATES,
+    COLOUR,
+    THRESHOLD,
+    aligned_similarity,
+    candidate_pairs,
+    describe,
+    near_duplicate_pairs,
+    thumbnails,
+)
 from memwatch.data.refset import load_reference_set  # noqa: E402
 from memwatch.data.training_set import analyse_training_set  # noqa: E402
 from memwatch.embedders.pixel import PixelEmbedder  # noqa: E402
@@ -101,8 +110,8 @@ def with_copies(subset: dict[str, Image.Image]) -> tuple[list[str], list[Image.I
 
 
 def score_all_pairs(names: list[str], images: list[Image.Image]) -> dict:
-    """Every pair's aligned score, split into copies (same source photo) and distinct photos, and the
-    largest difference of mean colour between copies."""
+    """Every pair's aligned score and its ratio to the pair's background (the relative test), split into copies
+    (same source photo) and distinct photos, and the largest difference of mean colour between copies."""
     from memwatch.data.images import pil_to_tensor, resize_center_crop
     from memwatch.data.near_duplicates import SIDE
 
@@ -110,7 +119,10 @@ def score_all_pairs(names: list[str], images: list[Image.Image]) -> dict:
     thumbs = thumbnails(x)
     pairs = list(itertools.combinations(range(len(names)), 2))
     i, j = (torch.tensor(x) for x in zip(*pairs, strict=True))
-    scores = aligned_similarity(thumbs[i], thumbs[j]).tolist()
+    scores_t = aligned_similarity(thumbs[i], thumbs[j])
+    scores = scores_t.tolist()
+    background = 1.0 - aligned_similarity(thumbs, thumbs[candidate_pairs(thumbs, CANDIDATES)[1]])
+    ratio = (1.0 - scores_t) / torch.maximum(background[i], background[j])
     src = [n.split("~")[0] for n in names]
     same = torch.tensor([src[a] == src[b] for a, b in pairs])
     colour = x.mean(dim=(2, 3))
@@ -125,6 +137,8 @@ def score_all_pairs(names: list[str], images: list[Image.Image]) -> dict:
         "worst_copies": [{"score": round(s, 4), "a": a, "b": b} for s, a, b in copy[:5]],
         "best_distinct": [{"score": round(s, 4), "a": a, "b": b} for s, a, b in other[:5]],
         "copies_max_colour_difference": round(float(colour_diff[same].max()), 4),
+        "copies_max_ratio": round(float(ratio[same].max()), 4),
+        "distinct_min_ratio": round(float(ratio[~same].min()), 4),
         "gap": round(copy[0][0] - other[0][0], 4),
         "suggested_threshold": round((copy[0][0] + other[0][0]) / 2, 4),
     }
@@ -167,11 +181,9 @@ def demo_refs(half: int):
 def demo_distinct_best(refs) -> dict:
     """The best-scoring candidate pair of crops of *different* photos that passes the colour check: the
     hardest negatives (32 px windows of smooth photos: one bright blob on a plain ground)."""
-    from memwatch.data.near_duplicates import COLOUR, candidate_pairs
-
     images, kept = refs.load(refs.items, 32)
     thumbs = thumbnails(images)
-    pairs = candidate_pairs(thumbs, 8)
+    pairs = candidate_pairs(thumbs, CANDIDATES)[0]
     scores = aligned_similarity(thumbs[pairs[:, 0]], thumbs[pairs[:, 1]])
     colour = images.mean(dim=(2, 3))
     same_colour = (colour[pairs[:, 0]] - colour[pairs[:, 1]]).abs().amax(dim=1) <= COLOUR
@@ -179,6 +191,33 @@ def demo_distinct_best(refs) -> dict:
     scores[~(distinct & same_colour)] = -1.0
     k = int(scores.argmax())
     return {"score": round(float(scores[k]), 4), "a": kept[pairs[k, 0]].id, "b": kept[pairs[k, 1]].id}
+
+
+def smooth_fields(n: int = 8000, planted: int = 100, seed: int = 0) -> dict:
+    """Low-information images where the absolute score is not enough: ``scripts/bench_data.py``'s smooth random
+    colour fields (4x4x3 upsampled, fine noise), ``planted`` of them re-encoded as JPEG q90. In a large set the
+    nearest distinct field is close; only the relative test (the ratio to each image's background) keeps them
+    apart. Counts the planted pairs found and every other pair."""
+    rng = np.random.default_rng(seed)
+    fields = []
+    for _ in range(n):
+        small = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((32, 32), Image.BICUBIC)
+        noisy = np.asarray(small, dtype=np.int16) + rng.integers(-6, 7, (32, 32, 3))
+        fields.append(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))
+    fields += [_jpeg(fields[k], 90) for k in range(planted)]
+    from memwatch.data.images import pil_to_tensor
+
+    t0 = time.perf_counter()
+    found = near_duplicate_pairs(*describe(torch.stack([pil_to_tensor(f) for f in fields])))
+    seconds = time.perf_counter() - t0
+    hits = {(i, j) for i, j, _ in found}
+    return {
+        "images": len(fields),
+        "planted_found": sum((k, n + k) in hits for k in range(planted)),
+        "planted": planted,
+        "other_pairs": len(hits - {(k, n + k) for k in range(planted)}),
+        "seconds": round(seconds, 1),
+    }
 
 
 def demo_crops(refs) -> dict:
@@ -215,6 +254,7 @@ def main() -> int:
         "reporting": analyse_folder(*with_copies(report)),
         "reporting_demo_distinct_best": demo_distinct_best(demo_refs(1)),
         "demo_crops": demo_crops(demo_refs(1)),
+        "smooth_fields": smooth_fields(),
         "measured": provenance(),
     }
     print(json.dumps(out, indent=2))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from memwatch.cli import main
-from memwatch.data.near_duplicates import aligned_similarity, near_duplicate_pairs, thumbnails
+from memwatch.data.near_duplicates import aligned_similarity, describe, near_duplicate_pairs, thumbnails
 
 data = pytest.importorskip("skimage.data", reason="the real photos ship inside scikit-image (memwatch[test])")
 
@@ -70,12 +70,18 @@ def test_memwatch_data_groups_each_photo_with_its_copies_and_nothing_else(tmp_pa
 
 
 def test_the_score_is_blind_to_brightness_but_the_colour_check_is_not() -> None:
-    img = torch.from_numpy(data.coffee()).permute(2, 0, 1).float().div(255).unsqueeze(0)
-    small = torch.nn.functional.interpolate(img, size=(64, 96), mode="area")[..., 16:48, 32:64]
+    def crop(photo: np.ndarray, top: int, left: int) -> torch.Tensor:
+        img = torch.from_numpy(photo).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        return torch.nn.functional.interpolate(img, size=(128, 192), mode="area")[..., top : top + 32, left : left + 32]
+
+    small = crop(data.coffee(), 40, 80)
     dimmer, far = small * 0.97, small * 0.5  # 3% dimmer: the same photo; half as bright: not a copy
-    t = thumbnails(torch.cat([small, dimmer, far]))
+    others = [crop(data.astronaut(), 20, 40), crop(data.chelsea(), 30, 60), crop(data.rocket(), 50, 90),
+              crop(data.camera()[..., None].repeat(3, axis=2), 40, 60)]  # fmt: skip
+    images = torch.cat([small, dimmer, far, *others])
+    t = thumbnails(images)
     assert aligned_similarity(t[[0, 0]], t[[1, 2]]).min() > 0.99  # the correlation sees no difference
-    assert [(i, j) for i, j, _ in near_duplicate_pairs(torch.cat([small, dimmer, far]))] == [(0, 1)]
+    assert [(i, j) for i, j, _ in near_duplicate_pairs(*describe(images))] == [(0, 1)]
 
 
 def test_the_help_states_the_threshold_the_code_uses(capsys) -> None:

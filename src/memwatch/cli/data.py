@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--near-threshold",
         type=float,
         default=None,
-        help="aligned correlation at or above which two images are near duplicates (default 0.765, measured "
+        help="aligned correlation a near-duplicate pair must reach (default 0.753, measured "
         "on real photos: scripts/bench_near_duplicates.py)",
     )
     p.add_argument("--json", metavar="OUT", help="also write every group, isolated image and nearest neighbour")

@@ -197,12 +197,23 @@ def analyse_training_set(
 
 
 def _near_pairs(refs: ReferenceSet, ids: list[str], threshold: float, chunk_size: int) -> list[tuple[int, int, float]]:
-    """Near-duplicate pairs among the rows ``ids`` (one per distinct content), as row positions."""
+    """Near-duplicate pairs among the rows ``ids`` (one per distinct content), as row positions. Images are
+    decoded a chunk at a time and only their thumbnails kept (4 KiB each)."""
     by_id = {it.id: it for it in refs.items}
-    images, kept = refs.load([by_id[i] for i in ids if i in by_id], near_duplicates.SIDE)
+    wanted = [by_id[i] for i in ids if i in by_id]
     row = {i: r for r, i in enumerate(ids)}
-    at = [row[it.id] for it in kept]  # a file that no longer decodes is skipped (and listed) by refs.load
-    found = near_duplicates.near_duplicate_pairs(images, threshold=threshold, chunk_size=chunk_size)
+    thumbs, colours, at = [], [], []
+    for a in range(0, len(wanted), chunk_size):
+        images, kept = refs.load(wanted[a : a + chunk_size], near_duplicates.SIDE)  # skips (and lists) bad files
+        t, c = near_duplicates.describe(images)
+        thumbs.append(t)
+        colours.append(c)
+        at += [row[it.id] for it in kept]
+    if len(at) < 2:
+        return []
+    found = near_duplicates.near_duplicate_pairs(
+        torch.cat(thumbs), torch.cat(colours), threshold=threshold, chunk_size=chunk_size
+    )
     return [(min(at[i], at[j]), max(at[i], at[j]), s) for i, j, s in found]
 
 
