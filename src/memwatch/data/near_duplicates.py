@@ -74,7 +74,8 @@ BAND = (1.0, 4.0)
 THRESHOLD = 0.753
 THRESHOLD_SOURCE = (
     "memwatch (data/near_duplicates.py): best normalised cross-correlation >= 0.753 after aligning shift and "
-    "zoom; chosen on real photos and their copies (scripts/bench_near_duplicates.py)"
+    "zoom, standing out (1 - correlation at most 1/3 of the larger of the two images' distances to their 32nd "
+    "nearest) and with the same mean colour; chosen on real photos and their copies (scripts/bench_near_duplicates.py)"
 )
 #: candidates verified per image
 CANDIDATES = 8
