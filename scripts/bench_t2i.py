@@ -69,6 +69,8 @@ TRUTH_STEPS = 20
 TRUTH_MAX_CAPTIONS = 32  # larger sets: the truth samples their first 32 captions (4 seeds each)
 TRUTH_SEED0 = 100_000  # apart from the watch's seeds (0, 1, ...): the truth does not reuse the monitor's samples
 ONSET_FRACTION = 0.05
+QUALITY_IMAGES = 64  # crops no run trains on, for the quality measure at the last checkpoint
+QUALITY_SEED = 5_000
 MEM_RATIO = 1 / 3
 #: a copy lies within this normalised l2 (RMSE on [0, 1]) of its training image: a third of the least distance
 #: between two training images (t2i_data.MIN_SET_DISTANCE), 3.5 x the VAE's median round-trip error (0.024)
@@ -94,10 +96,14 @@ class T2IRunSpec:
     threads: int = 1
     #: False: the script alone, for the cost comparison (no truth; its twin measures it)
     truth: bool = True
+    #: > 0: every training caption becomes a list of this many (the original first, then variants with words
+    #: added: ``memwatch.interventions.caption_variation``), from which the script draws one each time
+    vary_captions: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.script}-n{self.n:04d}-s{self.seed}" + ("" if self.truth else "-alone")
+        vary = f"-vary{self.vary_captions}" if self.vary_captions else ""
+        return f"{self.script}-n{self.n:04d}-s{self.seed}{vary}" + ("" if self.truth else "-alone")
 
 
 def fail(message: str) -> NoReturn:
@@ -128,18 +134,27 @@ def write_sets(spec: T2IRunSpec, run_dir: Path) -> tuple[Path, Path]:
     from PIL import Image
     from t2i_data import distinct_crops, load_photos
 
+    from memwatch.interventions.caption_variation import caption_variants, vocabulary_of
+
     photos, rng = load_photos(), np.random.default_rng(spec.seed)
     train = distinct_crops(photos, rng, spec.n)
     holdout = distinct_crops(photos, rng, HOLDOUT_CAPTIONS, avoid=train)
+    # the quality measure's images: never trained on, never the held-out captions the truth samples
+    unseen = distinct_crops(photos, np.random.default_rng(QUALITY_SEED + spec.seed), QUALITY_IMAGES,
+                            avoid=train + holdout)  # fmt: skip
+    words = vocabulary_of([c.caption for c in train])
     folders = []
-    for sub, crops in (("train", train), ("holdout", holdout)):
+    for sub, crops in (("train", train), ("holdout", holdout), ("unseen", unseen)):
         folder = run_dir / "data" / sub
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "metadata.jsonl", "w") as f:
             for i, crop in enumerate(crops):
                 name = f"{i:04d}_{crop.source}.png"
                 Image.fromarray(crop.image).save(folder / name)
-                f.write(json.dumps({"file_name": name, "text": crop.caption}) + "\n")
+                text: str | list[str] = crop.caption
+                if sub == "train" and spec.vary_captions:
+                    text = caption_variants(crop.caption, words, count=spec.vary_captions, seed=spec.seed)
+                f.write(json.dumps({"file_name": name, "text": text}) + "\n")
         folders.append(folder)
     return folders[0], folders[1]
 
@@ -199,6 +214,7 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
         return record
     t1 = time.perf_counter()
     truth = truth_over_checkpoints(out_dir, train_dir, holdout_dir, Path(spec.base), spec.truth_captions, spec.threads)
+    quality = final_quality(out_dir, run_dir / "data" / "unseen", Path(spec.base))
 
     record = {
         **asdict(spec),
@@ -213,6 +229,7 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
         # the watch's CPU time (all its threads) against the training script's: what probing beside costs
         "watch_cpu_s": None if watch_cpu is None else round(watch_cpu, 1),
         "truth_s": round(time.perf_counter() - t1, 1),
+        "quality": quality,
         "measured": provenance(),
     }
     (run_dir / "truth.json").write_text(json.dumps({**record, "truth": truth}) + "\n")
@@ -245,8 +262,8 @@ def truth_over_checkpoints(
     refs = load_reference_set(str(train_dir))
     index = ReferenceIndex(refs, PixelEmbedder(32), None)
     # the first max_captions training captions (the set is in random draw order): a sample of a large set
-    captions = [json.loads(line)["text"] for line in open(train_dir / "metadata.jsonl")][:max_captions]
-    held = [json.loads(line)["text"] for line in open(holdout_dir / "metadata.jsonl")]
+    captions = [caption for _, caption in metadata_rows(train_dir)][:max_captions]
+    held = [caption for _, caption in metadata_rows(holdout_dir)]
     k = TRUTH_SEEDS_PER_CAPTION
     prompts = [c for c in captions + held for _ in range(k)]
     seeds = [TRUTH_SEED0 + i for i in range(len(prompts))]
@@ -269,6 +286,53 @@ def truth_over_checkpoints(
     truth.update(onsets(truth))
     truth["per_caption"] = per_caption(truth)
     return truth
+
+
+def metadata_rows(folder: Path) -> list[tuple[str, str]]:
+    """``(file_name, caption)`` of a set's ``metadata.jsonl``, the caption as the script reads it outside
+    training (the first of a list of varied captions)."""
+    from memwatch.data.containers import script_caption
+
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    return [(r["file_name"], script_caption(r["text"])) for r in rows]
+
+
+def final_quality(out_dir: Path, unseen_dir: Path, base: Path) -> dict[str, Any] | None:
+    """Quality at the run's last checkpoint without downloaded weights, on ``QUALITY_IMAGES`` crops no run
+    trains on: the kernel inception distance's estimator (``bench_warnings.kernel_distance``) between one
+    sample per crop's caption (seed 0, DDIM 20 steps, guidance 7.5) and the crops, in pixels; and the
+    held-out denoising loss of the crops with their captions (memwatch's membership losses)."""
+    import numpy as np
+    import torch
+    from bench_warnings import kernel_distance
+    from PIL import Image
+
+    from memwatch.embedders.pixel import PixelEmbedder
+    from memwatch.probes.membership import MembershipConfig, membership_probe
+    from memwatch.sampling.text_to_image import encode_images, encode_prompts, generate_text_to_image_samples
+    from memwatch.snapshots import load_snapshot
+    from memwatch.snapshots.checkpoints import list_checkpoints
+
+    checkpoints = list_checkpoints(out_dir)
+    if not checkpoints or not (unseen_dir / "metadata.jsonl").exists():
+        return None
+    step, path = checkpoints[-1]
+    rows = metadata_rows(unseen_dir)
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(unseen_dir / name).convert("RGB"), np.float32) / 255)
+                          .permute(2, 0, 1) for name, _ in rows])  # fmt: skip
+    captions = [c for _, c in rows]
+    snap = load_snapshot(str(path), base_model=str(base))
+    parts = snap.parts
+    samples = generate_text_to_image_samples(snap, captions, list(range(len(captions))),
+                                             num_inference_steps=TRUTH_STEPS, batch_size=64)  # fmt: skip
+    embed = PixelEmbedder(32)
+    kid = kernel_distance(embed.embed(samples), embed.embed(images))
+    cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions)
+    losses = membership_probe(parts.unet, parts.scheduler, images, None, member_ids=[n for n, _ in rows],
+                              holdout_ids=[], timesteps=MembershipConfig().timesteps, batch_size=64,
+                              member_conditioning=cond, encode=lambda x: encode_images(parts.vae, x))  # fmt: skip
+    return {"step": step, "kid": round(kid, 6), "holdout_loss": round(losses.metrics["loss_member"], 6),
+            "images": len(rows)}  # fmt: skip
 
 
 def onsets(truth: dict[str, Any]) -> dict[str, Any]:
@@ -347,12 +411,49 @@ def analyse_run(run_dir: Path) -> dict[str, Any]:
         "captions_copied": len(copied), "captions_measured": len(data["truth"]["per_caption"]),
         "captions_copying_own_image": sum(bool(c["own_image"]) for c in copied),
         "captions_copied_by_the_base": len(data["base_copied_captions"]),
+        "vary_captions": data.get("vary_captions", 0),
+        **{k: (data.get("quality") or {}).get(k) for k in ("kid", "holdout_loss")},
         "measured": data.get("measured"),
     }  # fmt: skip
     if onset is not None and first is not None:
         row["lead_steps"] = onset - first["step"]
         row["lead_fraction"] = round((onset - first["step"]) / onset, 4) if onset else None
     return row
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int, int, int]:
+    return row["script"], row["n"], row["seed"], row.get("vary_captions") or 0
+
+
+def variation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Varied captions against the same fine-tune with its captions as written (same script, n and seed):
+    per pair the onset delay (onset with / without; an onset avoided within the budget counts apart) and the
+    quality change at the last checkpoint (holdout loss ratio - 1, KID difference)."""
+    import statistics
+
+    plain = {_key(r)[:3]: r for r in rows if not r.get("vary_captions")}
+    pairs = []
+    for r in rows:
+        b = plain.get(_key(r)[:3])
+        if not r.get("vary_captions") or b is None:
+            continue
+        pairs.append({
+            "script": r["script"], "n": r["n"], "seed": r["seed"], "vary_captions": r["vary_captions"],
+            "onset_without": b["onset_step"], "onset_with": r["onset_step"],
+            "delay": (r["onset_step"] / b["onset_step"]) if r["onset_step"] and b["onset_step"] else None,
+            "avoided": b["onset_step"] is not None and r["onset_step"] is None,
+            "holdout_loss_cost": (r["holdout_loss"] / b["holdout_loss"] - 1) if r["holdout_loss"] and b["holdout_loss"]
+            else None,
+            "kid_change": (r["kid"] - b["kid"]) if r["kid"] is not None and b["kid"] is not None else None,
+        })  # fmt: skip
+
+    def med(key: str) -> float | None:
+        values = [p[key] for p in pairs if p[key] is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    return {"pairs": pairs, "median_delay": med("delay"), "avoided": sum(p["avoided"] for p in pairs),
+            "with_onset_without": sum(p["onset_without"] is not None for p in pairs),
+            "median_holdout_loss_cost": med("holdout_loss_cost"), "median_kid_change": med("kid_change")}  # fmt: skip
 
 
 def cost_summary(rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -438,6 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each fine-tune without the watch, alternated with its watched twin (--jobs 1)",
     )
     p.add_argument("--truth-captions", type=int, help="training captions the truth samples (4 seeds each)")
+    p.add_argument(
+        "--vary-captions",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="K",
+        help="train every caption as a list of K varied captions (0: as written); '0 8' runs each fine-tune both "
+        "ways and compares them (caption variation, issue 25)",
+    )
     p.add_argument("--analyse", action="store_true", help="only re-read the run folders under --out")
     p.add_argument("--json", default=None, help="write runs and summary here")
     p.add_argument("--merge", action="store_true", help="keep the runs already in --json not measured now")
@@ -474,10 +584,12 @@ def main(argv: list[str] | None = None) -> int:
                 not args.no_watch,
                 plan["truth_captions"],
                 threads,
+                vary_captions=vary,
             )  # fmt: skip
             for s in plan["scripts"]
             for n in sorted(plan["sizes"], reverse=True)
             for seed in plan["seeds"]
+            for vary in args.vary_captions
         ]
         if args.cost:  # each run's twin without the watch, before or after it in turn: drift favours neither
             twins = [replace(spec, watch=False, truth=False) for spec in specs]
@@ -491,15 +603,17 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{name}: onset {record['onset_step']}, first copy {record['first_copy_step']} "
                       f"(training {record['train_s']} s, truth {record['truth_s']} s)")  # fmt: skip
-    wanted = {(s, n, seed) for s in plan["scripts"] for n in plan["sizes"] for seed in plan["seeds"]}
+    wanted = {(s, n, seed, vary) for s in plan["scripts"] for n in plan["sizes"] for seed in plan["seeds"]
+              for vary in args.vary_captions}  # fmt: skip
     rows = [analyse_run(d) for d in sorted(out.iterdir()) if (d / "truth.json").is_file()]
-    rows = [r for r in rows if (r["script"], r["n"], r["seed"]) in wanted]
+    rows = [r for r in rows if _key(r) in wanted]
     if args.merge and args.json and Path(args.json).is_file():
-        mine = {(r["script"], r["n"], r["seed"]) for r in rows}
-        rows += [
-            r for r in json.loads(Path(args.json).read_text())["runs"] if (r["script"], r["n"], r["seed"]) not in mine
-        ]
-    summary = summarise(rows)
+        mine = {_key(r) for r in rows}
+        rows += [r for r in json.loads(Path(args.json).read_text())["runs"] if _key(r) not in mine]
+    varied = [r for r in rows if r.get("vary_captions")]
+    summary = summarise([r for r in rows if not r.get("vary_captions")])
+    if varied:
+        summary["caption_variation"] = variation_summary(rows)
     summary["cost"] = cost_summary(rows, out)
     summary["measured_with"] = sorted({(r.get("measured") or {}).get("memwatch_src", "unknown") for r in rows})
     summary["wall_s"] = round(time.perf_counter() - t0, 1)

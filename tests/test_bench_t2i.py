@@ -4,6 +4,7 @@ and are the benchmark's business (docs/benchmarks.md), not the suite's."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,34 @@ def test_captions_the_base_model_already_copies_do_not_make_an_onset() -> None:
     out = bench_t2i.onsets(truth)
     assert out["base_copied_captions"] == ["flat grey"]
     assert out["onset_step"] == 100 and out["first_copy_step"] == 100 and out["onset_ratio_only_step"] == 100
+
+
+def test_varied_captions_train_on_lists_and_the_truth_prompts_with_the_original(tmp_path) -> None:
+    from memwatch.data.refset import load_reference_set
+
+    plain = bench_t2i.T2IRunSpec("full", 4, 1, 10, 5, str(tmp_path), "unused")
+    varied = bench_t2i.replace(plain, vary_captions=5)
+    assert varied.name != plain.name
+    train, _ = bench_t2i.write_sets(plain, tmp_path / plain.name)
+    vtrain, _ = bench_t2i.write_sets(varied, tmp_path / varied.name)
+    rows = [json.loads(line) for line in open(vtrain / "metadata.jsonl")]
+    assert all(isinstance(r["text"], list) and len(r["text"]) == 5 for r in rows)
+    assert bench_t2i.metadata_rows(vtrain) == bench_t2i.metadata_rows(train)  # the same images, captions first
+    assert [it.caption for it in load_reference_set(str(vtrain)).items] == [
+        c for _, c in bench_t2i.metadata_rows(train)
+    ]
+    assert len(list((tmp_path / plain.name / "data" / "unseen").glob("*.png"))) == bench_t2i.QUALITY_IMAGES
+
+
+def test_the_variation_summary_pairs_each_varied_run_with_its_plain_twin() -> None:
+    base = {"script": "full", "n": 4, "seed": 0, "holdout_loss": 0.1, "kid": 0.01}
+    rows = [
+        {**base, "vary_captions": 0, "onset_step": 200},
+        {**base, "vary_captions": 8, "onset_step": 500, "holdout_loss": 0.102, "kid": 0.012},
+        {**base, "seed": 1, "vary_captions": 0, "onset_step": 100},
+        {**base, "seed": 1, "vary_captions": 8, "onset_step": None},
+    ]
+    s = bench_t2i.variation_summary(rows)
+    assert [p["delay"] for p in s["pairs"]] == [2.5, None]
+    assert s["avoided"] == 1 and s["with_onset_without"] == 2
+    assert abs(s["median_holdout_loss_cost"] - 0.01) < 1e-9

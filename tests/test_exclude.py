@@ -120,3 +120,45 @@ def test_a_metadata_csv_in_a_subfolder_loses_only_the_rows_of_the_images_left_ou
     csv_text = (tmp_path / "kept" / "faces" / "metadata.csv").read_text()
     assert csv_text == 'file_name,text\nimg000.png,"a face, smiling"\nimg002.png,c\n'
     assert done.left_out == ["faces/img001.png"] and done.rows_left_out == 1 and done.files == 3
+
+
+def test_recaption_keeps_the_images_and_gives_those_at_risk_varied_captions(watched, tmp_path, capsys) -> None:
+    run, train, at_risk = watched
+    out = tmp_path / "train-varied"
+    assert main(["recaption", str(run), "--out", str(out), "--variants", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in train.iterdir())  # nothing left out
+    before = {json.loads(line)["file_name"]: line for line in (train / "metadata.jsonl").read_text().splitlines()}
+    for line in (out / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["file_name"] in at_risk:  # the original caption first, then 3 variants of it
+            original = json.loads(before[row["file_name"]])["text"]
+            assert len(row["text"]) == 4 and row["text"][0] == original and len(set(row["text"])) == 4
+            assert all(set(original.split()) <= set(v.split()) for v in row["text"])
+        else:
+            assert line == before[row["file_name"]]  # every other row as it was, byte for byte
+    # memwatch (and the scripts, outside training) read the first caption: the same set, the same captions
+    old, new = load_reference_set(train), load_reference_set(out)
+    assert [(it.id, it.caption) for it in new.items] == [(it.id, it.caption) for it in old.items]
+    assert f"--resume_from_checkpoint {run / 'checkpoint-3'}" in printed and "varied the captions of" in printed
+    with Store(run / "memwatch" / STORE_NAME, readonly=True) as store:
+        run_id = store.runs()[0]["id"]
+        rows = [r for r in store.interventions(run_id) if r["kind"] == "recaption"]
+        events = [e for e in store.events(run_id) if e["rule"] == "intervention-recaption"]
+    assert len(rows) == 1 and sorted(rows[0]["images"]) == sorted(at_risk) and len(events) == 1
+    assert rows[0]["detail"]["variants"] == 4 and set(rows[0]["detail"]["captions"]) == set(at_risk)
+
+
+def test_recaption_of_captions_in_a_csv_is_one_line_and_exit_2(watched, tmp_path, capsys) -> None:
+    run, train, at_risk = watched
+    csv_train = tmp_path / "csv-train"
+    csv_train.mkdir()
+    for p in train.glob("*.png"):
+        (csv_train / p.name).write_bytes(p.read_bytes())
+    names = sorted(p.name for p in train.glob("*.png"))
+    (csv_train / "metadata.csv").write_text(
+        "file_name,text\n" + "".join(f"{n},photo {i}\n" for i, n in enumerate(names))
+    )
+    assert main(["recaption", str(run), "--out", str(tmp_path / "o"), "--reference", str(csv_train)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "metadata.csv" in err and "metadata.jsonl" in err and len(err.splitlines()) == 1

@@ -3,6 +3,7 @@ stops training when it fails. Real monitors, real stores, a real accelerate loop
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from memwatch.core.probe import Probe, ProbeContext, ProbeResult, ProbeSettings
 from memwatch.data.images import load_image
 from memwatch.data.refset import load_reference_set
 from memwatch.hashing import state_sha256
-from memwatch.interventions import ImageWeights, LossGate, rollback
+from memwatch.interventions import ImageWeights, LossGate, VariedCaptions, rollback
 from memwatch.store import STORE_NAME, Store
 from memwatch.views.report import build_report, render_html
 
@@ -75,6 +76,37 @@ def test_the_weights_and_the_sampler_follow_the_images_at_risk(tmp_path: Path) -
     assert held["detail"]["held_back"] == [copied] and held["error"] is None and not held["images"]
     assert torch.equal(capped.weights, torch.ones(6, dtype=torch.float64))
     assert [e["rule"] for e in events if e["rule"].startswith("intervention")] == ["intervention-reweight"] * 2
+
+
+def test_varied_captions_follow_the_images_at_risk(tmp_path: Path) -> None:
+    write_images(tmp_path / "train", list(range(6)), size=SIZE)
+    refs = load_reference_set(tmp_path / "train")
+    ids = [it.id for it in refs.items]
+    texts = [f"a photo of thing {i}, red, smooth" for i in range(6)]
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    with MemorizationMonitor(Accelerator(cpu=True), SAMPLING, reference=refs, output_dir=tmp_path / "mw") as monitor:
+        captions = VariedCaptions(monitor, ids, texts, variants=4)
+        for step in range(1, 5):  # nothing at risk yet: every example keeps its caption
+            monitor.step(step, tiny_unet(SIZE), scheduler)
+            assert not captions.update()
+            assert captions.of(range(6), random.Random(step)) == texts
+        only = torch.stack([load_image(refs.items[2].path, SIZE)] * 4)
+        for step in range(5, 9):
+            monitor.step(step, MemorizingDenoiser(only, scheduler), scheduler)
+            captions.update()
+    assert list(captions.varied) == [2] and captions.varied[2][0] == texts[2] and len(set(captions.varied[2])) == 4
+    drawn = [captions.of([2, 3], random.Random(k)) for k in range(40)]
+    assert {d[1] for d in drawn} == {texts[3]}  # the others as written
+    assert {d[0] for d in drawn} == set(captions.varied[2])  # the image at risk: any of its captions
+    assert drawn == [captions.of([2, 3], random.Random(k)) for k in range(40)]  # the same seed, the same captions
+    assert torch.equal(captions.weights, torch.ones(6, dtype=torch.float64))  # nothing dropped
+    rows, events = _stored(tmp_path / "mw")
+    (row,) = rows
+    assert row["kind"] == "recaption" and row["step"] == 8 and row["images"] == [ids[2]]
+    assert row["detail"]["captions"] == {ids[2]: captions.varied[2]} and row["error"] is None
+    assert [e["rule"] for e in events if e["rule"].startswith("intervention")] == ["intervention-recaption"]
+    with pytest.raises(ValueError, match="captions for"):
+        VariedCaptions(monitor, ids, texts[:3])
 
 
 def test_duplicates_weigh_as_one_image_from_the_first_step(tmp_path: Path) -> None:

@@ -290,10 +290,26 @@ def _add_row(listing: Listing, name: str, value: Any, text: Any, path: Path, loc
     except (ValueError, OSError) as e:
         listing.skipped.append((name, f"no image in this row ({e})"))
         return
-    if text is not None and not isinstance(text, str):
+    caption = script_caption(text)
+    if text is not None and caption is None:
         listing.notes.append((name, f"caption is a {type(text).__name__}, not text: not used"))
-        text = None
-    listing.members.append(Member(name, data, text, locator))
+    listing.members.append(Member(name, data, caption, locator))
+
+
+def script_caption(value: Any) -> str | None:
+    """The caption a diffusers training script reads from a caption cell outside training: a string, or the
+    first of a list of strings (the scripts train on a random one of the list each time they read the row, and
+    validate with the first); None for anything else.
+
+    Example:
+        >>> script_caption("a cat"), script_caption(["a cat", "a cat, photo"]), script_caption(3)
+        ('a cat', 'a cat', None)
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return value[0]
+    return None
 
 
 def _check_column(column: str, names: list[str], path: Path) -> None:

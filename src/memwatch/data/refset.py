@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from memwatch.data.containers import safe_name
+from memwatch.data.containers import safe_name, script_caption
 from memwatch.data.file_hashes import FileHashCache
 from memwatch.data.images import is_image_path, load_image
 from memwatch.errors import MemwatchError
@@ -298,7 +298,7 @@ def _read_folder(root: Path, refs: ReferenceSet, image_column: str | None, capti
             name = row.get("file_name")
             if not isinstance(name, str):
                 raise MemwatchError(f"{mfile}: every line needs a 'file_name' (diffusers imagefolder format)")
-            caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
+            caption = next((script_caption(row[c]) for c in CAPTION_COLUMNS if script_caption(row.get(c))), None)
             meta[(mfile.parent / name).resolve()] = {"caption": caption, "identity": row.get("identity")}
     for p in files:
         if is_image_path(p):

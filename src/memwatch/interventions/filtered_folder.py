@@ -8,7 +8,9 @@ allows, copies otherwise, so it costs no space and the originals are never touch
 
 * the images left out, with their caption side files (``<stem>.txt``, ``<stem>.caption``);
 * the rows of a ``metadata.jsonl`` or ``metadata.csv`` (the Hugging Face ``imagefolder`` layout the
-  diffusers scripts read) whose ``file_name`` is an image left out; every other row is kept as it was.
+  diffusers scripts read) whose ``file_name`` is an image left out; every other row is kept as it was;
+* with ``recaption``, the ``metadata.jsonl`` rows of the images named there, whose caption becomes a list of
+  captions (``memwatch recaption``: the scripts train on a random one of the list each time).
 
 Example:
     >>> import tempfile
@@ -30,8 +32,8 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from memwatch.errors import MemwatchError
@@ -51,6 +53,7 @@ class FilteredFolder:
         files: files carried over.
         rows_left_out: metadata rows dropped with their image.
         linked: whether the files are hard links (False: copies).
+        recaptioned: images whose metadata row got the captions given in ``recaption``.
     """
 
     out: Path
@@ -58,22 +61,31 @@ class FilteredFolder:
     files: int
     rows_left_out: int
     linked: bool
+    recaptioned: list[str] = field(default_factory=list)
 
 
-def write_filtered_folder(folder: str | Path, out: str | Path, leave_out: Iterable[str]) -> FilteredFolder:
+def write_filtered_folder(
+    folder: str | Path,
+    out: str | Path,
+    leave_out: Iterable[str],
+    recaption: Mapping[str, list[str]] | None = None,
+) -> FilteredFolder:
     """Mirror ``folder`` into ``out`` without the images ``leave_out``.
 
     Args:
         folder: the training folder (images, optionally caption side files and ``metadata.jsonl``/``.csv``).
         out: the new folder; must not exist yet (or be empty), nor lie inside ``folder``.
         leave_out: image ids as memwatch names them: paths relative to ``folder``, with ``/``.
+        recaption: image id -> the captions its ``metadata.jsonl`` row gets instead of its caption (in the
+            row's ``text`` or ``caption`` field, whichever it has).
 
     Returns:
         A :class:`FilteredFolder`.
 
     Raises:
-        MemwatchError: ``folder`` is not a folder, ``out`` is not empty or lies inside ``folder``, or an id
-            in ``leave_out`` is not a file of ``folder`` (the run watched another set).
+        MemwatchError: ``folder`` is not a folder, ``out`` is not empty or lies inside ``folder``, an id
+            in ``leave_out`` or ``recaption`` is not a file of ``folder`` (the run watched another set), or an
+            image to recaption has its caption in a ``metadata.csv`` (a CSV cell holds one caption).
     """
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
@@ -83,7 +95,8 @@ def write_filtered_folder(folder: str | Path, out: str | Path, leave_out: Iterab
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MemwatchError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     drop = {str(PurePosixPath(i)) for i in leave_out}
-    missing = sorted(i for i in drop if not (folder / i).is_file())
+    new_captions = {str(PurePosixPath(i)): list(c) for i, c in (recaption or {}).items()}
+    missing = sorted(i for i in drop | set(new_captions) if not (folder / i).is_file())
     if missing:
         raise MemwatchError(
             f"{folder}: has no file {missing[0]} ({len(missing)} image(s) at risk not found): "
@@ -92,6 +105,7 @@ def write_filtered_folder(folder: str | Path, out: str | Path, leave_out: Iterab
     stems = {str(PurePosixPath(i).with_suffix("")) for i in drop}
     out.mkdir(parents=True, exist_ok=True)
     left_out: list[str] = []
+    recaptioned: list[str] = []
     files = rows = 0
     linked = True
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -102,40 +116,63 @@ def write_filtered_folder(folder: str | Path, out: str | Path, leave_out: Iterab
             left_out.append(rel)
             continue
         if path.name in METADATA:
-            text, dropped = _filtered_metadata(path, PurePosixPath(rel).parent, drop)
+            text, dropped = _filtered_metadata(path, PurePosixPath(rel).parent, drop, new_captions, recaptioned)
             target.write_text(text, encoding="utf-8")
             rows += dropped
         else:
             linked = _link_or_copy(path, target) and linked
         files += 1
-    return FilteredFolder(out, left_out, files, rows, linked)
+    return FilteredFolder(out, left_out, files, rows, linked, recaptioned)
 
 
-def _filtered_metadata(path: Path, where: PurePosixPath, drop: set[str]) -> tuple[str, int]:
-    """The metadata file without the rows of dropped images (``file_name`` is relative to its folder)."""
+def _filtered_metadata(
+    path: Path, where: PurePosixPath, drop: set[str], captions: Mapping[str, list[str]], recaptioned: list[str]
+) -> tuple[str, int]:
+    """The metadata file without the rows of dropped images (``file_name`` is relative to its folder), and with
+    the captions of the rows in ``captions`` replaced (their ids appended to ``recaptioned``)."""
 
-    def dropped(file_name: object) -> bool:
-        return isinstance(file_name, str) and str(where / file_name) in drop
+    def image(file_name: object) -> str | None:
+        return str(where / file_name) if isinstance(file_name, str) else None
 
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        kept = [line for line in text.splitlines() if not line.strip() or not dropped(_file_name(line, path))]
-        return "".join(line + "\n" for line in kept), len(text.splitlines()) - len(kept)
+        lines, kept = text.splitlines(), []
+        for line in lines:
+            row = _row(line, path) if line.strip() else None
+            rel = image(row.get("file_name")) if row else None
+            if rel in drop:
+                continue
+            field_name = next((c for c in ("text", "caption") if c in row), None) if rel in captions else None
+            if field_name is not None:
+                row[field_name] = captions[rel]
+                recaptioned.append(rel)
+                line = json.dumps(row, ensure_ascii=False)
+            kept.append(line)
+        return "".join(line + "\n" for line in kept), len(lines) - len(kept)
     reader = csv.DictReader(io.StringIO(text))
     rows = list(reader)
+    listed = sorted(r for r in (image(row.get("file_name")) for row in rows) if r in captions)
+    if listed:
+        raise MemwatchError(
+            f"{path}: the caption of {listed[0]} is in a CSV file, which holds one caption per image; convert it "
+            "to metadata.jsonl (one JSON object per line) to give it several"
+        )
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=reader.fieldnames or [], lineterminator="\n")
     writer.writeheader()
-    kept_rows = [r for r in rows if not dropped(r.get("file_name"))]
+    kept_rows = [r for r in rows if image(r.get("file_name")) not in drop]
     writer.writerows(kept_rows)
     return buf.getvalue(), len(rows) - len(kept_rows)
 
 
-def _file_name(line: str, path: Path) -> object:
+def _row(line: str, path: Path) -> dict:
     try:
-        return json.loads(line).get("file_name")
-    except (ValueError, AttributeError) as e:
+        row = json.loads(line)
+    except ValueError as e:
         raise MemwatchError(f"{path}: a line is not a JSON object ({e}); fix the file or filter by hand") from e
+    if not isinstance(row, dict):
+        raise MemwatchError(f"{path}: a line is not a JSON object; fix the file or filter by hand")
+    return row
 
 
 def _link_or_copy(source: Path, target: Path) -> bool:

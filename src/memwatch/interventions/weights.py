@@ -49,7 +49,13 @@ class ImageWeights:
         ...     ...
         ...     monitor.step(step, model, scheduler)
         ...     weights.update()
+
+    Subclasses act on the images at risk in another way (``VariedCaptions`` varies their captions) by
+    overriding :attr:`kind` and :meth:`_act_on`.
     """
+
+    #: the intervention's name in the store (``interventions.kind``, event ``intervention-<kind>``)
+    kind = "reweight"
 
     def __init__(
         self,
@@ -116,7 +122,7 @@ class ImageWeights:
         if not self._duplicates_done:
             changed |= self._guarded("duplicates", step, self._weigh_duplicates)
         if self.at_risk is not None and session.first_alarm_step is not None:
-            changed |= self._guarded("reweight", step, self._weigh_at_risk)
+            changed |= self._guarded(self.kind, step, self._weigh_at_risk)
         return changed
 
     def _guarded(self, kind: str, step: int | None, change: Any) -> bool:
@@ -171,34 +177,40 @@ class ImageWeights:
         self._unknown.update(unknown)
         if not new:
             if not named and not self._risk_seen:
-                self.session.record_intervention("reweight", step, [], {"setting": self._settings()},
+                self.session.record_intervention(self.kind, step, [], {"setting": self._settings()},
                                                  error="the warning named no training image at risk")  # fmt: skip
             elif unknown:
                 detail = {"setting": self._settings(), "not_in_dataset": unknown[:50]}
                 error = "the images at risk are not among the dataset's ids"
-                self.session.record_intervention("reweight", step, [], detail, error=error)
+                self.session.record_intervention(self.kind, step, [], detail, error=error)
             elif set(held_back) - self._held:
                 self._held.update(held_back)
                 detail = {"setting": self._settings(), "held_back": held_back[:50]}
                 # Not a failure: the cap `most` works as asked. On the record, nothing changed.
-                message = (f"intervention reweight: {len(held_back)} image(s) at risk held back, the share `most` "
-                           "is reweighted already; nothing changed")  # fmt: skip
-                self.session.record_intervention("reweight", step, [], detail, message=message)
+                message = (f"intervention {self.kind}: {len(held_back)} image(s) at risk held back, the share "
+                           "`most` is changed already; nothing changed")  # fmt: skip
+                self.session.record_intervention(self.kind, step, [], detail, message=message)
             self._risk_seen = True
             return False
         self._risk_seen = True
         self._held.update(held_back)
-        for image in new:
-            self._weights[self._positions[image]] = self.at_risk
+        detail, what = self._act_on(new)
         self.reweighted += new
         self.session.record_intervention(
-            "reweight", step, new,
-            {"setting": self._settings(), "weight": self.at_risk, "not_in_dataset": unknown[:50],
+            self.kind, step, new,
+            {"setting": self._settings(), **detail, "not_in_dataset": unknown[:50],
              "examples": sum(len(self._positions[i]) for i in new), "held_back": held_back[:50]},
-            message=f"{len(new)} training image(s) at risk {'dropped' if self.at_risk == 0 else 'down-weighted'}"
+            message=f"{len(new)} training image(s) at risk {what}"
                     f" from step {step if step is not None else self.session.last_step}",
         )  # fmt: skip
         return True
+
+    def _act_on(self, new: list[str]) -> tuple[dict[str, Any], str]:
+        """Change how the images ``new`` (at risk, not changed before) are trained on; what to record of it, and
+        what was done in a few words."""
+        for image in new:
+            self._weights[self._positions[image]] = self.at_risk
+        return {"weight": self.at_risk}, "dropped" if self.at_risk == 0 else "down-weighted"
 
     def _settings(self) -> dict[str, Any]:
         return {"at_risk": self.at_risk, "duplicates": self.duplicates, "most": self.most, "examples": len(self.ids)}
