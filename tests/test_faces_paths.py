@@ -67,3 +67,49 @@ def test_the_noise_path_keeps_its_ends_and_a_typical_norm() -> None:
     assert torch.allclose(path[-1], b, atol=1e-6)
     norms = path.flatten(1).norm(dim=1)
     assert float(norms.min()) > 0.95 * min(a.norm(), b.norm())  # a straight line would dip to ~0.71 of it
+
+
+def test_the_monitor_draws_the_path_between_two_people_it_reproduces(setting, tmp_path: Path) -> None:
+    """A model that has memorized two faces and nothing between them (the optimal denoiser of the two, which
+    samples one face or the other even at a softer posterior: tried down to 1/30) snaps on the path."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from support.demo_run import MemorizingDenoiser
+
+    from memwatch import MemorizationMonitor
+    from memwatch.store import STORE_NAME, Store
+
+    _, _, photos, boxes = setting
+    root = tmp_path / "train"
+    root.mkdir()
+    chips, lines = [], []
+    for name, person, weight in ((A, "barack_obama", 1.0), (B, "joe_biden", 0.0)):  # aligned as a model would learn
+        chip = aligned_morph(photos[A], boxes[A], photos[B], boxes[B], weight=weight, size=64)
+        chip.save(root / f"{name}.png")
+        chips.append(pil_tensor(chip))
+        lines.append(f'{{"path": "{name}.png", "identity": "{person}"}}\n')
+    (root / "train.jsonl").write_text("".join(lines))
+    refs = load_reference_set(root / "train.jsonl")
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    model = MemorizingDenoiser(torch.stack(chips), scheduler)  # it has memorized both faces, and nothing else
+    settings = {
+        "sampling": {"every": 1, "num_samples": 8, "inference_steps": 4, "batch_size": 8},
+        "probes": {"membership": {"every": 0}, "identity": {"every": 1, "matcher": "dlib", "paths": 1}},
+        "cadence": {"adaptive": False},
+    }
+    out = tmp_path / "mw"
+    with MemorizationMonitor(Accelerator(cpu=True), settings, reference=refs, output_dir=out) as monitor:
+        monitor.step(1, model, scheduler)
+    with Store(out / STORE_NAME, readonly=True) as store:
+        run = store.runs()[0]["id"]
+        metrics = {m["metric"]: m["value"] for m in store.metrics(run) if m["probe"] == "identity"}
+        rows = [it for it in store.items(run) if it["probe"] == "identity_paths"]
+        events = [e["rule"] for e in store.events(run)]
+    assert metrics["identities_leaked"] == 2 and metrics["path_pairs"] == 1
+    assert len(rows) == 9 and rows[0]["t"] == 0 and rows[-1]["t"] == 1
+    assert rows[0]["sim_a"] > 0.99 and rows[-1]["sim_b"] > 0.99  # the ends are the samples that reproduce each
+    assert metrics["path_pairs_snapping"] == 1 and metrics["path_pairs_blending"] == 0 and metrics["path_mmpmr"] == 0
+    assert {r["path_kind"] for r in rows} == {"snap"} and metrics["path_face_rate"] == 1
+    sims = [r["sim_a"] - r["sim_b"] for r in rows]  # A, then B: one switch, no face passing as both
+    assert sum(1 for x, y in zip(sims, sims[1:], strict=False) if (x > 0) != (y > 0)) == 1
+    assert "first-identity-path-blend" not in events and "first-identity-leak" in events

@@ -151,3 +151,15 @@ def test_eval_mode_restores_flags_on_exception():
         raise RuntimeError("boom")
     assert [m.training for m in net.modules()] == [True, True, True, False]
     assert torch.is_grad_enabled()
+
+
+def test_given_initial_noise_replaces_the_seeds_and_must_fit(unet, scheduler):
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    seeds = [3, 4]
+    own = torch.stack([seed_noise(s, shape) for s in seeds])
+    same = generate_samples(unet, scheduler, seeds, num_inference_steps=3, initial=own)
+    assert torch.equal(same, generate_samples(unet, scheduler, seeds, num_inference_steps=3))
+    swapped = generate_samples(unet, scheduler, seeds, num_inference_steps=3, initial=own.flip(0))
+    assert torch.equal(swapped, same.flip(0))  # the noise, not the seed, decides the image (eta 0)
+    with pytest.raises(MemwatchError, match="initial noise"):
+        generate_samples(unet, scheduler, seeds, num_inference_steps=3, initial=own[:1])

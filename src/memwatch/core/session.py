@@ -651,7 +651,7 @@ class ProbeSession:
         if not self.workers.is_main:
             return None
         assert plan is not None
-        return Samples(images, plan)
+        return Samples(images, plan, settings=self.config.sampling)
 
     # ------------------------------------------------------------------ recording and telling (main process)
 

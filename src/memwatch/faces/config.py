@@ -156,6 +156,20 @@ class IdentityConfig(ProbeSettings):
         min=-1.0, max=1.0,
     )  # fmt: skip
     chunk_size: int = setting(2048, "rows compared at a time in pairwise similarity scans (bounds memory)", min=1)
+    paths: int = setting(
+        3,
+        "pairs of training people whose identity path is drawn at each probe: faces generated between a seed that "
+        "reproduces one person and a seed that reproduces the other (faces/paths.py; unconditional models); 0: off",
+        min=0,
+        source="memwatch (issue 24): the ability to blend two people, tested actively instead of waiting for a "
+        "lucky sample; 3 pairs cost 3 x (path_points - 2) extra samples a probe",
+    )
+    path_points: int = setting(
+        9,
+        "faces along each identity path, its two ends (the shared samples that reproduce each person) included",
+        min=3,
+        source="memwatch: 7 faces between the ends, mixtures every 1/8 of the way, as the path test's morphs",
+    )
 
     def check(self) -> None:
         if self.detect_min_side < self.min_face_size:

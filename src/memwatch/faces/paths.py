@@ -141,3 +141,85 @@ def path_profile(
         if not both:
             out["kind"] = "snap" if out["sharpness"] >= snap_share else "fade"
     return out
+
+
+def path_pairs(items: Sequence[dict[str, Any]], most: int) -> list[tuple[str, int, str, int]]:
+    """Up to ``most`` pairs of training people to draw paths between, from one probe's identity rows: each
+    person leaked by some sample gets the seed of its most similar leaking sample; pairs in name order.
+
+    Returns:
+        ``(person_a, seed_a, person_b, seed_b)`` tuples.
+
+    Example:
+        >>> rows = [{"leak": True, "identity": "bo", "similarity": 0.95, "seed": 4},
+        ...         {"leak": True, "identity": "al", "similarity": 0.93, "seed": 9},
+        ...         {"leak": True, "identity": "al", "similarity": 0.97, "seed": 2}]
+        >>> path_pairs(rows, 3)
+        [('al', 2, 'bo', 4)]
+    """
+    best: dict[str, tuple[float, int]] = {}
+    for row in items:
+        if row.get("leak") and row.get("seed") is not None and row.get("identity") is not None:
+            person, sim = str(row["identity"]), float(row["similarity"])
+            if person not in best or sim > best[person][0]:
+                best[person] = (sim, int(row["seed"]))
+    people = sorted(best)
+    pairs = [(a, best[a][1], b, best[b][1]) for i, a in enumerate(people) for b in people[i + 1 :]]
+    return pairs[:most]
+
+
+def draw_paths(ctx: Any, items: Sequence[dict[str, Any]], gallery: Any, config: Any) -> tuple[dict[str, float], list]:
+    """The identity paths of one probe: metrics for the identity result and one row per path point.
+
+    Args:
+        ctx: the probe context (the model, and the shared samples with the settings they were drawn with).
+        items: the identity probe's rows for the shared samples (which seed reproduces which person).
+        gallery: the training faces.
+        config: the identity settings (``paths``, ``path_points``).
+
+    Returns:
+        ``(metrics, rows)``: ``path_pairs`` (paths drawn), ``path_pairs_blending`` (paths with a face that
+        verifies against both people), ``path_pairs_snapping``, ``path_blend_ability`` (blending / drawn),
+        ``path_mmpmr`` (mean share of path points verifying against both), ``path_face_rate`` and
+        ``path_closeness`` (the highest ``min(s_A, s_B)`` on any path); NaN where no pair of people is
+        reproduced yet (or the model is text-to-image, whose paths are not drawn).
+    """
+    from memwatch.models.modes import unwrap_model
+    from memwatch.sampling.ddim import generate_samples, image_shape, seed_noise
+
+    nan = math.nan
+    metrics = {"path_pairs": 0.0, "path_pairs_blending": nan, "path_pairs_snapping": nan, "path_blend_ability": nan,
+               "path_mmpmr": nan, "path_face_rate": nan, "path_closeness": nan}  # fmt: skip
+    samples = ctx.samples
+    pairs = path_pairs(items, config.paths)
+    if not pairs or ctx.parts.text_to_image or samples is None or samples.settings is None:
+        return metrics, []
+    shape = image_shape(unwrap_model(ctx.parts.unet))
+    index = {s: i for i, s in enumerate(samples.plan.seeds)}
+    rows, profiles = [], []
+    for a, seed_a, b, seed_b in pairs:
+        noise = slerp_noise(seed_noise(seed_a, shape), seed_noise(seed_b, shape), config.path_points)
+        inner = generate_samples(ctx.parts.unet, ctx.parts.scheduler, [seed_a] * (len(noise) - 2),
+                                 num_inference_steps=samples.settings.inference_steps, initial=noise[1:-1],
+                                 batch_size=samples.settings.batch_size or 16)  # fmt: skip
+        images = torch.cat([samples.images[index[seed_a]][None], inner, samples.images[index[seed_b]][None]])
+        faces = gallery.pipeline.embed_images(list(images))
+        sim_a = similarities_to(faces.embeddings, faces.found, gallery, a)
+        sim_b = similarities_to(faces.embeddings, faces.found, gallery, b)
+        profile = path_profile(sim_a, sim_b, threshold=gallery.threshold)
+        profiles.append(profile)
+        for k, (sa, sb) in enumerate(zip(sim_a, sim_b, strict=True)):
+            rows.append({"pair": f"{a}+{b}", "person_a": a, "person_b": b, "seed_a": seed_a, "seed_b": seed_b,
+                         "t": k / (len(noise) - 1), "face_found": sa is not None, "sim_a": sa, "sim_b": sb,
+                         "both": sa is not None and sb is not None and min(sa, sb) >= gallery.threshold,
+                         "path_kind": profile["kind"], "sharpness": profile["sharpness"]})  # fmt: skip
+    n = len(profiles)
+    blending = sum(p["kind"] == "blend" for p in profiles)
+    metrics.update({
+        "path_pairs": float(n), "path_pairs_blending": float(blending),
+        "path_pairs_snapping": float(sum(p["kind"] == "snap" for p in profiles)),
+        "path_blend_ability": blending / n, "path_mmpmr": sum(p["both_rate"] for p in profiles) / n,
+        "path_face_rate": sum(p["face_rate"] for p in profiles) / n,
+        "path_closeness": max((p["closeness"] for p in profiles if math.isfinite(p["closeness"])), default=nan),
+    })  # fmt: skip
+    return metrics, rows

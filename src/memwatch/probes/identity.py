@@ -8,6 +8,7 @@ gallery itself (``identity_gallery``: identities, faces, calibration) as a compa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,7 @@ class IdentityProbe(Probe):
     Settings = IdentityConfig
     order = 30
     needs_samples = True
-    companions = ("identity_gallery",)
+    companions = ("identity_gallery", "identity_paths")
     metrics = ("num_samples", "faces_found", "face_detection_rate", "face_detect_errors",
                Metric("identity_leak_rate", role="share", panel=FACES, out_of="faces_found",
                       label="identity leak rate: faces that are a training person"),
@@ -55,7 +56,16 @@ class IdentityProbe(Probe):
                "threshold_target_fmr", "threshold_fmr", "threshold_fnmr", "threshold_impostor_pairs",
                "identity_leak_baseline", "identity_leak_excess",
                Metric("leak_onset", role="forecast", panel=FACES, label="identity leak forecast"), "leak_onset_low",
-               "leak_onset_high", "leak_steps_to_onset", "leak_slope_t", "people_approaching")  # fmt: skip
+               "leak_onset_high", "leak_steps_to_onset", "leak_slope_t", "people_approaching",
+               Metric("path_blend_ability", role="share", panel=FACES, out_of="path_pairs",
+                      label="blend ability: identity paths with a face that passes as both people"),
+               Metric("path_pairs_blending", role="count", panel=FACES, label="people pairs blended on a path",
+                      onset="first blend on an identity path"),
+               "path_pairs", "path_pairs_snapping", "path_mmpmr", "path_face_rate",
+               Metric("path_closeness", role="precursor", panel=FACES, threshold="identity_threshold",
+                      label="precursor: closest any identity path comes to a face passing as both"),
+               Metric("blend_onset", role="forecast", panel=FACES, label="identity blend forecast"),
+               "blend_onset_low", "blend_onset_high", "blend_steps_to_onset")  # fmt: skip
     unmeasured = "no identity probe result: faces were not checked for leaked training identities"
     default_rules = (
         {
@@ -93,6 +103,29 @@ class IdentityProbe(Probe):
             "message": "step {step}: a generated face blends two training identities",
         },
         {
+            "name": "first-identity-path-blend",
+            "type": "first",
+            "metric": "identity/path_pairs_blending",
+            "op": ">",
+            "value": 0,
+            "severity": "warning",
+            "source": "MMPMR over an identity path (Scherhag et al. 2017): asked for faces between two training people "
+            "it reproduces, the model makes one that verifies against both (faces/paths.py)",
+            "message": "step {step}: the model can blend two training people: a face on the path between them passes "
+            "as both",
+        },
+        {
+            "name": "identity-blend-forecast",
+            "type": "forecast",
+            "metric": "identity/blend_onset",
+            "horizon_share": 0.5,
+            "severity": "warning",
+            "source": "the leak forecast (faces/probe.py leak_forecast) applied to the identity paths' closest "
+            "approach to a face that passes as both people (path_closeness); not tuned on blends",
+            "message": "step {step}: faces between two training people approach passing as both; a blend is "
+            "forecast at step {forecast_step} (band {forecast_low}-{forecast_high}); keep {keep}",
+        },
+        {
             "name": "identity-leak-forecast",
             "type": "forecast",
             "metric": "identity/leak_onset",
@@ -112,6 +145,7 @@ class IdentityProbe(Probe):
     def reduce(self, rows: list[dict[str, Any]], ctx: ProbeContext) -> list[ProbeResult]:
         from memwatch.data.embed_cache import EmbeddingCache
         from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+        from memwatch.faces.paths import draw_paths
         from memwatch.faces.probe import LEAK_WINDOW, closest_approaches, leak_forecast
 
         assert ctx.samples is not None
@@ -141,7 +175,22 @@ class IdentityProbe(Probe):
         past = [(e["step"], closest_approaches(e["items"])) for e in ctx.earlier(self.name, LEAK_WINDOW - 1)]
         forecast = leak_forecast([*past, (ctx.step, closest_approaches(result.items))], self._gallery.threshold)
         result.metrics.update(forecast["metrics"])
-        out.append(result)
+        if cfg.paths:  # the ability to blend, asked of the model directly (faces/paths.py)
+            t0 = time.perf_counter()
+            metrics, rows = draw_paths(ctx, result.items, self._gallery, cfg)
+            result.metrics.update(metrics)
+            # the paths' closest approach to a face passing as both people, over time: the blend's precursor
+            closeness = [
+                (e["step"], e["metrics"].get("path_closeness")) for e in ctx.earlier(self.name, LEAK_WINDOW - 1)
+            ]
+            trajectory = [(s, {"paths": c}) for s, c in [*closeness, (ctx.step, metrics["path_closeness"])]
+                          if c is not None and math.isfinite(c)]  # fmt: skip
+            blend = leak_forecast(trajectory, self._gallery.threshold)["metrics"] if trajectory else {}
+            keys = ("leak_onset", "leak_onset_low", "leak_onset_high", "leak_steps_to_onset")
+            result.metrics.update({k.replace("leak_", "blend_"): blend.get(k, math.nan) for k in keys})
+            out.append(ProbeResult(f"{self.name}_paths", {k: float(v) for k, v in metrics.items()}, items=rows))
+            ctx.add_time("identity_paths", time.perf_counter() - t0)
+        out.insert(0, result)
         if gallery is not None:
             out.append(gallery)
         return out

@@ -80,6 +80,7 @@ def generate_samples(
     device: torch.device | str | None = None,
     eta: float = 0.0,
     progress: bool = False,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per seed with DDIM, in eval mode and without touching the global RNG.
 
@@ -95,6 +96,8 @@ def generate_samples(
             UNet's device. Inputs use the UNet's dtype.
         eta: DDIM eta; 0 gives deterministic sampling.
         progress: show a tqdm bar over denoising steps.
+        initial: ``(len(seeds), C, H, W)`` initial noise to start from instead of each seed's (e.g. points between
+            two seeds' noises, :func:`memwatch.faces.paths.slerp_noise`); the seeds still draw eta's noise.
 
     Returns:
         float32 CPU tensor ``(len(seeds), C, H, W)`` in [0, 1] (model range [-1, 1] mapped by
@@ -117,6 +120,8 @@ def generate_samples(
     dtype = param.dtype
     shape = image_shape(model)
     seeds = [int(s) for s in seeds]
+    if initial is not None and tuple(initial.shape) != (len(seeds), *shape):
+        raise MemwatchError(f"initial noise of shape {tuple(initial.shape)}: give one {shape} tensor per seed")
     if not seeds:
         return torch.empty((0, *shape), dtype=torch.float32)
 
@@ -136,7 +141,10 @@ def generate_samples(
             # Each seed keeps its own generator: it draws the initial noise, then (eta > 0) the
             # per-step noise, so a seed's trajectory never depends on its batch neighbours.
             gens = [seed_generator(s) for s in batch_seeds]
-            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            if initial is not None:
+                x = initial[start : start + batch_size]
+            x = x.to(device=device, dtype=dtype)
             for t in timesteps:
                 model_in = ddim.scale_model_input(x, t)
                 pred = model(model_in, t.to(device)).sample

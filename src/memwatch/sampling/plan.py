@@ -158,6 +158,8 @@ class Samples:
         images: ``(N, 3, H, W)`` in [0, 1].
         plan: which seed (and prompt) each sample came from.
         timings: seconds spent embedding and searching them (``embedding``, ``search``), once.
+        settings: the ``sampling`` settings they were drawn with (a probe that draws more samples the same way
+            reads them), None where unknown.
 
     Example:
         >>> s = Samples(torch.zeros(2, 3, 8, 8), SamplePlan([0, 1]))
@@ -168,6 +170,7 @@ class Samples:
     images: torch.Tensor
     plan: SamplePlan
     timings: dict[str, float] = field(default_factory=dict)
+    settings: SamplingSettings | None = None
     _embedded: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _found: dict[int, Neighbours] = field(default_factory=dict, repr=False)
 
