@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing-steps", type=int, default=0, help="save checkpoint-<step>/ every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
+    p.add_argument(
+        "--drop-at-risk",
+        action="store_true",
+        help="an intervention (memwatch.interventions.ImageWeights): once memwatch warns, draw the batches without "
+        "the training images it names at risk (at most half of them)",
+    )
     return p.parse_args(argv)
 
 
@@ -123,9 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    dataset = ImageFolderDataset(args.train_data, args.resolution, args.flip)
-    if args.repeats > 1:
-        dataset = torch.utils.data.ConcatDataset([dataset] * args.repeats)
+    images = ImageFolderDataset(args.train_data, args.resolution, args.flip)
+    dataset = torch.utils.data.ConcatDataset([images] * args.repeats) if args.repeats > 1 else images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
 
     # Checkpoints get a unet/ folder, as in diffusers' train_unconditional.py.
@@ -146,6 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator, args.memwatch_config, reference=args.train_data, holdout=args.holdout_data
         ) as monitor,
     ):
+        image_weights = None
+        if args.drop_at_risk:  # opt-in: batches drawn by weights that drop the images at risk after a warning
+            from memwatch.interventions import ImageWeights
+
+            ids = [p.relative_to(args.train_data).as_posix() for p in images.paths]  # memwatch's ids in a folder
+            image_weights = ImageWeights(monitor, ids * max(1, args.repeats))
+            loader = accelerator.prepare(
+                torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=image_weights.sampler())
+            )
         step = 0
         for _epoch in range(math.ceil(args.steps / len(loader))):
             model.train()
@@ -166,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
                 monitor.step(step, model, noise_scheduler)  # memwatch (3/3)
+                if image_weights is not None:
+                    image_weights.update()
                 accelerator.log({"loss": loss.item()}, step=step)
                 progress.update(1)
                 mem = monitor.latest.get("regurgitation/mem_fraction")

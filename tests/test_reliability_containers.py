@@ -124,10 +124,20 @@ def test_one_null_image_cell_skips_its_row_not_its_file(tmp_path: Path) -> None:
 def test_a_caption_that_is_not_text_is_noted_and_the_image_used(tmp_path: Path) -> None:
     path = tmp_path / "t" / "train.parquet"
     path.parent.mkdir()
-    pq.write_table(pa.table({"image": [png(1), png(2)], "caption": [["a", "list"], ["fine"]]}), path)
+    pq.write_table(pa.table({"image": [png(1), png(2)], "caption": [7, 8]}), path)
     refs = load_reference_set(path)
     assert [it.caption for it in refs.items] == [None, None]
     assert refs.caption_notes[0][0] == "train.parquet/000000" and refs.summary()["captions_unreadable"] == 2
+
+
+def test_a_list_of_captions_is_read_as_the_scripts_read_it_outside_training(tmp_path: Path) -> None:
+    """The diffusers scripts train on a random caption of a list and validate with the first: memwatch reads
+    the first (varied captions, ``memwatch recaption``)."""
+    path = tmp_path / "t" / "train.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": [png(1), png(2)], "caption": [["a", "a, again"], ["fine"]]}), path)
+    refs = load_reference_set(path)
+    assert [it.caption for it in refs.items] == ["a", "fine"] and not refs.caption_notes
 
 
 @pytest.mark.parametrize("folder_name", ["columns", "images"])

@@ -81,3 +81,30 @@ def test_train_ddpm_under_accelerate_launch_with_two_processes(tmp_path: Path) -
     assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
     summary = json.loads((out / "memwatch" / "summary.json").read_text())
     assert summary["last_step"] == 12
+
+
+def test_drop_at_risk_puts_the_scripts_batches_under_the_weights_intervention(tmp_path: Path) -> None:
+    """``--drop-at-risk`` (``memwatch demo --drop-at-risk``): after the first warning the script's batches are
+    drawn by ``ImageWeights``, whose change (or why there is none) is on the run's record."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ddpm_under_test", ROOT / "scripts" / "train_ddpm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    write_images(tmp_path / "train", list(range(4)), size=16)
+    cfg = tmp_path / "mw.yaml"
+    warn_at_once = {"name": "test-warning", "type": "threshold", "metric": "regurgitation/ratio_min", "op": "<",
+                    "value": 10, "severity": "warning", "message": "step {step}: a warning for the test"}  # fmt: skip
+    cfg.write_text(yaml.safe_dump({
+        "sampling": {"every": 2, "num_samples": 4, "inference_steps": 2, "batch_size": 4},
+        "probes": {"membership": {"every": 0}}, "cadence": {"adaptive": False}, "rules": [warn_at_once],
+    }))  # fmt: skip
+    out = tmp_path / "run"
+    summary = script.main(["--train-data", str(tmp_path / "train"), "--output-dir", str(out), "--memwatch-config",
+                           str(cfg), "--steps", "4", "--resolution", "16", "--block-channels", "16", "32",
+                           "--batch-size", "2", "--repeats", "2", "--drop-at-risk"])  # fmt: skip
+    assert summary["first_alarm_step"] == 2
+    with Store(out / "memwatch" / "memwatch.sqlite") as store:
+        rows = store.interventions(store.runs()[0]["id"])
+    assert rows and {r["kind"] for r in rows} == {"reweight"}
+    assert rows[0]["step"] == 2 and rows[0]["detail"]["setting"]["examples"] == 8  # 4 images, repeated twice

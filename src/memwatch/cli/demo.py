@@ -26,14 +26,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train on face crops of the bundled public-domain portraits with the identity probe on (dlib, offline; "
         "needs memwatch[faces]): when the model starts to reproduce the people, and to blend them; runs/demo-faces/",
     )
+    p.add_argument(
+        "--drop-at-risk",
+        action="store_true",
+        help="turn on an intervention: after the first warning the batches leave out the training images memwatch "
+        "names at risk (memwatch.interventions.ImageWeights); runs/demo-drop/",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
-    p.add_argument("--output-dir", default=None, help="default runs/demo, runs/demo-control or runs/demo-faces")
+    p.add_argument(
+        "--output-dir", default=None, help="default runs/demo, runs/demo-control, runs/demo-faces or runs/demo-drop"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from memwatch.demo.run import format_demo_summary, run_demo
 
-    summary = run_demo(control=args.control, faces=args.faces, steps=args.steps, output_dir=args.output_dir)
+    summary = run_demo(control=args.control, faces=args.faces, steps=args.steps, output_dir=args.output_dir,
+                       drop_at_risk=args.drop_at_risk)  # fmt: skip
     print(format_demo_summary(summary))
     return 0

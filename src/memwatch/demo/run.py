@@ -84,7 +84,12 @@ def find_checkout(start: Path | None = None) -> Path:
 
 
 def run_demo(
-    *, control: bool = False, faces: bool = False, steps: int | None = None, output_dir: str | Path | None = None
+    *,
+    control: bool = False,
+    faces: bool = False,
+    steps: int | None = None,
+    output_dir: str | Path | None = None,
+    drop_at_risk: bool = False,
 ) -> dict:
     """Train, probe, draw curves; return the monitor's summary plus the curve paths.
 
@@ -93,7 +98,9 @@ def run_demo(
         faces: train on face crops of the bundled portraits with the identity probe on (needs
             ``memwatch[faces]``).
         steps: optimizer steps (default: the demo config's).
-        output_dir: default ``runs/demo`` (``runs/demo-control``, ``runs/demo-faces``).
+        output_dir: default ``runs/demo`` (``runs/demo-control``, ``runs/demo-faces``, ``runs/demo-drop``).
+        drop_at_risk: the intervention ``ImageWeights``: after the first warning, batches leave out the images
+            memwatch names at risk (the training script's ``--drop-at-risk``).
 
     Example:
         >>> summary = run_demo(steps=200)  # doctest: +SKIP
@@ -105,7 +112,7 @@ def run_demo(
     if control and faces:
         raise MemwatchError("--control and --faces are two different demos: give one of them")
     files = demo_files()
-    name = "demo-faces" if faces else "demo-control" if control else "demo"
+    name = "demo-faces" if faces else "demo-control" if control else "demo-drop" if drop_at_risk else "demo"
     out = Path(output_dir) if output_dir else files.runs / name
     if (out / OUTPUT_SUBDIR).is_dir():
         shutil.rmtree(out)  # a demo starts fresh: only a folder that an earlier demo wrote is removed
@@ -121,12 +128,13 @@ def run_demo(
         argv = ["--train-data", str(data), "--holdout-data", str(files.assets / "holdout"), "--memwatch-config",
                 str(files.config), "--steps", str(steps or DEMO_STEPS), *DEMO_TRAINING_ARGS]  # fmt: skip
     script = _load_script(files.script)
-    summary: dict[str, Any] = script.main([*argv, "--output-dir", str(out)])
+    summary: dict[str, Any] = script.main([*argv, "--output-dir", str(out), *(["--drop-at-risk"] * drop_at_risk)])
     summary["curves"] = {k: str(v) for k, v in write_curves(out / OUTPUT_SUBDIR).items()}
     ckpt = last_clean_checkpoint(out, summary["last_clean_step"])
     summary["last_clean_checkpoint"] = str(ckpt) if ckpt else None
     if faces:
         summary["people"] = people_leaked(Path(summary["store"]))
+        summary["blend_paths"] = blend_paths(Path(summary["store"]))
     summary.update(sign_demo_report(out, files.runs / DEMO_KEY))
     return summary
 
@@ -188,6 +196,29 @@ def people_leaked(store_path: Path) -> list[dict[str, Any]]:
     return sorted(people.values(), key=lambda p: (p["first_step"], p["identity"]))
 
 
+def blend_paths(store_path: Path) -> dict[str, Any]:
+    """What the identity paths showed (faces/paths.py): the first step at which a path between two people the
+    model reproduces passed through a face that verifies as both, and the paths of the last probe that drew any.
+
+    Example:
+        >>> blend_paths(Path("runs/demo-faces/memwatch/memwatch.sqlite"))  # doctest: +SKIP
+        {'first_blend_step': 1300, 'last_step': 1500, 'last': {'blend': 1, 'snap': 1, 'fade': 1}}
+    """
+    from memwatch.store import Store
+
+    with Store(store_path, readonly=True) as store:
+        rows = [r for run in store.runs() for r in store.items(run["id"], "identity_paths")]
+    kinds: dict[int, dict[str, str]] = {}
+    for r in rows:
+        kinds.setdefault(int(r["step"]), {})[r["pair"]] = r["path_kind"]
+    blended = [step for step, pairs in kinds.items() if "blend" in pairs.values()]
+    last = max(kinds, default=None)
+    counts: dict[str, int] = {}
+    for kind in kinds.get(last, {}).values() if last is not None else ():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"first_blend_step": min(blended, default=None), "last_step": last, "last": counts}
+
+
 # The demo recipe (docs/benchmarks.md has its timings): a 0.27M-parameter UNet predicting v (as Stable
 # Diffusion 2 does) on 8 images (each 4 times per batch of 32) memorizes within ~2,000 steps; mem_fraction is 0 before
 # step ~1,000. Found by a small sweep over model width, batch size, learning rate and prediction type.
@@ -233,6 +264,11 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
         people = [f"{p['identity']} (from step {p['first_step']}: {p['leaks']} faces, {p['blends']} blends)"
                   for p in summary["people"]]  # fmt: skip
         lines.insert(-2, f"  people reproduced:      {', '.join(people) or '-'}")
+    if "blend_paths" in summary:
+        paths = summary["blend_paths"]
+        last = ", ".join(f"{n} {kind}" for kind, n in sorted(paths["last"].items())) or "none drawn"
+        lines.insert(-2, f"  blend ability (paths):  first blend at step {_step(paths['first_blend_step'])}; "
+                         f"at step {_step(paths['last_step'])}: {last}")  # fmt: skip
     lines += [f"  {name + ':':<24}{_rel(path)}" for name, path in summary.get("curves", {}).items()]
     lines += [f"  {name + ':':<24}{_rel(summary[key])}" for name, key in
               (("report", "report"), ("attestation (signed)", "attestation"), ("public key", "public_key"))

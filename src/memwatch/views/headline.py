@@ -26,7 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,8 +53,9 @@ PANELS = {
     ),
 }
 SHARE_STYLES = (("o-", "tab:red"), ("D-", "tab:orange"), ("v-", "tab:pink"), ("P-", "tab:olive"))
-PRECURSOR_STYLE = ("s--", "tab:brown")
-RIGHT_STYLE = ("^-", "tab:purple")
+PRECURSOR_STYLES = (("s--", "tab:brown"), ("x--", "tab:cyan"))
+RIGHT_STYLES = (("^-", "tab:purple"), ("*-", "tab:green"))
+LEGEND_WIDTH = 52  # characters per legend line
 
 
 def key_steps(data: RunHistory, declared: Declarations | None = None) -> dict[str, int | None]:
@@ -115,7 +118,9 @@ def headline_figure(data: RunHistory, last_clean_checkpoint: Path | None = None)
             for handle, label in zip(*a.get_legend_handles_labels(), strict=True):
                 legend.setdefault(label, handle)
         if legend:  # below the chart, so it hides no curve
-            fig.legend(list(legend.values()), list(legend), fontsize="x-small", loc="outside lower center", ncols=3)
+            # long labels wrapped, so that three columns fit the figure's width however many curves there are
+            labels = [textwrap.fill(label, LEGEND_WIDTH) for label in legend]
+            fig.legend(list(legend.values()), labels, fontsize="x-small", loc="outside lower center", ncols=3)
     return fig
 
 
@@ -137,12 +142,14 @@ def _panel(ax: Any, panel: str, data: RunHistory, declared: Declarations) -> lis
     drawn = False
     for key, (style, colour) in zip(declared.keys(role="share", panel=panel), SHARE_STYLES, strict=False):
         drawn |= _series(ax, data.metrics.get(key), style, colour, declared.metrics[key].title)
-    for key in declared.keys(role="precursor", panel=panel):
-        if _series(ax, data.metrics.get(key), *PRECURSOR_STYLE, declared.metrics[key].title):
+    thresholds: set[float] = set()
+    for key, style in zip(declared.keys(role="precursor", panel=panel), itertools.cycle(PRECURSOR_STYLES)):
+        if _series(ax, data.metrics.get(key), *style, declared.metrics[key].title):
             drawn = True
             threshold = _latest_threshold(data, declared, key)
-            if threshold is not None:
-                ax.axhline(threshold, color=PRECURSOR_STYLE[1], linewidth=0.8, linestyle=":",
+            if threshold is not None and threshold not in thresholds:  # precursors sharing a threshold: one line
+                thresholds.add(threshold)
+                ax.axhline(threshold, color=style[1], linewidth=0.8, linestyle=":",
                            label=f"{declared.metrics[key].title.split(':')[0]} threshold {threshold:.3g}")  # fmt: skip
     onset, name = panel_onset(data, declared, panel)
     for key in declared.keys(role="forecast", panel=panel):
@@ -165,22 +172,25 @@ def _right_axis(right: Any, panel: str, data: RunHistory, declared: Declarations
     drawn = False
     if separability:
         right.set_ylim(0.4, 1.02)
-        for key in separability:
+        for key, style in zip(separability, itertools.cycle(RIGHT_STYLES)):
             m = declared.metrics[key]
-            if _series(right, data.metrics.get(key), *RIGHT_STYLE, f"{m.title} (right axis)"):
+            if _series(right, data.metrics.get(key), *style, f"{m.title} (right axis)"):
                 drawn = True
                 chance = declared.threshold(key)
                 right.set_ylabel(f"separability (AUC; {chance:g} = chance)" if chance is not None else m.title)
                 if chance is not None:
-                    right.axhline(chance, color=RIGHT_STYLE[1], linewidth=0.6, linestyle=":")
+                    right.axhline(chance, color=style[1], linewidth=0.6, linestyle=":")
     else:
         counts = declared.keys(role="count", panel=panel)
         values = [v for k in counts for v in data.metrics.get(k, {}).values() if math.isfinite(v)]
-        for key in counts:
+        titles = []
+        for key, style in zip(counts, itertools.cycle(RIGHT_STYLES)):
             m = declared.metrics[key]
-            if _series(right, data.metrics.get(key), *RIGHT_STYLE, f"{m.title} (right axis)"):
+            if _series(right, data.metrics.get(key), *style, f"{m.title} (right axis)"):
                 drawn = True
-                right.set_ylabel(m.title)
+                titles.append(m.title)
+        if titles:  # several counts share the axis: the legend names each
+            right.set_ylabel(titles[0] if len(titles) == 1 else "count")
         right.set_ylim(-0.1, max(values, default=1.0) + 0.5)
     if not drawn:  # no such results: no empty axis
         right.set_visible(False)
