@@ -267,8 +267,8 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
     if "blend_paths" in summary:
         paths = summary["blend_paths"]
         last = ", ".join(f"{n} {kind}" for kind, n in sorted(paths["last"].items())) or "none drawn"
-        lines.insert(-2, f"  blend ability (paths):  first blend at step {_step(paths['first_blend_step'])}; "
-                         f"at step {_step(paths['last_step'])}: {last}")  # fmt: skip
+        lines.insert(-2, f"  blend ability (paths):  first blend at {_step(paths['first_blend_step'])}; "
+                         f"at {_step(paths['last_step'])}: {last}")  # fmt: skip
     lines += [f"  {name + ':':<24}{_rel(path)}" for name, path in summary.get("curves", {}).items()]
     lines += [f"  {name + ':':<24}{_rel(summary[key])}" for name, key in
               (("report", "report"), ("attestation (signed)", "attestation"), ("public key", "public_key"))

@@ -122,7 +122,8 @@ def identity_from_embeddings(
 
     Returns:
         A :class:`ProbeResult` with metrics ``num_samples``, ``faces_found``, ``face_detection_rate``,
-        ``face_detect_errors``, ``identity_leak_rate``, ``identities_leaked``,
+        ``face_detect_errors``, ``identity_leak_rate``, ``identity_leak_share`` (leaks over all samples),
+        ``identities_leaked``,
         ``identity_interpolation_rate``, ``identity_interpolations``, ``identity_pairs_interpolated``,
         ``identity_sim_p50``/``p95``/``max``, the threshold's (``identity_threshold``,
         ``threshold_calibrated`` 0/1, ``threshold_fmr``...), ``gallery_identities``, ``gallery_faces``
@@ -293,6 +294,8 @@ def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect
         "face_detection_rate": faces / n if n else _NAN,
         "face_detect_errors": float(detect_errors),
         "identity_leak_rate": len(leaks) / faces if faces else _NAN,
+        # over every sample, not the faces found: one face of 32 samples is not "100% leaking"
+        "identity_leak_share": len(leaks) / n if n else _NAN,
         "identities_leaked": float(len({m["identity"] for m in leaks})),
         "identity_interpolation_rate": len(blends) / faces if faces else _NAN,
         "identity_interpolations": float(len(blends)),
