@@ -64,6 +64,8 @@ class Setting:
     budget: float | None = 0.03
     membership_every: int = 50
     free_share: float = 0.5  # the most of the budget the sampling-free probes take (cadence.SAMPLING_FREE_SHARE)
+    gap_share: float | None = None  # a warning when members' loss is this share below the holdout's (None: no rule)
+    gap_for: int = 2  # ... on this many membership probes in a row
 
 
 def precursor_series(
@@ -109,6 +111,9 @@ def replay(run: dict[str, Any], s: Setting, horizons: tuple[float, ...] = (0.5,)
          "severity": "warning", "message": "m"},
         {"name": "forecast", "type": "forecast", "metric": "forecast/onset", "horizon_share": h,
          "for": s.consecutive, "severity": "warning", "message": "m"},
+        *([{"name": "gap", "type": "threshold", "metric": "membership/loss_gap_share", "op": ">=",
+            "value": s.gap_share, "for": s.gap_for, "severity": "warning", "message": "m"}]
+          if s.gap_share is not None else []),
     ])) for h in horizons}  # fmt: skip
     cadence_module.SAMPLING_FREE_SHARE = s.free_share
     cadence = Cadence(CadenceSettings(adaptive=True, budget=s.budget))
@@ -125,6 +130,11 @@ def replay(run: dict[str, Any], s: Setting, horizons: tuple[float, ...] = (0.5,)
         if s.membership_every and cadence.due("membership", step, every=s.membership_every, sample_probe=False):
             ran["membership"] = (s.membership_every, False)
             work += member_work
+            m = truth["membership"][at[step]]
+            share = {"membership/loss_gap_share": (m["loss_holdout"] - m["loss_member"]) / m["loss_holdout"]}
+            for h, engine in engines.items():
+                for e in engine.observe(step, share):
+                    first[h].setdefault(e.rule, step)
         if cadence.due("regurgitation", step, every=s.every, sample_probe=True):
             ran["regurgitation"] = (s.every, True)
             work += sample_work
@@ -198,14 +208,22 @@ HORIZONS = (0.25, 0.5, 1.0)
 #: setting whose warnings depend on exactly which steps the cadence probes is luck, not a default.
 ROBUST_GRID = {"closest": [1, 2, 3], "consecutive": [1, 2], "window": [6, 8], "max_extrapolation": [1.5, 2.0]}
 ROBUST_HORIZONS = (0.5, 0.75, 1.0)
+#: ``--gap``: the membership-gap warning beside the default forecast (closest 2, window 8, <= 1.5x span)
+GAP_GRID = {
+    "closest": [2],
+    "window": [8],
+    "max_extrapolation": [1.5],
+    "gap_share": [None, 0.25, 0.3, 0.35, 0.4],
+    "gap_for": [1, 2, 3],
+}
 PERTURBATIONS = {"budget": [0.015, 0.02, 0.025, 0.03], "free_share": [0.25, 0.5]}
 
 
-def robust(runs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
-    """Each forecast setting of :data:`ROBUST_GRID` x :data:`ROBUST_HORIZONS` (fast samples, every 100, the
-    smallest seeds) replayed under every cadence of :data:`PERTURBATIONS`: its false alarms and misses summed
-    over them (and which runs they were), and its leads."""
-    forecasts = [dict(zip(ROBUST_GRID, v, strict=True)) for v in itertools.product(*ROBUST_GRID.values())]
+def robust(runs: list[dict[str, Any]], jobs: int, grid: dict[str, list[Any]] = ROBUST_GRID) -> list[dict[str, Any]]:
+    """Each forecast setting of ``grid`` x :data:`ROBUST_HORIZONS` (fast samples, every 100) replayed under
+    every cadence of :data:`PERTURBATIONS`: its false alarms and misses summed over them (and which runs
+    they were), and its leads."""
+    forecasts = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
     cadences = [dict(zip(PERTURBATIONS, v, strict=True)) for v in itertools.product(*PERTURBATIONS.values())]
     settings = [Setting(fast=True, **f, **c) for f in forecasts for c in cadences]
     with ProcessPoolExecutor(jobs) as pool:
@@ -276,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diagnose", action="store_true", help="fast vs full samples and membership, no grid")
     p.add_argument("--budget", type=float, default=0.03, help="the cadence budget replayed (work share)")
     p.add_argument("--robust", action="store_true", help="forecast settings under perturbed cadences (ROBUST_GRID)")
+    p.add_argument("--gap", action="store_true", help="--robust for the membership-gap warning (GAP_GRID)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--export", default=None, help="write the runs' truth here, compact (e.g. docs/data/tune)")
     args = p.parse_args(argv)
@@ -287,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         diagnose(runs)
         return 0
-    if args.robust:
-        table = robust(runs, args.jobs)
+    if args.robust or args.gap:
+        table = robust(runs, args.jobs, GAP_GRID if args.gap else ROBUST_GRID)
         for r in table:
             print(json.dumps(r))
         if args.json:

@@ -107,4 +107,4 @@ def test_a_user_rules_list_replaces_the_default_rules() -> None:
             "severity": "info", "message": "m", "source": "my own"}  # fmt: skip
     config = load_config({"rules": [rule]})
     assert [r.name for r in config.rules] == ["r"] and config.raw["rules"][0]["source"] == "my own"
-    assert len(load_config(None).rules) == 13  # the probes' default rules
+    assert len(load_config(None).rules) == 14  # the probes' default rules

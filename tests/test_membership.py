@@ -176,6 +176,7 @@ def test_overfit_model_fits_members_better(overfit):
     assert result.probe == "membership"
     assert m["loss_member"] < m["loss_holdout"]
     assert m["loss_gap"] == pytest.approx(m["loss_holdout"] - m["loss_member"])
+    assert m["loss_gap_share"] == pytest.approx(m["loss_gap"] / m["loss_holdout"])
     assert m["mia_auc"] > 0.5
     assert 0.0 <= m["tpr_at_1fpr"] <= 1.0
     assert [(r["item"], r["group"]) for r in result.items] == [(f"m{i}", "member") for i in range(4)] + [
@@ -203,7 +204,7 @@ def test_empty_holdout_gives_nan_metrics(overfit):
     result = membership_probe(net, sched, members[:2], None, member_ids=["a", "b"], holdout_ids=[], timesteps=[50])
     m = result.metrics
     assert math.isfinite(m["loss_member"])
-    for key in ("loss_holdout", "loss_gap", "mia_auc", "tpr_at_1fpr"):
+    for key in ("loss_holdout", "loss_gap", "loss_gap_share", "mia_auc", "tpr_at_1fpr"):
         assert math.isnan(m[key]), key
     assert len(result.items) == 2
 
@@ -237,3 +238,20 @@ def test_noise_seed_is_sha256_prefix():
     assert noise_seed_for("x.png") == int(hashlib.sha256(b"x.png").hexdigest()[:8], 16)
     assert noise_seed_for("x.png") != noise_seed_for("y.png")
     assert noise_seed_for(17) == noise_seed_for("17")  # ids are hashed as text
+
+
+def test_default_rules_warn_on_a_large_loss_gap():
+    """The member-loss-gap warning fires once the members' loss is GAP_SHARE below the holdout's, not before,
+    and only once while the gap stays open."""
+    from memwatch.core.config import load_config
+    from memwatch.probes.membership import GAP_SHARE
+    from memwatch.signals.rules import RuleEngine
+
+    engine = RuleEngine(load_config(None).rules)
+    fired = {}
+    for step, share in [(100, 0.1), (200, GAP_SHARE - 0.01), (300, GAP_SHARE), (400, 0.6)]:
+        for event in engine.observe(step, {"membership/loss_gap_share": share}):
+            fired.setdefault(event.rule, (step, event.severity, event.message))
+    step, severity, message = fired["member-loss-gap"]
+    assert (step, severity) == (300, "warning")
+    assert "35% below the held-out images'" in message
