@@ -7,12 +7,16 @@ encoder) on ``n`` captioned photo crops (``scripts/t2i_data.py``) with one of th
 the pinned diffusers release, run **unmodified** by ``accelerate launch`` on one CPU process:
 
 * ``lora``: ``examples/text_to_image/train_text_to_image_lora.py``;
-* ``full``: ``examples/text_to_image/train_text_to_image.py`` (the whole UNet).
+* ``full``: ``examples/text_to_image/train_text_to_image.py`` (the whole UNet);
+* ``loop``: this repository's ``scripts/train_t2i.py``, a plain accelerate loop that fine-tunes the whole UNet
+  as ``full`` does (lr 1e-4, batch 4), with memwatch's monitor **in the loop** at its defaults.
 
-``memwatch watch`` follows the run beside the script at memwatch's defaults (the user's config names only
-the training and held-out folders and the base model) and probes each ``checkpoint-<step>`` folder the script
-writes. The scripts are not in the diffusers package: ``--diffusers PATH`` is a git checkout (or bare clone)
-of huggingface/diffusers that has the release tag; they are read from it at that tag, never copied here.
+``memwatch watch`` follows the diffusers scripts' runs beside them at memwatch's defaults (the user's config
+names only the training and held-out folders and the base model) and probes each ``checkpoint-<step>`` folder
+the script writes; in ``loop`` the monitor probes at the steps its cadence chooses, under its work budget, and
+the checkpoints are only for the truth. The diffusers scripts are not in the diffusers package: ``--diffusers
+PATH`` is a git checkout (or bare clone) of huggingface/diffusers that has the release tag; they are read from
+it at that tag, never copied here.
 
 The ground truth is measured after training on every checkpoint: 4 seeds for each training caption and each
 of 8 held-out captions, sampled as memwatch samples text-to-image models (DDIM, guidance 7.5) with 20 steps,
@@ -57,6 +61,8 @@ SCRIPT_ARGS = {
     "lora": ["--rank", "16", "--learning_rate", "1e-3"],
     "full": ["--learning_rate", "1e-4"],
 }
+#: the in-loop fine-tune, a plain accelerate loop in this repository (``full``'s settings)
+LOOP_SCRIPT = ROOT / "scripts" / "train_t2i.py"
 BATCH = 4
 #: seconds without a new save after which the watch takes the run as ended. Its default, three times the
 #: longest gap it saw between saves, counts the gaps as it sees them: a watch still busy with its first probe
@@ -160,7 +166,17 @@ def write_sets(spec: T2IRunSpec, run_dir: Path) -> tuple[Path, Path]:
 
 
 def train_command(spec: T2IRunSpec, script: Path, train_dir: Path, out_dir: Path) -> list[str]:
-    """``accelerate launch`` of the unmodified script on one CPU process."""
+    """``accelerate launch`` of the unmodified script on one CPU process (``loop``: the in-loop script, the
+    monitor in it at memwatch's defaults, the run's config naming the held-out set)."""
+    if spec.script == "loop":
+        holdout = train_dir.parent / "holdout"
+        return [
+            sys.executable, str(LOOP_SCRIPT), "--base", spec.base, "--train-data", str(train_dir),
+            "--holdout-data", str(holdout), "--output-dir", str(out_dir), "--steps", str(spec.steps),
+            "--checkpointing-steps", str(spec.checkpoint_every), "--batch-size", str(BATCH), "--lr", "1e-4",
+            "--seed", str(spec.seed), "--threads", "1",
+            *(["--memwatch-config", str(out_dir.parent / "memwatch.yaml")] if spec.watch else []),
+        ]  # fmt: skip
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
@@ -188,15 +204,15 @@ def run_one(spec: T2IRunSpec) -> dict[str, Any]:
     logs = run_dir / "logs"
     logs.mkdir()
     watcher = None
-    if spec.watch:
+    if spec.watch and spec.script != "loop":  # the in-loop monitor needs no watch beside it
         watch = [sys.executable, "-m", "memwatch.cli", "watch", str(out_dir), "--config", str(config),
                  "--quiet-period", "2", "--poll", "1", "--idle-timeout", "600",
                  "--end-quiet", str(END_QUIET)]  # fmt: skip
         watcher = subprocess.Popen(watch, env=env, stdout=open(logs / "watch.log", "w"), stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
     with open(logs / "train.log", "w") as log:
-        trainer = subprocess.Popen(train_command(spec, scripts[spec.script], train_dir, out_dir), env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        command = train_command(spec, scripts.get(spec.script, LOOP_SCRIPT), train_dir, out_dir)
+        trainer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         code, train_cpu = wait_cpu(trainer)
     train_s = time.perf_counter() - t0
     if code != 0:
@@ -522,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_warnings.py --t2i", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help=f"{QUICK} (<= 15 min on 2 cores)")
-    p.add_argument("--scripts", nargs="+", choices=sorted(SCRIPTS), help="which example scripts")
+    p.add_argument("--scripts", nargs="+", choices=[*sorted(SCRIPTS), "loop"],
+                   help="which example scripts ('loop': the in-loop monitor in scripts/train_t2i.py)")  # fmt: skip
     p.add_argument("--sizes", type=int, nargs="+", help="training-set sizes")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds for every size")
     p.add_argument("--steps", type=int, help="step budget per run")

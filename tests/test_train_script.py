@@ -108,3 +108,39 @@ def test_drop_at_risk_puts_the_scripts_batches_under_the_weights_intervention(tm
         rows = store.interventions(store.runs()[0]["id"])
     assert rows and {r["kind"] for r in rows} == {"reweight"}
     assert rows[0]["step"] == 2 and rows[0]["detail"]["setting"]["examples"] == 8  # 4 images, repeated twice
+
+
+def test_train_t2i_counts_the_unets_work_and_links_its_checkpoints_to_the_probes(tmp_path: Path) -> None:
+    """scripts/train_t2i.py, the in-loop text-to-image example: the monitor is handed the pipeline's parts
+    (``ModelParts``), counts the trained UNet's work for its budget (not the wall clock) and records each
+    ``checkpoint-<step>`` as a sighting of the weights it probed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_t2i_under_test", ROOT / "scripts" / "train_t2i.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for sub, seeds in (("train", range(4)), ("holdout", range(50, 54))):
+        paths = write_images(tmp_path / sub, list(seeds), size=32)
+        rows = [json.dumps({"file_name": p.name, "text": f"a photo of thing {p.stem}"}) for p in paths]
+        (tmp_path / sub / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "sampling": {"every": 4, "num_samples": 4, "inference_steps": 2, "batch_size": 4},
+        "probes": {"membership": {"every": 4, "num_members": 4, "num_holdout": 4, "timesteps": [100, 400]},
+                   "condnoise": {"every": 0}},
+        "cadence": {"adaptive": False},
+    }))  # fmt: skip
+    out = tmp_path / "run"
+    summary = script.main(["--base", str(ROOT / "assets" / "t2i" / "base"), "--train-data", str(tmp_path / "train"),
+                           "--holdout-data", str(tmp_path / "holdout"), "--output-dir", str(out),
+                           "--memwatch-config", str(cfg), "--steps", "8", "--batch-size", "2",
+                           "--checkpointing-steps", "4", "--threads", "1"])  # fmt: skip
+    assert summary["failed_probes"] == []
+    assert summary["budget_unit"] == "work" and summary["probe_work_share"] > 0  # the UNet's passes were counted
+    with Store(out / "memwatch" / "memwatch.sqlite") as store:
+        run_id = store.runs()[0]["id"]
+        probed = {r["snapshot_id"] for r in store.results(run_id) if r["status"] == "ok"}
+        seen = {s["step"]: (s["id"] in probed, sorted((g["kind"], g["step"]) for g in s["sightings"]))
+                for s in store.snapshots(run_id)}  # fmt: skip
+    assert seen == {4: (True, [("checkpoint", 4), ("live", 4)]), 8: (True, [("checkpoint", 8), ("live", 8)])}
+    assert (out / "checkpoint-8" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

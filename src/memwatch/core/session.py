@@ -31,6 +31,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -328,14 +329,15 @@ class ProbeSession:
             self._repeat_warned = True
         self.last_step = step
         self._last_args = (model, scheduler, ema)
-        self.meter.watch(model)
-        self.cadence.tick(self.meter.training)
         try:
-            due = self.due(step, text_to_image=ModelParts.of(model, scheduler).text_to_image)
+            parts = ModelParts.of(model, scheduler)
         except MemwatchError as e:
             self._fail_all(step, self.applicable(), f"cannot probe this model: {e}")
             return []
-        return self._probe_live(step, model, scheduler, ema, due) if due else []
+        self.meter.watch(parts.unet)  # the denoiser's passes, whether a bare UNet or a pipeline's parts came in
+        self.cadence.tick(self.meter.training)
+        due = self.due(step, text_to_image=parts.text_to_image)
+        return self._probe_live(step, parts, ema, due) if due else []
 
     def saw_checkpoint(self, path: str | Path) -> None:
         """In-loop front-ends: the training script is saving the model last passed to :meth:`step` to ``path``.
@@ -352,10 +354,10 @@ class ProbeSession:
         if not self.workers.is_main or self.store is None or self._last_args is None or self.closed:
             return
         try:
-            model, _, ema = self._last_args
+            model, scheduler, ema = self._last_args
             step = checkpoint_step(path)
             step = self.last_step if step is None else step
-            with ema_weights(model, ema, self.config.weights) as unet:
+            with ema_weights(ModelParts.of(model, scheduler).unet, ema, self.config.weights) as unet:
                 sha = state_sha256(unwrap_model(unet))
             self.store.add_snapshot(self.run_id, step, kind="checkpoint", path=str(path), weights_sha256=sha,
                                     weights=self.config.weights)  # fmt: skip
@@ -370,14 +372,22 @@ class ProbeSession:
         model, scheduler, ema = self._last_args
         self._last_args = None
         pending = [p for p in self.applicable() if self.probed_at.get(p.name) != self.last_step]
-        return self._probe_live(self.last_step, model, scheduler, ema, pending) if pending else []
+        if not pending:
+            return []
+        try:
+            parts = ModelParts.of(model, scheduler)
+        except MemwatchError as e:
+            self._fail_all(self.last_step, pending, f"cannot probe this model: {e}")
+            return []
+        return self._probe_live(self.last_step, parts, ema, pending)
 
-    def _probe_live(self, step: int, model: Any, scheduler: Any, ema: Any, probes: list[Probe]) -> list[Event]:
+    def _probe_live(self, step: int, parts: ModelParts, ema: Any, probes: list[Probe]) -> list[Event]:
         t0, work0 = self.cadence.clock(), self.meter.probing_work
         try:
-            with ema_weights(model, ema, self.config.weights) as unet, self.meter.probing():
+            with ema_weights(parts.unet, ema, self.config.weights) as unet, self.meter.probing():
                 self.meter.watch(unet)  # an EMA copy is another module
-                events = self.probe(step, unet, scheduler, [p.name for p in probes], weights=self.config.weights)
+                events = self.probe(step, replace(parts, unet=unet), None, [p.name for p in probes],
+                                    weights=self.config.weights)  # fmt: skip
         except Exception as e:  # the last line of defence: nothing reaches the training loop
             self._fail_all(step, probes, failure_reason(e))
             events = []
