@@ -176,7 +176,7 @@ def pair_interval(overheads: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(overheads)
     if n < 2:
         return mean, mean
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(overheads) / n**0.5
+    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(overheads) / n**0.5
     return mean - half, mean + half
 
 
