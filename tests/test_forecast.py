@@ -327,3 +327,12 @@ def test_text_to_image_forecast_evidence_names_the_prompts_and_ranks_them_by_the
     # the message's closest images say which prompt came closest to each
     assert evidence["closest_images"].startswith('horse.png (d1/d2 0.30, prompt "a photo of a cat"), coffee.png')
     assert evidence["closest"][0]["prompt"] == "a photo of a cat"
+
+
+def test_theil_sen_without_scipy_says_what_to_install(monkeypatch):
+    """scipy is not a dependency of memwatch: the robust fit alone needs it, and says so in one line."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # import scipy.stats now raises ImportError
+    with pytest.raises(MemwatchError, match="theil_sen' needs scipy"):
+        forecast_onset([(s, {0: 1.0 - s / 1000}) for s in (100, 200, 300, 400)], threshold=0.5, method="theil_sen")

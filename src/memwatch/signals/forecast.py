@@ -37,6 +37,8 @@ from typing import Protocol
 
 import numpy as np
 
+from memwatch.errors import MemwatchError
+
 #: The fits :func:`forecast_onset` offers.
 METHODS = ("ols", "theil_sen")
 
@@ -197,7 +199,10 @@ class TheilSenFit:
 
 def theil_sen_fit(x: Sequence[float], y: Sequence[float]) -> TheilSenFit | None:
     """:class:`TheilSenFit` of the points; None with fewer than 3 points or one distinct x."""
-    from scipy.stats import kendalltau, theilslopes
+    try:
+        from scipy.stats import kendalltau, theilslopes
+    except ImportError:  # scipy is not among memwatch's own dependencies: only this option needs it
+        raise MemwatchError("the forecast method 'theil_sen' needs scipy: pip install scipy, or use 'ols'") from None
 
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xa.size < 3 or np.ptp(xa) == 0:
