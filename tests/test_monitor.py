@@ -394,6 +394,28 @@ def test_the_same_seed_probes_the_same_steps_under_any_load(train_holdout, tmp_p
     # the wall clock still tells what it measured, and the budget is what the cadence kept
     assert slow[2]["probe_overhead"] > 10 * idle[2]["probe_overhead"]
     assert idle[2]["budget_unit"] == "work" and idle[2]["probe_work_share"] == slow[2]["probe_work_share"]
+    assert idle[2]["sampled_steps"] == idle[0]  # the summary says where samples were drawn
+
+
+def test_a_run_sampled_too_rarely_for_a_forecast_says_so(train_holdout, tmp_path: Path, caplog) -> None:
+    """A budget that affords samples only at the first probe and the end: the forecast could never have warned,
+    and the summary's log line and the report's limitations say so, with what to change."""
+    from memwatch.core.config import load_config
+    from memwatch.core.session import ProbeSession
+    from memwatch.data.refset import load_reference_set
+
+    train_dir, holdout_dir = train_holdout
+    config = load_config({**FAST, "cadence": {"adaptive": True, "budget": 0.001}})
+    session = ProbeSession(config, load_reference_set(train_dir), load_reference_set(holdout_dir), tmp_path / "mw",
+                           clock=Ticking(0.001))  # fmt: skip
+    train(Accelerator(cpu=True), train_dir, 40, monitor=SessionLoop(session))
+    session.finish()
+    with caplog.at_level("WARNING", logger="memwatch"):
+        summary = session.close()
+    assert summary["sampled_steps"] == [4, 40]  # the granted first probing, and finish()
+    assert "samples were drawn at 2 step(s) only (4, 40)" in caplog.text and "cadence.budget" in caplog.text
+    limits = {x["code"]: x["message"] for x in build_report(tmp_path / "mw")["limitations"]}
+    assert "2 step(s) only (4, 40)" in limits["probes-sparse"]
 
 
 def test_a_probed_step_samples_once_for_every_sample_probe(train_holdout, tmp_path: Path) -> None:

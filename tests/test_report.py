@@ -402,6 +402,7 @@ def test_limitations_name_failures_missing_files_and_undefined_numbers(hand_repo
     assert "1 file(s)" in codes["reference-skipped"]
     assert {"face-threshold-uncalibrated", "face-weights-unverified", "no-holdout"} <= set(codes)
     assert "weights-unhashed" not in codes  # every snapshot of this run has its weights hash
+    assert "probes-sparse" not in codes  # samples at 4 steps: enough for a forecast to warn at the last
     assert "samples-without-pixels" in codes  # grids keep the top 3 of 4 samples, and one grid is missing
     assert "embedder-weights-unverified" not in codes  # the pixel embedder has no weights
     runs = report["provenance"]["probe_runs"]

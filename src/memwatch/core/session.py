@@ -53,6 +53,7 @@ from memwatch.hashing import state_sha256
 from memwatch.models.modes import ema_weights, eval_mode, preserved_rng, unwrap_model
 from memwatch.models.parts import ModelParts
 from memwatch.sampling.plan import Samples, generate_share, plan_samples
+from memwatch.signals.forecast import MIN_POINTS, sparse_samples_message
 from memwatch.signals.rules import FORECAST, Event, Rule, RuleEngine, parse_rules
 from memwatch.snapshots.checkpoints import checkpoint_step
 from memwatch.store import STORE_NAME, Store
@@ -144,6 +145,8 @@ class ProbeSession:
         self.probed_at: dict[str, int] = {}
         #: probes that could not run, each with its reason, in the order they failed
         self.failures: list[dict[str, Any]] = []
+        #: in-loop: the steps at which samples were drawn (the forecast needs MIN_POINTS of them to warn)
+        self.sampled_steps: list[int] = []
         self.closed = False
         self._final: dict[str, Any] | None = None  # the summary written at close (with the images at risk)
         self._data_analysed = False  # the training-set analysis is made once per run (main process)
@@ -393,6 +396,8 @@ class ProbeSession:
             events = []
         if self.workers.is_main:
             sampled = any(p.needs_samples for p in probes)
+            if sampled:
+                self.sampled_steps.append(step)
             work = self.meter.probing_work - work0
             self.cadence.probed(self.cadence.clock() - t0, sampled=sampled, work=work)
             ran = {p.name: (p.every, p.needs_samples) for p in probes}
@@ -803,6 +808,7 @@ class ProbeSession:
             "probe_overhead": rounded(self.cadence.overhead(), 4),
             "probe_work_share": rounded(self.cadence.work_share(), 4),
             "budget_unit": self.cadence.unit,
+            "sampled_steps": list(self.sampled_steps),  # in-loop: where samples were drawn
         }
 
     def images_at_risk(self, most: int | None = 5) -> list[dict[str, Any]]:
@@ -832,6 +838,8 @@ class ProbeSession:
         summary = self.summary()
         self.closed = True
         self.meter.close()
+        if self.workers.is_main and 0 < len(self.sampled_steps) <= MIN_POINTS:
+            log.warning("memwatch: %s", sparse_samples_message(self.sampled_steps))
         if self.store is not None:
             summary["images_at_risk"] = self.images_at_risk()
             self._final = summary

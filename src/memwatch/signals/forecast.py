@@ -41,9 +41,30 @@ from memwatch.errors import MemwatchError
 
 #: The fits :func:`forecast_onset` offers.
 METHODS = ("ols", "theil_sen")
+#: The fewest probes a line is fitted through: a forecast needs this many sample probes before it can warn.
+MIN_POINTS = 3
 
 #: One-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.645 (normal) beyond.
 _T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+
+def sparse_samples_message(sampled: Sequence[int]) -> str:
+    """What a run with too few sample probes for a forecast cannot tell, and what to change (the summary's log line
+    and the report's ``probes-sparse`` limitation).
+
+    Args:
+        sampled: the steps at which samples were drawn (at most :data:`MIN_POINTS` of them).
+
+    Example:
+        >>> sparse_samples_message([100, 1500])[:50]
+        'samples were drawn at 2 step(s) only (100, 1500): '
+    """
+    return (
+        f"samples were drawn at {len(sampled)} step(s) only ({', '.join(map(str, sampled))}): the onset forecast needs "
+        f"{MIN_POINTS} sample probes before it can warn, and a copy made between two of them is seen only at the "
+        "later one; in a training loop, raise cadence.budget (the probes' share of the training's work) or watch "
+        "the saved checkpoints with memwatch watch; probing checkpoints, save them more often"
+    )
 
 
 def t95(dof: int) -> float:
@@ -114,7 +135,7 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> LineFit | None:
     """
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = int(xa.size)
-    if n < 3:
+    if n < MIN_POINTS:
         return None
     x_mean = float(xa.mean())
     dx = xa - x_mean
@@ -205,7 +226,7 @@ def theil_sen_fit(x: Sequence[float], y: Sequence[float]) -> TheilSenFit | None:
         raise MemwatchError("the forecast method 'theil_sen' needs scipy: pip install scipy, or use 'ols'") from None
 
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if xa.size < 3 or np.ptp(xa) == 0:
+    if xa.size < MIN_POINTS or np.ptp(xa) == 0:
         return None
     res = theilslopes(ya, xa, alpha=0.90)  # a two-sided 90% interval: one-sided 95% each way, as the OLS band
     # the exact null distribution of tau holds without ties (Kendall 1970); with ties, the normal approximation

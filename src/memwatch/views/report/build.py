@@ -38,6 +38,7 @@ from memwatch.core.declared import Declarations, load_run
 from memwatch.core.probe import MAIN_PANEL, ProbeRecord
 from memwatch.errors import MemwatchError
 from memwatch.hashing import canonical_json, config_hash, sha256_bytes
+from memwatch.signals.forecast import MIN_POINTS, sparse_samples_message
 from memwatch.signals.image_risk import ImageRisk, image_trajectories, rank_images
 from memwatch.signals.rules import FORECAST, OPS
 from memwatch.store import Store
@@ -48,7 +49,7 @@ from memwatch.views.curves import curves_figure, images_figure, seeds_figure
 from memwatch.views.headline import headline_figure
 from memwatch.views.plotting import DPI, PNG_METADATA
 from memwatch.views.report import sources
-from memwatch.views.report.common import IDENTITY, Limits, data_uri
+from memwatch.views.report.common import IDENTITY, REGURGITATION, Limits, data_uri
 from memwatch.views.report.coverage import coverage
 from memwatch.views.report.evidence import ReferenceFiles, collect_evidence, sample_crops
 from memwatch.views.report.paths import make_portable
@@ -692,6 +693,9 @@ def _general_limits(
                 f"{summary['skipped']} file(s) of the {label} set could not be decoded and were skipped when the run "
                 "was recorded: those images were not audited",
             )
+    sampled = sorted({r["step"] for r in results if r["probe"] == REGURGITATION and r["status"] == "ok"})
+    if 0 < len(sampled) <= MIN_POINTS:
+        limits.add("probes-sparse", sparse_samples_message(sampled))
     if info.get("holdout") is None:
         limits.add("no-holdout", "no holdout set: membership signals (members vs non-members) could not be measured")
     unhashed = sum(1 for s in snapshots if not s["weights_sha256"])

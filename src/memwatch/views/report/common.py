@@ -15,6 +15,7 @@ LIMIT_ORDER = (
     "no-results",
     "probe-failed",
     "schedule-guessed",
+    "probes-sparse",
     "final-superseded",
     "checkpoint-deleted",
     "membership-few-items",
