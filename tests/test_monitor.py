@@ -414,8 +414,11 @@ def test_a_run_sampled_too_rarely_for_a_forecast_says_so(train_holdout, tmp_path
         summary = session.close()
     assert summary["sampled_steps"] == [4, 40]  # the granted first probing, and finish()
     assert "samples were drawn at 2 step(s) only (4, 40)" in caplog.text and "cadence.budget" in caplog.text
-    limits = {x["code"]: x["message"] for x in build_report(tmp_path / "mw")["limitations"]}
+    report = build_report(tmp_path / "mw")
+    limits = {x["code"]: x["message"] for x in report["limitations"]}
     assert "2 step(s) only (4, 40)" in limits["probes-sparse"]
+    # torch's thread count shapes the trained weights (its kernels' order of addition): the record keeps it
+    assert report["provenance"]["torch_threads"] == torch.get_num_threads()
 
 
 def test_a_probed_step_samples_once_for_every_sample_probe(train_holdout, tmp_path: Path) -> None:

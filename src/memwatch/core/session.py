@@ -907,7 +907,8 @@ def _non_finite(parts: ModelParts) -> str | None:
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions of memwatch and the libraries that shape its results, and the host name."""
+    """Versions of memwatch and the libraries that shape its results, the host name, and torch's CPU threads (its
+    kernels add in an order that depends on them: the same seed trains other weights on another thread count)."""
     import importlib.metadata as md
 
     versions = {}
@@ -917,4 +918,4 @@ def environment_info() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     versions["memwatch"] = versions["memwatch"] or __version__
-    return {"versions": versions, "host": socket.gethostname()}
+    return {"versions": versions, "host": socket.gethostname(), "torch_threads": torch.get_num_threads()}

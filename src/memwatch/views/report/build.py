@@ -507,6 +507,7 @@ def _provenance(
         "thresholds": _thresholds(config, metric_rows, {r["probe"] for r in results}),
         "versions": {str(k): versions[k] for k in sorted(versions)},
         "host": env.get("host"),
+        "torch_threads": env.get("torch_threads"),  # null in stores written before it was recorded
         "embedder": _embedder(config, env, limits),
         "probe_runs": [_probe_run(r) for r in results],
     }

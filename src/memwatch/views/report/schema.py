@@ -411,6 +411,7 @@ _SCHEMA: dict[str, Any] = {
                     "thresholds": _list({"$ref": "#/$defs/threshold"}),
                     "versions": {"type": "object", "additionalProperties": _STR},
                     "host": _STR,
+                    "torch_threads": _INT,
                     "embedder": _obj(
                         {
                             "name": {"type": "string"},
