@@ -96,6 +96,27 @@ def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize("seen", [None, 2], ids=["created", "upgraded"])
+def test_a_store_another_process_created_or_upgraded_meanwhile_opens(tmp_path: Path, monkeypatch, seen) -> None:
+    """Two processes open a new (or old) store at once: both read its schema version before either holds the write
+    lock; the one that waited must read it again under the lock, not create (or upgrade) the tables a second time.
+    Made deterministic by letting the first read see the version the other process had not yet changed."""
+    path = tmp_path / "memwatch.sqlite"
+    with Store(path) as s:  # the other process, done first
+        run = s.ensure_run("r", config={"a": 1})
+    read = Store._schema_version
+    calls = []
+
+    def stale_first(self):
+        calls.append(1)
+        return seen if len(calls) == 1 else read(self)
+
+    monkeypatch.setattr(Store, "_schema_version", stale_first)
+    with Store(path) as s:  # raised "table meta already exists" (created) or failed to upgrade (upgraded)
+        assert [r["id"] for r in s.runs()] == [run]
+    assert len(calls) >= 2  # the version was read again under the lock
+
+
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     conn = sqlite3.connect(path)

@@ -224,11 +224,14 @@ class Store:
             return
         if version is None:  # a new file: created as schema 2, then upgraded like any older store
             with self._transaction("create its tables") as conn:
-                conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '2')")
-                for statement in SCHEMA_V2:
-                    conn.execute(statement)
-            version = 2
+                # read again under the write lock: another process opening the new file may have created it
+                version = self._schema_version()
+                if version is None:
+                    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '2')")
+                    for statement in SCHEMA_V2:
+                        conn.execute(statement)
+                    version = 2
         if version < SCHEMA_VERSION:
             self._migrate(version)
         with self._transaction("create its tables") as conn:  # tables added without a version change
@@ -262,7 +265,9 @@ class Store:
             conn.execute("PRAGMA foreign_keys = OFF")  # tables may be rebuilt; references are kept by id
             while version < SCHEMA_VERSION:
                 with self._transaction("upgrade it") as c:
-                    version = upgrade(c, version, self.path)
+                    version = self._schema_version() or version  # another process may have upgraded it meanwhile
+                    if version < SCHEMA_VERSION:
+                        version = upgrade(c, version, self.path)
         finally:
             conn.execute("PRAGMA foreign_keys = ON")
 
