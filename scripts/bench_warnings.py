@@ -447,13 +447,16 @@ def probes_and_events(run_dir: Path) -> tuple[list[tuple[str, int]], list[tuple[
 
 def same_as(out: Path, other: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Did the runs in ``other`` (the same seeds and config, another time, another load) probe the same steps
-    and raise the same events as those in ``out``? Compared up to the shorter run's last step."""
+    and raise the same events as those in ``out``? Compared up to the shorter run's last step, which that run
+    probed only because it stopped there (the monitor probes the last step seen): of runs of other lengths, the
+    steps before it."""
     compared, differ = [], []
     for row in rows:
         name = f"n{row['n']:04d}-s{row['seed']}"
         if not (other / name / "truth.json").is_file():
             continue
-        last = min(row["steps_trained"], json.loads((other / name / "truth.json").read_text())["steps_trained"])
+        lengths = (row["steps_trained"], json.loads((other / name / "truth.json").read_text())["steps_trained"])
+        last = min(lengths) - (lengths[0] != lengths[1])
         records = []
         for folder in (out / name, other / name):
             probed, events = probes_and_events(folder)
