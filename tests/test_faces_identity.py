@@ -26,6 +26,7 @@ from memwatch.faces import (
     slerp_position,
     threshold_at_fmr,
 )
+from memwatch.faces.probe import check_instance, closest_approaches, identity_evidence
 
 DIM = 256
 
@@ -209,6 +210,42 @@ def test_probe_metrics_and_items(world: dict) -> None:
     assert items[7]["face_found"] is False and items[7]["identity"] is None and items[7]["leak"] is False
     no_faces = identity_from_embeddings(emb[:2], torch.tensor([False, False]), gallery, config)
     assert no_faces.metrics["face_detection_rate"] == 0.0 and math.isnan(no_faces.metrics["identity_leak_rate"])
+
+
+def test_the_fine_tunes_own_subject_is_kept_apart_from_leaks(world: dict) -> None:
+    """DreamBooth/LoRA on one person: faces of that person are the purpose (instance_faces), not leaks; leaks of
+    anyone else, blends of the subject with another person and the leak precursor are counted as before."""
+    c = world["centers"]
+    emb = torch.cat(
+        [
+            _noisy(c["ann"], 3, NOISE, world["gen"]),  # the subject
+            _noisy(c["bob"], 1, NOISE, world["gen"]),  # someone else: a leak
+            _noisy(_slerp(c["ann"], c["eve"], 0.5), 1, 0.2, world["gen"]),  # the subject blended with eve
+            F.normalize(torch.randn(2, DIM, generator=world["gen"]), dim=1),
+        ]
+    )
+    plain = identity_from_embeddings(emb, None, _gallery(world, IdentityConfig(matcher="vggface2")),
+                                     IdentityConfig(matcher="vggface2"))  # fmt: skip
+    config = IdentityConfig(matcher="vggface2", instance=("ann",))
+    result = identity_from_embeddings(emb, None, _gallery(world, config), config)
+    m, p = result.metrics, plain.metrics
+    assert p["identities_leaked"] == 2 and p["identity_leak_rate"] == pytest.approx(4 / 7) and p["instance_faces"] == 0
+    assert m["identities_leaked"] == 1 and m["identity_leak_rate"] == pytest.approx(1 / 7)  # bob alone
+    assert m["instance_faces"] == 3 and m["instance_face_rate"] == pytest.approx(3 / 7)
+    assert m["identity_interpolations"] == p["identity_interpolations"] == 1  # ann+eve is still a blend
+    assert [(it["leak"], it["instance"]) for it in result.items[:4]] == [(False, True)] * 3 + [(True, False)]
+    # the precursor and the leak forecast follow the people the model must not reproduce
+    assert m["identity_sim_max"] < p["identity_sim_max"]
+    assert "ann" not in closest_approaches(result.items) and "ann" in closest_approaches(plain.items)
+    evidence = identity_evidence(result)  # the subject's own faces are no evidence; its blend is
+    assert evidence["blends"] == ["ann+eve"] and "bob" in evidence["identities"]
+
+
+def test_an_instance_name_the_gallery_does_not_have_is_a_user_error(world: dict) -> None:
+    config = IdentityConfig(matcher="vggface2", instance=("anne",))
+    with pytest.raises(MemwatchError, match="probes.identity.instance names 'anne', which is no training identity"):
+        check_instance(_gallery(world, config), config)
+    check_instance(_gallery(world, config), IdentityConfig(matcher="vggface2", instance=("ann",)))
 
 
 # --- calibration -----------------------------------------------------------------------------------

@@ -116,6 +116,19 @@ def test_score_names_copies_blends_and_strangers(faces, tmp_path: Path, capsys) 
     assert doc["threshold"]["threshold"] == pytest.approx(cosine_threshold())
     assert doc["matcher"]["matcher"] == "dlib" and all(r["matcher"] == "dlib" for r in doc["items"])
     assert all(r["matcher_weights_sha256"] == doc["matcher"]["weights_sha256"] for r in doc["items"])
+    # the same samples from a DreamBooth run on Obama: his faces are its purpose, Biden's copy still leaks, the
+    # morph of the two is still a blend
+    assert main([*args, "--instance", "barack_obama"]) == 0
+    doc = json.loads(out.read_text())["identity"]
+    rows = {r["sample"]: r for r in doc["items"]}
+    assert rows["copy_obama.png"]["instance"] and not rows["copy_obama.png"]["leak"]
+    assert rows["copy_biden.png"]["leak"] and rows["blend.png"]["interpolation"]
+    m = doc["metrics"]
+    assert m["instance_faces"] == 2 and m["identities_leaked"] == 1 and m["identity_interpolations"] == 1
+    capsys.readouterr()
+    assert main([*args, "--instance", "obama"]) == 2  # a name that is no training identity: one line
+    err = capsys.readouterr().err.strip()
+    assert "probes.identity.instance names 'obama', which is no training identity" in err and "\n" not in err
 
 
 def test_the_faces_demo_runs_its_recipe_with_the_identity_probe(tmp_path: Path) -> None:

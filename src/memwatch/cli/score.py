@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="dlib: a folder with its model files (default: the face_recognition_models package); FaceNet: a local "
         "weights file (default: the torch hub cache)",
     )
+    p.add_argument(
+        "--instance",
+        action="append",
+        default=[],
+        metavar="PERSON",
+        help="with --identity: a person the samples are meant to show (a DreamBooth or LoRA subject, by identity "
+        "label; repeatable): their faces are counted apart (instance_faces), not as leaks",
+    )
     p.add_argument("--json", metavar="OUT", help="also write all metrics and matches as JSON")
     p.add_argument("--top", type=int, default=10, metavar="N", help="matches shown in the table (default 10)")
     p.set_defaults(func=run)
@@ -84,12 +92,13 @@ def run(args: argparse.Namespace) -> int:
         from memwatch.faces import IdentityConfig
         from memwatch.frontends.score import score_identities
 
-        faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights)
+        faces = IdentityConfig(matcher=args.face_matcher, weights=args.face_weights, instance=tuple(args.instance))
         doc["identity"] = score_identities(args.samples, args.reference, faces, cache=cache, columns=columns)
         m = doc["identity"]["metrics"]
         print(
             f"\nfaces: detection rate {m['face_detection_rate']:.3f}, leak rate {m['identity_leak_rate']:.3f}, "
             f"identities leaked {m['identities_leaked']:.0f}, interpolation rate {m['identity_interpolation_rate']:.3f}"
+            + (f", faces of {', '.join(args.instance)} {m['instance_faces']:.0f}" if args.instance else "")
         )
     if args.json:
         out = write_output(args.json, json.dumps(doc, indent=2, allow_nan=True) + "\n", "--json")

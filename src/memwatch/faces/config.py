@@ -156,6 +156,12 @@ class IdentityConfig(ProbeSettings):
         min=-1.0, max=1.0,
     )  # fmt: skip
     chunk_size: int = setting(2048, "rows compared at a time in pairwise similarity scans (bounds memory)", min=1)
+    instance: tuple[str, ...] = setting(
+        (),
+        "training identities the fine-tune is meant to learn (the subject of a DreamBooth or LoRA run, by identity "
+        "label): faces of them count as instance_faces, kept apart from leaks of anyone else, which the leak "
+        "metrics, the leak forecast and the leak rules count; a blend of them with another person is still a blend",
+    )
     paths: int = setting(
         3,
         "pairs of training people whose identity path is drawn at each probe: faces generated between a seed that "

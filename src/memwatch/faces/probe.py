@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from memwatch.core.probe import ProbeResult
+from memwatch.errors import MemwatchError
 from memwatch.faces.config import IdentityConfig
 from memwatch.faces.gallery import FaceGallery
 
@@ -156,6 +157,18 @@ def identity_from_embeddings(
     return ProbeResult(probe=PROBE, metrics=metrics, items=items)
 
 
+def check_instance(gallery: FaceGallery, config: IdentityConfig) -> None:
+    """Raise if ``config.instance`` names a person the gallery does not have (a typo would hide nothing and count
+    the subject's faces as leaks)."""
+    unknown = sorted(set(config.instance) - set(gallery.identities))
+    if unknown:
+        shown = ", ".join(gallery.identities[:10]) + (" ..." if len(gallery.identities) > 10 else "")
+        raise MemwatchError(
+            f"setting probes.identity.instance names {', '.join(map(repr, unknown))}, which is no training "
+            f"identity; the gallery's identities: {shown}"
+        )
+
+
 def match_faces(query: torch.Tensor, gallery: FaceGallery, config: IdentityConfig) -> list[dict[str, Any]]:
     """Leak and interpolation verdicts for face embeddings ``(Q, D)``.
 
@@ -185,12 +198,16 @@ def match_faces(query: torch.Tensor, gallery: FaceGallery, config: IdentityConfi
             face = int(best_face[r])
             sim = float(best_sim[r])
             blend = _interpolation(q[r], per_id[r], gallery, config)
+            person = gallery.identities[int(gallery.face_identity[face])]
+            # a face that blends two people verifies against both, but reproduces neither
+            verified = sim >= t and not blend["interpolation"]
             row = {
-                "identity": gallery.identities[int(gallery.face_identity[face])],
+                "identity": person,
                 "identity_item": gallery.item_ids[face],
                 "similarity": sim,
-                # a face that blends two people verifies against both, but reproduces neither
-                "leak": sim >= t and not blend["interpolation"],
+                # the fine-tune's own subject is what it is meant to produce: kept apart from leaks
+                "leak": verified and person not in config.instance,
+                "instance": person in config.instance,
                 **blend,
             }
             rows.append(row)
@@ -280,14 +297,18 @@ def _no_interpolation() -> dict[str, Any]:
 
 
 def _no_face_row() -> dict[str, Any]:
-    return {"identity": None, "identity_item": None, "similarity": None, "leak": False, **_no_interpolation()}
+    return {"identity": None, "identity_item": None, "similarity": None, "leak": False, "instance": False,
+            **_no_interpolation()}  # fmt: skip
 
 
 def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect_errors: int) -> dict[str, float]:
     faces = len(matches)
     leaks = [m for m in matches if m["leak"]]
     blends = [m for m in matches if m["interpolation"]]
-    sims = torch.tensor([m["similarity"] for m in matches], dtype=torch.float64)
+    subject = [m for m in matches if m["instance"] and not m["interpolation"] and m["similarity"] >= gallery.threshold]
+    # how close faces come to a person they must not reproduce: the instance person is left out
+    sims = torch.tensor([m["similarity"] for m in matches if not m["instance"]], dtype=torch.float64)
+    others = int(sims.numel())
     metrics: dict[str, float] = {
         "num_samples": float(n),
         "faces_found": float(faces),
@@ -300,9 +321,11 @@ def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect
         "identity_interpolation_rate": len(blends) / faces if faces else _NAN,
         "identity_interpolations": float(len(blends)),
         "identity_pairs_interpolated": float(len({(m["parent_a"], m["parent_b"]) for m in blends})),
-        "identity_sim_p50": torch.quantile(sims, 0.5).item() if faces else _NAN,
-        "identity_sim_p95": torch.quantile(sims, 0.95).item() if faces else _NAN,
-        "identity_sim_max": sims.max().item() if faces else _NAN,
+        "identity_sim_p50": torch.quantile(sims, 0.5).item() if others else _NAN,
+        "identity_sim_p95": torch.quantile(sims, 0.95).item() if others else _NAN,
+        "identity_sim_max": sims.max().item() if others else _NAN,
+        "instance_faces": float(len(subject)),
+        "instance_face_rate": len(subject) / faces if faces else _NAN,
         "gallery_identities": float(len(gallery.identities)),
         "gallery_faces": float(len(gallery)),
         **gallery.calibration.metrics(),
@@ -350,6 +373,8 @@ def closest_approaches(items: Sequence[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in items:
         person, sim = row.get("identity"), row.get("similarity")
+        if row.get("instance"):
+            continue  # the fine-tune's subject approaching is its purpose, not a leak to forecast
         if person is not None and sim is not None and math.isfinite(float(sim)):
             out[str(person)] = max(out.get(str(person), -math.inf), float(sim))
     return out

@@ -114,10 +114,12 @@ def score_identities(
 
     from memwatch.data.images import load_image
     from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
+    from memwatch.faces.probe import check_instance
 
     refs = load_reference_set(reference_dir, what="reference folder", **(columns or {}))
     samples = load_reference_set(samples_dir, what="samples folder")
     gallery = build_gallery(refs, load_face_pipeline(config), config, cache=cache)
+    check_instance(gallery, config)
     images = torch.stack([load_image(it.source, resolution) for it in samples.items])
     result = identity_probe(images, gallery, config, names=samples.ids)
     return {

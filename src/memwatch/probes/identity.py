@@ -50,7 +50,7 @@ class IdentityProbe(Probe):
                Metric("identity_interpolation_rate", role="share", panel=FACES,
                       label="identity interpolation rate: faces that blend two people"),
                "identity_leak_share", "identity_interpolations", "identity_pairs_interpolated", "identity_sim_p50",
-               "identity_sim_p95",
+               "identity_sim_p95", "instance_faces", "instance_face_rate",
                Metric("identity_sim_max", role="precursor", panel=FACES, threshold="identity_threshold",
                       label="precursor: closest approach of any face to a training person"),
                "gallery_identities", "gallery_faces", "identity_threshold", "threshold_calibrated",
@@ -148,7 +148,7 @@ class IdentityProbe(Probe):
         from memwatch.data.embed_cache import EmbeddingCache
         from memwatch.faces import build_gallery, identity_probe, load_face_pipeline
         from memwatch.faces.paths import draw_paths
-        from memwatch.faces.probe import LEAK_WINDOW, closest_approaches, leak_forecast
+        from memwatch.faces.probe import LEAK_WINDOW, check_instance, closest_approaches, leak_forecast
 
         assert ctx.samples is not None
         cfg = self.settings
@@ -162,6 +162,7 @@ class IdentityProbe(Probe):
                 cache=EmbeddingCache(ctx.data.cache_dir),
                 holdout=ctx.data.holdout,
             )
+            check_instance(self._gallery, cfg)
             summary = {k: float(v) for k, v in self._gallery.summary().items() if isinstance(v, int | float)}
             gallery = ProbeResult(f"{self.name}_gallery", summary, items=self._gallery.assignments)
             ctx.add_time("face_gallery", time.perf_counter() - t0)
