@@ -145,21 +145,22 @@ def path_profile(
 
 def path_pairs(items: Sequence[dict[str, Any]], most: int) -> list[tuple[str, int, str, int]]:
     """Up to ``most`` pairs of training people to draw paths between, from one probe's identity rows: each
-    person leaked by some sample gets the seed of its most similar leaking sample; pairs in name order.
+    person some sample verifies as (a leak, or the fine-tune's own subject: ``verified``) gets the seed of its most
+    similar such sample; pairs in name order.
 
     Returns:
         ``(person_a, seed_a, person_b, seed_b)`` tuples.
 
     Example:
-        >>> rows = [{"leak": True, "identity": "bo", "similarity": 0.95, "seed": 4},
-        ...         {"leak": True, "identity": "al", "similarity": 0.93, "seed": 9},
-        ...         {"leak": True, "identity": "al", "similarity": 0.97, "seed": 2}]
+        >>> rows = [{"verified": True, "identity": "bo", "similarity": 0.95, "seed": 4},
+        ...         {"verified": True, "identity": "al", "similarity": 0.93, "seed": 9},
+        ...         {"verified": True, "identity": "al", "similarity": 0.97, "seed": 2}]
         >>> path_pairs(rows, 3)
         [('al', 2, 'bo', 4)]
     """
     best: dict[str, tuple[float, int]] = {}
     for row in items:
-        if row.get("leak") and row.get("seed") is not None and row.get("identity") is not None:
+        if row.get("verified") and row.get("seed") is not None and row.get("identity") is not None:
             person, sim = str(row["identity"]), float(row["similarity"])
             if person not in best or sim > best[person][0]:
                 best[person] = (sim, int(row["seed"]))

@@ -205,6 +205,7 @@ def match_faces(query: torch.Tensor, gallery: FaceGallery, config: IdentityConfi
                 "identity": person,
                 "identity_item": gallery.item_ids[face],
                 "similarity": sim,
+                "verified": verified,  # the face is its best-matching person (a leak, or the fine-tune's subject)
                 # the fine-tune's own subject is what it is meant to produce: kept apart from leaks
                 "leak": verified and person not in config.instance,
                 "instance": person in config.instance,
@@ -297,15 +298,15 @@ def _no_interpolation() -> dict[str, Any]:
 
 
 def _no_face_row() -> dict[str, Any]:
-    return {"identity": None, "identity_item": None, "similarity": None, "leak": False, "instance": False,
-            **_no_interpolation()}  # fmt: skip
+    return {"identity": None, "identity_item": None, "similarity": None, "verified": False, "leak": False,
+            "instance": False, **_no_interpolation()}  # fmt: skip
 
 
 def _metrics(matches: list[dict[str, Any]], n: int, gallery: FaceGallery, detect_errors: int) -> dict[str, float]:
     faces = len(matches)
     leaks = [m for m in matches if m["leak"]]
     blends = [m for m in matches if m["interpolation"]]
-    subject = [m for m in matches if m["instance"] and not m["interpolation"] and m["similarity"] >= gallery.threshold]
+    subject = [m for m in matches if m["instance"] and m["verified"]]
     # how close faces come to a person they must not reproduce: the instance person is left out
     sims = torch.tensor([m["similarity"] for m in matches if not m["instance"]], dtype=torch.float64)
     others = int(sims.numel())
